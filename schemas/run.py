@@ -1,0 +1,206 @@
+"""The run configuration: one pydantic model tree, validated once at the edge (CLI / job entrypoint).
+
+Names follow the SiDA paper (alpha, lambda_sid, lambda_adv_theta, lambda_adv_psi, sigma_init, t_max) and
+SPEC.md's defaults (paper Tables 6 and 7). Every model forbids unknown keys.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
+
+Method = Literal["sid", "sida", "sid2a"]
+Precision = Literal["fp32", "fp16", "bf16"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class NetworkConfig(Strict):
+    """Denoiser architecture: ``arch`` plus backbone keyword arguments (e.g. SongUNet's model_channels)."""
+
+    arch: Literal["songunet", "mlp"] = "songunet"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataConfig(Strict):
+    """Real images: the built-in digits, or user data (image folder, EDM-style zip, .npz, IDX)."""
+
+    kind: Literal["digits", "folder", "zip", "npz", "idx"] = "digits"
+    path: Optional[str] = None
+    resolution: PositiveInt = 8
+    channels: Literal[1, 3] = 1
+    cond: bool = False
+    num_classes: int = Field(0, ge=0)
+    holdout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    split_seed: int = 0
+    xflip: bool = False
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.kind != "digits" and not self.path:
+            raise ValueError(f"data.path is required for data.kind={self.kind!r}")
+        if self.cond and self.num_classes < 2:
+            raise ValueError("data.num_classes must be >= 2 when data.cond is true")
+        return self
+
+    @property
+    def label_dim(self) -> int:
+        return self.num_classes if self.cond else 0
+
+
+class TeacherTrainConfig(Strict):
+    """How ``sida teacher train`` trains an EDM teacher (only for the built-in / small data)."""
+
+    kimg: PositiveFloat = 500
+    batch: PositiveInt = 128
+    lr: PositiveFloat = 1e-3
+    lr_rampup_kimg: float = Field(10, ge=0)
+    ema_halflife_kimg: float = Field(50, ge=0)
+    seed: int = 0
+
+
+class TeacherConfig(Strict):
+    """The frozen teacher f_phi: a checkpoint of this project's format (``path``), or trained from ``train``."""
+
+    path: Optional[str] = None
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
+    p_mean: float = -1.2
+    p_std: PositiveFloat = 1.2
+    sampler_steps: PositiveInt = 18
+    train: TeacherTrainConfig = Field(default_factory=TeacherTrainConfig)
+
+
+class LossConfig(Strict):
+    """SiD / SiDA hyper-parameters (paper eqs. 6, 8, 9-10; Table 6)."""
+
+    alpha: float = 1.0
+    lambda_sid: PositiveFloat = 100.0
+    lambda_adv_theta: float = Field(0.01, ge=0)
+    lambda_adv_psi: float = Field(1.0, ge=0)
+    sigma_init: PositiveFloat = 2.5
+    t_max: float = Field(800, gt=0, le=1000)
+    p_mean: float = -1.2
+    p_std: PositiveFloat = 1.2
+
+
+class StagesConfig(Strict):
+    """Stage boundaries in kimg (images seen, counted globally): fake-score only, then SiD, then SiDA."""
+
+    fake_score_only_kimg: float = Field(100, ge=0)
+    sid_until_kimg: float = Field(200, ge=0)
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.sid_until_kimg < self.fake_score_only_kimg:
+            raise ValueError(f"stages.sid_until_kimg ({self.sid_until_kimg}) must be >= stages.fake_score_only_kimg "
+                             f"({self.fake_score_only_kimg})")
+        return self
+
+
+class OptimizerConfig(Strict):
+    """Adam for psi and theta (paper: betas (0, 0.999), no weight decay, constant lr)."""
+
+    lr_psi: PositiveFloat = 1e-5
+    lr_theta: PositiveFloat = 1e-5
+    beta1: float = Field(0.0, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    eps: PositiveFloat = 1e-8
+    grad_clip_value: Optional[PositiveFloat] = None  # default: 1.0 on psi when the adversarial term is on (SPEC)
+
+
+class BatchConfig(Strict):
+    """total = workers x per_worker x accumulation rounds; ``rounds`` is derived, never written."""
+
+    total: PositiveInt = 256
+    per_worker: PositiveInt = 32
+
+
+class ScalingConfig(Strict):
+    """How many data-parallel workers (GPUs) share the batch; used by the Ray path."""
+
+    num_workers: PositiveInt = 1
+    use_gpu: bool = False
+    cpus_per_worker: PositiveFloat = 1.0
+
+
+class EMAConfig(Strict):
+    """Generator EMA: half-life of ``ema_mimg`` million images, ramped up as min(h, rampup * cur_nimg)."""
+
+    ema_mimg: float = Field(0.5, ge=0)
+    rampup: Optional[float] = Field(0.05, ge=0)
+
+
+class MetricConfig(Strict):
+    """How checkpoints are scored: FD-digits (built-in data) or Inception FID (clean-fid)."""
+
+    name: Literal["fd_digits", "fid_inception"] = "fd_digits"
+    num_images: PositiveInt = 1000
+    every_kimg: PositiveFloat = 50
+    reference: Optional[str] = None
+
+
+class StorageConfig(Strict):
+    """Where the run writes: a local folder (default) or ``s3://bucket/prefix``."""
+
+    uri: str = "runs"
+    endpoint_url: Optional[str] = None
+    region: Optional[str] = None
+
+
+class RunConfig(Strict):
+    """One distillation run."""
+
+    name: str = "run"
+    method: Method = "sida"
+    init_generator: Optional[str] = None  # SiD²A: a SiD generator checkpoint (theta <- theta_sid)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    stages: StagesConfig = Field(default_factory=StagesConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    ema: EMAConfig = Field(default_factory=EMAConfig)
+    precision: Precision = "fp32"
+    total_kimg: PositiveFloat = 1000
+    seed: int = 0
+    checkpoint_every_kimg: PositiveFloat = 50
+    log_every_kimg: PositiveFloat = 5
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    metric: MetricConfig = Field(default_factory=MetricConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or any(ch in v for ch in "/\\ \t\n"):
+            raise ValueError("must be a non-empty name without slashes or spaces")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        per_step = self.batch.per_worker * self.scaling.num_workers
+        if self.batch.total % per_step:
+            raise ValueError(f"batch.total ({self.batch.total}) must be divisible by batch.per_worker x "
+                             f"scaling.num_workers ({self.batch.per_worker} x {self.scaling.num_workers} = {per_step})")
+        if self.method == "sid2a" and not self.init_generator:
+            raise ValueError("init_generator is required for method 'sid2a' (SiD²A starts from a SiD generator checkpoint)")
+        if self.method != "sid2a" and self.init_generator:
+            raise ValueError(f"init_generator is only used by method 'sid2a', not {self.method!r}")
+        if self.teacher.path is None and self.data.kind != "digits":
+            raise ValueError("teacher.path is required unless data.kind is 'digits' (the built-in teacher)")
+        return self
+
+    @property
+    def rounds(self) -> int:
+        """Gradient-accumulation rounds per optimiser step on each worker."""
+        return self.batch.total // (self.batch.per_worker * self.scaling.num_workers)
+
+    @property
+    def psi_grad_clip(self) -> Optional[float]:
+        if self.optimizer.grad_clip_value is not None:
+            return self.optimizer.grad_clip_value
+        return 1.0 if self.method in ("sida", "sid2a") else None

@@ -1,0 +1,164 @@
+"""SiD / SiDA losses (SiDA paper eqs. 5-10, Algorithm 1; SPEC.md "Fake-score step", "Generator step").
+
+Each loss is a small callable returning a **per-sample** loss vector (B,); the training step sums it and
+divides by the per-worker total batch (per-worker batch x accumulation rounds), as SPEC.md states. The
+adversarial terms average over the micro-batch they are given: call them once per worker micro-batch,
+which is what makes the "per-GPU-batch fakeness" of eq. 7 hold on any number of workers.
+
+Networks are EDM-preconditioned denoisers ``net(x, sigma, labels, return_flag=...)``.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from sida_core import edm
+
+
+class Stage(str, enum.Enum):
+    """The three training stages of SiDA (paper appendix A; Algorithm 1 lines 10-12)."""
+
+    FAKE_SCORE = "fake_score"  # only psi is trained
+    SID = "sid"                # psi + theta with the SiD generator loss (eq. 6)
+    SIDA = "sida"              # psi + theta with the SiDA generator loss (eq. 8)
+
+
+METHODS = ("sid", "sida", "sid2a")
+
+
+def stage_at(cur_nimg: int, method: str, fake_score_only_kimg: float, sid_until_kimg: float) -> Stage:
+    """The one place where stage boundaries are decided, from images seen so far (counted globally).
+
+    ``cur_nimg < fake_score_only_kimg*1000``: FAKE_SCORE; then SID until ``sid_until_kimg*1000``; then SIDA for
+    methods ``sida``/``sid2a``. Method ``sid`` stays in SID for good.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if cur_nimg < fake_score_only_kimg * 1000:
+        return Stage.FAKE_SCORE
+    if method == "sid" or cur_nimg < sid_until_kimg * 1000:
+        return Stage.SID
+    return Stage.SIDA
+
+
+def uses_adversarial_psi(method: str) -> bool:
+    """psi is trained with the discriminator term (eq. 9) throughout for SiDA and SiD²A, never for SiD."""
+    return method in ("sida", "sid2a")
+
+
+def generator_weights(stage: Stage) -> tuple[float, float]:
+    """(weight of L_sid, weight of L_adv) in the generator loss: Algorithm 1 line 14's (1/2)^b and b/2."""
+    if stage is Stage.FAKE_SCORE:
+        return 0.0, 0.0
+    if stage is Stage.SID:
+        return 1.0, 0.0
+    return 0.5, 0.5
+
+
+def generate(generator, z: torch.Tensor, labels: torch.Tensor | None, sigma_init: float) -> torch.Tensor:
+    """One-step generator x_g = G_theta(sigma_init * z, c) = D_theta(sigma_init z; sigma_init, c)."""
+    sigma = torch.full((z.shape[0],), float(sigma_init), device=z.device)
+    return generator(sigma_init * z, sigma, labels)
+
+
+def _bce_logits(logits: torch.Tensor, target: float) -> torch.Tensor:
+    """Mean binary cross-entropy with logits over the whole micro-batch and map (eqs. 7, 10)."""
+    return F.binary_cross_entropy_with_logits(logits.float(), torch.full_like(logits.float(), target))
+
+
+@dataclass
+class FakeScoreLoss:
+    """Fake-score loss, eqs. 5 and 9-10.
+
+    L_psi,i = gamma(sigma_i) [ ||f_psi(x_g,i + n_i) - x_g,i||^2
+                              + lambda_adv_psi * (BCE(D(x_real + n), 1) + BCE(D(x_g + n), 0)) / 2 ]
+    with n = sigma * eps shared by the fake and the real batch, sigma ~ exp(N(P_mean, P_std^2)), and each BCE
+    the mean over the micro-batch and the logit map. ``use_adv=False`` gives SiD's eq. 5.
+    """
+
+    lambda_adv_psi: float = 1.0
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    sigma_data: float = edm.SIGMA_DATA
+    use_adv: bool = True
+
+    def __call__(self, fake_score, x_g, labels=None, x_real=None, real_labels=None, generator=None):
+        x_g = x_g.detach()
+        sigma = edm.sample_training_sigma(x_g.shape[0], self.p_mean, self.p_std, device=x_g.device, generator=generator)
+        n = edm.expand_sigma(sigma, x_g) * torch.randn(x_g.shape, device=x_g.device, generator=generator, dtype=x_g.dtype)
+        weight = edm.gamma_weight(sigma, self.sigma_data)
+        if not self.use_adv:
+            y_fake = fake_score(x_g + n, sigma, labels)
+            return weight * (y_fake.float() - x_g.float()).square().flatten(1).sum(1), {}
+        if x_real is None:
+            raise ValueError("FakeScoreLoss with use_adv=True needs a real batch (x_real)")
+        if x_real.shape != x_g.shape:
+            raise ValueError(f"real batch shape {tuple(x_real.shape)} must equal fake batch shape {tuple(x_g.shape)}")
+        y_fake, l_fake = fake_score(x_g + n, sigma, labels, return_flag="encoder_decoder")
+        l_real = fake_score(x_real + n, sigma, real_labels, return_flag="encoder")
+        adv = (_bce_logits(l_real, 1.0) + _bce_logits(l_fake, 0.0)) / 2
+        denoise = (y_fake.float() - x_g.float()).square().flatten(1).sum(1)
+        stats = {"d_real": l_real.detach().mean(), "d_fake": l_fake.detach().mean(), "loss_adv_psi": adv.detach()}
+        return weight * (denoise + self.lambda_adv_psi * adv), stats
+
+
+@dataclass
+class GeneratorLoss:
+    """Generator loss: SiD (eq. 6) and SiDA (eq. 8), Algorithm 1 lines 11-15.
+
+    With t ~ U[0, t_max/1000], sigma = sigma(t), x_t = x_g + sigma eps, y_real = f_phi(x_t), (y_fake, l) = f_psi(x_t)
+    and the normaliser w_i = mean|x_g,i - y_real,i| (stop-gradient; implements omega(t) a_t^2 / sigma_t^4):
+      L_sid,i = lambda_sid * sum_pixels (y_real - y_fake) * ((y_real - x_g) - alpha (y_real - y_fake)) / w_i
+              = lambda_sid * [(1 - alpha) ||f_phi - f_psi||^2 + (f_phi - f_psi)^T (f_psi - x_g)] / w_i
+      L_adv,i = lambda_adv_theta * C*H*W * BCE(clamp(l, -10, 10), 1) / w_i     (BCE averaged over the micro-batch)
+    Returns w_sid * L_sid,i + w_adv * L_adv,i per sample; (w_sid, w_adv) come from :func:`generator_weights`.
+    Gradients reach theta through x_g (directly and through the inputs of f_phi and f_psi); the caller keeps
+    psi's and phi's parameters out of the update.
+    """
+
+    alpha: float = 1.0
+    lambda_sid: float = 100.0
+    lambda_adv_theta: float = 0.01
+    t_max: float = 800.0
+
+    def __call__(self, teacher, fake_score, x_g, labels=None, w_sid: float = 1.0, w_adv: float = 0.0, generator=None):
+        sigma = edm.sample_sid_sigma(x_g.shape[0], self.t_max, device=x_g.device, generator=generator)
+        x_t = x_g + edm.expand_sigma(sigma, x_g) * torch.randn(x_g.shape, device=x_g.device, generator=generator, dtype=x_g.dtype)
+        y_real = teacher(x_t, sigma, labels).float()
+        xg = x_g.float()
+        stats = {}
+        if w_adv:
+            y_fake, logits = fake_score(x_t, sigma, labels, return_flag="encoder_decoder")
+        else:
+            y_fake, logits = fake_score(x_t, sigma, labels), None
+        y_fake = y_fake.float()
+        w = edm.sid_normaliser(xg, y_real)
+        s = (y_real - y_fake) * ((y_real - xg) - self.alpha * (y_real - y_fake)) / w
+        loss_sid = self.lambda_sid * s.flatten(1).sum(1)
+        loss = w_sid * loss_sid
+        stats["loss_sid"] = loss_sid.detach().mean()
+        if w_adv:
+            chw = x_g[0].numel()
+            a = _bce_logits(logits.clamp(-10, 10), 1.0)
+            loss_adv = self.lambda_adv_theta * chw * a / w.flatten()
+            loss = loss + w_adv * loss_adv
+            stats["loss_adv_theta"] = loss_adv.detach().mean()
+        return loss, stats
+
+
+@dataclass
+class EDMLoss:
+    """EDM denoising loss for training a teacher: gamma(sigma) ||D(x + n; sigma) - x||^2 (= eq. 5 on real data)."""
+
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    sigma_data: float = edm.SIGMA_DATA
+
+    def __call__(self, net, x, labels=None, generator=None):
+        sigma = edm.sample_training_sigma(x.shape[0], self.p_mean, self.p_std, device=x.device, generator=generator)
+        n = edm.expand_sigma(sigma, x) * torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
+        y = net(x + n, sigma, labels)
+        return edm.gamma_weight(sigma, self.sigma_data) * (y.float() - x.float()).square().flatten(1).sum(1)
