@@ -5,7 +5,10 @@ expected, never a pydantic or YAML traceback.
 """
 from __future__ import annotations
 
+import difflib
 import os
+import re
+import typing
 from pathlib import Path
 from typing import Any, Iterable, Type, TypeVar
 
@@ -19,32 +22,67 @@ class ConfigError(ValueError):
     """A user config is invalid; ``str(err)`` is meant to be shown as is."""
 
 
-def _describe(err: dict) -> str:
-    loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
+def _section_fields(model: type | None, loc: tuple) -> list[str]:
+    """The documented keys of the section at ``loc`` (walking nested pydantic models), or [] if unknown."""
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in getattr(model, "model_fields", {}):
+            return []
+        ann = model.model_fields[part].annotation
+        model = next((a for a in (ann, *typing.get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return sorted(getattr(model, "model_fields", {})) if model is not None else []
+
+
+def _describe(err: dict, model: type | None = None) -> str:
+    loc_parts = tuple(p for p in err.get("loc", ()) if p != "__root__")
+    loc = ".".join(str(p) for p in loc_parts)
     kind = err.get("type", "")
-    msg = err.get("msg", "")
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+    msg = str(err.get("msg", "")).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    got = err.get("input")
     if kind == "extra_forbidden":
-        return f"{loc}: unknown key (check the spelling; see the documented fields of this section)"
-    if kind == "literal_error":
-        return f"{loc}: {msg}, got {err.get('input')!r}"
+        allowed = _section_fields(model, loc_parts[:-1])
+        close = difflib.get_close_matches(str(loc_parts[-1]), allowed, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"{loc}: unknown key; {hint}expected one of: {', '.join(allowed)}" if allowed \
+            else f"{loc}: unknown key (check the spelling)"
     if kind == "missing":
         return f"{loc}: required field is missing"
-    got = err.get("input")
-    shown = f", got {got!r}" if not isinstance(got, (dict, list)) and kind not in ("value_error", "assertion_error") else ""
-    return f"{loc}: {msg}{shown}" if loc else f"{msg}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{loc}: expected a mapping of keys to values (a section), got {type(got).__name__}"
+    if kind in ("value_error", "assertion_error"):
+        # Cross-field checks already name their fields; don't repeat the section in front.
+        return msg if not loc or msg.startswith(f"{loc}.") or msg.startswith(f"{loc} ") else f"{loc}: {msg}"
+    shown = f" (got {got!r})" if not isinstance(got, (dict, list)) else f" (got a {type(got).__name__})"
+    return f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}"
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = [_describe(e) for e in exc.errors()]
-    return f"invalid config {source}: " + "; ".join(lines)
+def format_validation_error(exc: ValidationError, source: str, model: type | None = None) -> str:
+    """One line: ``invalid config SOURCE: field: problem; field: problem``."""
+    lines = [_describe(e, model) for e in exc.errors()]
+    return _one_line(f"invalid config {source}: " + "; ".join(lines))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.splitlines())
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-5`` (no dot) as a float, as YAML 1.2 and users expect."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
 
 
 def parse_value(text: str) -> Any:
-    """Parse an override value the way YAML would (numbers, bools, lists, null)."""
+    """Parse an override value the way YAML would (numbers incl. ``1e-5``, bools, lists, null)."""
     try:
-        return yaml.safe_load(text)
+        return _load_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -75,11 +113,14 @@ def read_yaml(path: str | os.PathLike) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = _load_yaml(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(_one_line(f"config file {str(p)!r} cannot be read as UTF-8 text: {exc}")) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        raise ConfigError(_one_line(f"config file {str(p)!r} is not valid YAML{where}: "
+                                     f"{getattr(exc, 'problem', None) or exc}")) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -91,7 +132,7 @@ def validate(model: Type[M], data: dict, source: str = "<dict>") -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source)) from None
+        raise ConfigError(format_validation_error(exc, source, model)) from None
 
 
 def is_remote(uri: str) -> bool:

@@ -1,0 +1,142 @@
+"""``sida``: the one console script. Configs are validated here, once; errors print as one line.
+
+Subcommands: ``demo``, ``distill``, ``teacher train``, ``teacher sample``, ``validate``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+USER_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions whose message is meant for the user (shown as one line, exit code 2)."""
+    from schemas.loader import ConfigError
+    from sida_core.checkpoint import CheckpointError
+    from sida_core.data import DataError
+    from sida_core.distill import NonFiniteError
+
+    return ConfigError, CheckpointError, DataError, NonFiniteError, FileNotFoundError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="run config YAML (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set loss.alpha=1.2 (repeatable)")
+
+
+def cmd_validate(args) -> int:
+    from schemas.loader import load_run_config
+
+    cfg = load_run_config(args.config, args.overrides)
+    print(json.dumps({"valid": True, "name": cfg.name, "method": cfg.method, "rounds": cfg.rounds,
+                      "total_batch": cfg.batch.total}))
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from schemas.loader import load_run_config
+    from sida_core.training_loop import run_distillation
+
+    cfg = load_run_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir or Path(cfg.storage.uri) / cfg.name)
+    out = run_distillation(cfg, run_dir, resume=not args.no_resume, progress=not args.quiet)
+    print(json.dumps({"run_dir": out["run_dir"], "checkpoint": out["checkpoint"], "kimg": out["kimg"],
+                      "seconds": round(out["seconds"], 1)}))
+    return 0
+
+
+def cmd_teacher_train(args) -> int:
+    from schemas.loader import load_run_config
+    from sida_core.data import load_dataset
+    from sida_core.training_loop import get_teacher, resolve_device
+    from tqdm.auto import tqdm
+
+    cfg = load_run_config(args.config, args.overrides)
+    train_set, _ = load_dataset(cfg.data)
+    _, path = get_teacher(cfg, train_set, resolve_device(cfg.device), log=lambda m: print(m, file=sys.stderr),
+                          progress_factory=lambda total, desc: tqdm(total=total, desc=desc, unit="img", unit_scale=True))
+    print(json.dumps({"teacher": str(path)}))
+    return 0
+
+
+def cmd_teacher_sample(args) -> int:
+    import torch
+
+    from pipelines.images import save_grid
+    from sida_core.teacher import heun_sample
+    from sida_core.training_loop import load_network
+
+    net, manifest = load_network(args.checkpoint, args.key)
+    net.eval()
+    shape = (args.num, manifest["network"]["img_channels"], manifest["network"]["img_resolution"], manifest["network"]["img_resolution"])
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
+    x = heun_sample(net, z, num_steps=args.steps)
+    save_grid(x, args.out)
+    print(json.dumps({"out": str(args.out), "nfe": 2 * args.steps - 1}))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from pipelines.demo import run_demo
+
+    result = run_demo(args.config, args.overrides, out_dir=Path(args.out))
+    print(json.dumps(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sida", description="SiD / SiDA / SiD²A one-step distillation of EDM-style diffusion models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="end-to-end demo on the built-in digits: teacher, SiDA distillation, FD-digits, sample grid")
+    p.add_argument("--config", default=None, help="run config (default: configs/digits.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--out", default="outputs/demo", help="where the sample grids and the run go (default: outputs/demo)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("distill", help="run one distillation in this process (no Ray): the debugging engine")
+    _add_config_args(p)
+    p.add_argument("--run-dir", default=None, help="run folder (default: STORAGE_URI/NAME)")
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if the run folder has checkpoints")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("validate", help="validate a run config and print its derived values")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_validate)
+
+    t = sub.add_parser("teacher", help="teacher utilities").add_subparsers(dest="teacher_command", required=True, metavar="ACTION")
+    p = t.add_parser("train", help="train (or reuse) the EDM teacher a config describes (built-in data: on the CPU)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_teacher_train)
+    p = t.add_parser("sample", help="sample a grid PNG from a checkpoint with EDM's Heun sampler")
+    p.add_argument("checkpoint", help="checkpoint directory")
+    p.add_argument("--key", default="net", help="weights inside the checkpoint: net (teacher) or generator_ema")
+    p.add_argument("--steps", type=int, default=18, help="Heun steps (18 = 35 NFE)")
+    p.add_argument("--num", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="teacher_samples.png")
+    p.set_defaults(func=cmd_teacher_sample)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as exc:
+        msg = str(exc) if not isinstance(exc, FileNotFoundError) else f"file not found: {exc.filename or exc}"
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

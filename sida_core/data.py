@@ -1,0 +1,456 @@
+"""Real images for teacher training, distillation (SiDA's adversarial term) and metrics.
+
+``load_dataset(cfg)`` reads the built-in digits or user data (image folder, EDM-style zip, ``.npz``, IDX)
+into an in-memory :class:`ImageDataset` (float32 in [-1, 1], NCHW) and splits it into (train, holdout).
+``batch_iterator`` yields endless seeded batches, sharded by data-parallel rank.
+
+Decisions (see also ``DataError`` messages):
+
+* digits: x / 8 - 1 maps 0..16 to [-1, 1]; resolution must be a multiple of 8 and is reached by
+  nearest-neighbour (block) upsampling, which area downsampling (the FD-digits metric) inverts exactly.
+* user images: must be square (crop them first, e.g. EDM's ``dataset_tool.py --transform=center-crop``);
+  resized per channel in float with PIL BOX (area) when shrinking, BICUBIC when enlarging; grey -> RGB
+  replicates, RGB -> grey uses ITU-R 601 luma (PIL's ``L``); an alpha channel is dropped.
+* ``.npz`` float images are read as [-1, 1] when any value is negative, else as [0, 1]; integer images as 0..255.
+* labels are kept whenever the source has them (for the stratified split); ``cfg.cond`` additionally
+  requires them and checks they lie in [0, num_classes).
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import math
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+DIGITS_PATH = Path(__file__).parent / "assets" / "digits.npz"
+DIGITS_CLASSES = 10
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert("L")
+
+
+class DataError(ValueError):
+    """A data source is missing, malformed or does not match the configuration."""
+
+
+@dataclass
+class ImageDataset:
+    """In-memory images (float32, (N, C, R, R), in [-1, 1]) with optional int64 labels (N,).
+
+    ``label_dim`` is the width of the one-hot labels fed to networks (0 for unconditional use).
+    """
+
+    images: torch.Tensor
+    labels: Optional[torch.Tensor] = None
+    label_dim: int = 0
+    name: str = ""
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def resolution(self) -> int:
+        return int(self.images.shape[-1])
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    def subset(self, indices) -> "ImageDataset":
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        labels = None if self.labels is None else self.labels[idx]
+        return ImageDataset(self.images[idx], labels, self.label_dim, self.name)
+
+    def one_hot(self, indices) -> Optional[torch.Tensor]:
+        """One-hot float32 labels (len(indices), label_dim), or None when label_dim is 0."""
+        if self.label_dim == 0:
+            return None
+        return torch.nn.functional.one_hot(self.labels[indices], self.label_dim).float()
+
+
+# ----------------------------------------------------------------------------------------------- readers
+
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The bundled UCI optical digits: images uint8 (1797, 8, 8) in 0..16, labels uint8 (1797,)."""
+    with np.load(DIGITS_PATH) as z:
+        return z["images"], z["labels"]
+
+
+def _decode_image(data, name: str) -> np.ndarray:
+    """Decode one PNG/JPEG (path or file object) to uint8 HWC with 1 or 3 channels."""
+    try:
+        with Image.open(data) as img:
+            img.load()
+            if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+                raise DataError(f"{name}: {img.mode} (16-bit/float) images are not supported; save 8-bit grey or RGB")
+            if img.mode not in ("L", "RGB"):
+                grey = img.mode in ("1", "LA", "La") or (img.mode in ("P", "PA") and _palette_is_grey(img))
+                img = img.convert("L" if grey else "RGB")
+            arr = np.asarray(img, dtype=np.uint8)
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _palette_is_grey(img: Image.Image) -> bool:
+    pal = np.asarray(img.convert("RGB"))
+    return bool((pal[..., 0] == pal[..., 1]).all() and (pal[..., 1] == pal[..., 2]).all())
+
+
+def _read_dataset_json(text: bytes | str, where: str) -> Optional[dict[str, int]]:
+    """EDM's ``dataset.json``: {"labels": [[relpath, int], ...]} or {"labels": null}."""
+    try:
+        labels = json.loads(text).get("labels")
+        if labels is None:
+            return None
+        return {str(name).replace("\\", "/"): int(lab) for name, lab in labels}
+    except (ValueError, TypeError, AttributeError) as e:
+        raise DataError(f"{where}: expected EDM format {{\"labels\": [[\"00000/img00000000.png\", 6], ...]}} "
+                        f"({type(e).__name__}: {e})") from None
+
+
+def _match_labels(names: Sequence[str], table: Optional[dict[str, int]], where: str) -> Optional[np.ndarray]:
+    if table is None:
+        return None
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise DataError(f"{where}: no label for {len(missing)} of {len(names)} images (first: {missing[0]!r})")
+    if len(table) != len(names):
+        extra = sorted(set(table) - set(names))
+        raise DataError(f"{where}: {len(table)} labels but {len(names)} images; labels without an image "
+                        f"(first: {extra[0]!r})")
+    return np.array([table[n] for n in names], dtype=np.int64)
+
+
+def read_folder(path: Path) -> tuple[list[np.ndarray], Optional[np.ndarray]]:
+    """PNG/JPEG files under ``path`` (recursive, sorted by relative path) and labels from ``dataset.json``."""
+    if not path.is_dir():
+        raise DataError(f"data.path {str(path)!r} is not a directory (data.kind='folder')")
+    files = sorted((p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
+                   key=lambda p: p.relative_to(path).as_posix())
+    if not files:
+        raise DataError(f"{str(path)!r}: no PNG/JPEG images found (searched recursively)")
+    names = [p.relative_to(path).as_posix() for p in files]
+    meta = path / "dataset.json"
+    table = _read_dataset_json(meta.read_bytes(), str(meta)) if meta.is_file() else None
+    labels = _match_labels(names, table, str(meta))
+    return [_decode_image(p, str(p)) for p in files], labels
+
+
+def read_zip(path: Path) -> tuple[list[np.ndarray], Optional[np.ndarray]]:
+    """An EDM-style zip of PNG/JPEG files with an optional ``dataset.json`` at its root."""
+    if not path.is_file():
+        raise DataError(f"data.path {str(path)!r} is not a file (data.kind='zip')")
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise DataError(f"{str(path)!r}: not a readable zip file ({e})") from None
+    with zf:
+        names = sorted(n for n in zf.namelist()
+                       if not n.endswith("/") and Path(n).suffix.lower() in IMAGE_EXTENSIONS)
+        if not names:
+            raise DataError(f"{str(path)!r}: no PNG/JPEG images inside the zip")
+        where = f"{path}:dataset.json"
+        table = _read_dataset_json(zf.read("dataset.json"), where) if "dataset.json" in zf.namelist() else None
+        labels = _match_labels(names, table, where)
+        images = []
+        for n in names:
+            try:
+                data = zf.read(n)
+            except (zipfile.BadZipFile, OSError, EOFError) as e:
+                raise DataError(f"{path}:{n}: cannot read zip member ({e})") from None
+            images.append(_decode_image(io.BytesIO(data), f"{path}:{n}"))
+    return images, labels
+
+
+def read_npz(path: Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """``images`` (N,H,W), (N,H,W,C) or (N,C,H,W), C in {1,3}; uint8 0..255 or float; optional ``labels``.
+
+    Returns float32 NHWC in [0, 255] and int64 labels (or None).
+    """
+    if not path.is_file():
+        raise DataError(f"data.path {str(path)!r} is not a file (data.kind='npz')")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"{str(path)!r}: not a readable .npz file ({e})") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise DataError(f"{str(path)!r}: expected an .npz archive with key 'images', got a single .npy array")
+    with z:
+        if "images" not in z.files:
+            raise DataError(f"{str(path)!r}: missing key 'images' (keys: {sorted(z.files)})")
+        x = z["images"]
+        y = z["labels"] if "labels" in z.files else None
+    where = f"{path}:images"
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[0] == 0:
+        raise DataError(f"{where}: expected shape (N,H,W), (N,H,W,C) or (N,C,H,W) with N > 0, got {x.shape}")
+    if x.shape[-1] not in (1, 3) and x.shape[1] in (1, 3):
+        x = x.transpose(0, 2, 3, 1)
+    if x.shape[-1] not in (1, 3):
+        raise DataError(f"{where}: expected 1 or 3 channels (NHWC or NCHW), got shape {x.shape}")
+    x = _npz_to_0_255(x, where)
+    labels = None
+    if y is not None:
+        labels = _npz_labels(y, len(x), f"{path}:labels")
+    return x, labels
+
+
+def _npz_to_0_255(x: np.ndarray, where: str) -> np.ndarray:
+    if x.dtype == np.uint8:
+        return x.astype(np.float32)
+    if np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_:
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi > 255:
+            raise DataError(f"{where}: integer images must lie in 0..255, got {lo}..{hi}")
+        return x.astype(np.float32)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise DataError(f"{where}: expected uint8 or float images, got dtype {x.dtype}")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise DataError(f"{where}: images contain NaN or inf")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
+        raise DataError(f"{where}: float images must lie in [0, 1] or [-1, 1], got [{lo:.4g}, {hi:.4g}]; "
+                        "store uint8 0..255 instead")
+    return (x + 1.0) * 127.5 if lo < 0 else x * 255.0
+
+
+def _npz_labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
+    if y.ndim == 2:  # one-hot / soft labels
+        y = y.argmax(axis=1)
+    if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise DataError(f"{where}: expected integer labels of shape (N,) or one-hot (N, K), got {y.dtype} {y.shape}")
+    if len(y) != n:
+        raise DataError(f"{where}: {len(y)} labels for {n} images")
+    if np.issubdtype(y.dtype, np.floating) and not np.all(y == np.round(y)):
+        raise DataError(f"{where}: labels must be whole numbers")
+    return y.astype(np.int64)
+
+
+IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """One IDX file (MNIST format, gzip or plain): magic 0x0000 TT NN, NN big-endian uint32 dims, data."""
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{str(path)!r}: cannot read IDX file ({e})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES or raw[3] == 0:
+        raise DataError(f"{str(path)!r}: wrong IDX magic number {raw[:4].hex() or '(empty)'}; expected 0000TTNN "
+                        "(TT type code 08/09/0b/0c/0d/0e, NN number of dims)")
+    ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{str(path)!r}: IDX header truncated")
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    dtype = np.dtype(IDX_DTYPES[raw[2]])
+    need = math.prod(dims) * dtype.itemsize
+    body = raw[4 + 4 * ndim:]
+    if len(body) != need:
+        raise DataError(f"{str(path)!r}: IDX dims {dims} need {need} data bytes, file has {len(body)}")
+    return np.frombuffer(body, dtype=dtype).reshape(dims)
+
+
+def _idx_files(path: Path) -> tuple[Path, Optional[Path]]:
+    """Images file and its labels file: ``path`` is an ``*-images-idx3-ubyte[.gz]`` file or a directory."""
+    if path.is_dir():
+        cands = sorted(p for p in path.iterdir() if "images-idx" in p.name)
+        train = [p for p in cands if p.name.startswith("train")]
+        if train:
+            cands = train
+        if len(cands) != 1:
+            found = ", ".join(p.name for p in cands) or "none"
+            raise DataError(f"{str(path)!r}: expected one (train-)*images-idx3-ubyte[.gz] file, found: {found}")
+        path = cands[0]
+    elif not path.is_file():
+        raise DataError(f"data.path {str(path)!r} does not exist")
+    if "images-idx" not in path.name:
+        return path, None
+    base = path.name.replace("images-idx3", "labels-idx1").removesuffix(".gz")
+    for name in (base, base + ".gz"):
+        if (path.parent / name).is_file():
+            return path, path.parent / name
+    return path, None
+
+
+def read_idx_dataset(path: Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """IDX images (N,H,W) or (N,H,W,C) as float32 NHWC in [0, 255], labels from the matching labels file."""
+    img_path, lab_path = _idx_files(path)
+    x = read_idx(img_path)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise DataError(f"{str(img_path)!r}: expected IDX images of shape (N,H,W) or (N,H,W,1|3), got {x.shape}")
+    x = _npz_to_0_255(x, str(img_path))
+    labels = None
+    if lab_path is not None:
+        y = read_idx(lab_path)
+        if y.ndim != 1:
+            raise DataError(f"{str(lab_path)!r}: expected 1-D IDX labels, got shape {y.shape}")
+        if len(y) != len(x):
+            raise DataError(f"{str(lab_path)!r}: {len(y)} labels for {len(x)} images in {img_path.name}")
+        labels = y.astype(np.int64)
+    return x, labels
+
+
+# ------------------------------------------------------------------------------------------- conversion
+
+def _convert(images, names_where: str, resolution: int, channels: int) -> torch.Tensor:
+    """HWC images in [0, 255] (array or list) -> float32 (N, C, R, R) in [-1, 1]."""
+    out = np.empty((len(images), resolution, resolution, channels), dtype=np.float32)
+    for i, img in enumerate(images):
+        h, w, c = img.shape
+        if h != w:
+            raise DataError(f"{names_where}: image {i} is {w}x{h}, expected square; crop it first "
+                            "(e.g. EDM dataset_tool.py --transform=center-crop)")
+        img = np.asarray(img, dtype=np.float32)
+        if c == 3 and channels == 1:
+            img = img @ np.asarray(LUMA, dtype=np.float32)[:, None]
+        elif c == 1 and channels == 3:
+            img = np.repeat(img, 3, axis=2)
+        if h != resolution:
+            flt = Image.BOX if h > resolution else Image.BICUBIC
+            img = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(img[:, :, k])).resize((resolution, resolution), flt))
+                            for k in range(channels)], axis=2)
+        out[i] = img
+    x = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+    return (x / 127.5 - 1.0).clamp_(-1.0, 1.0)
+
+
+def _digits(resolution: int, channels: int) -> tuple[torch.Tensor, np.ndarray]:
+    if resolution % 8:
+        raise DataError(f"data.resolution={resolution} is not supported for the built-in digits "
+                        "(native 8x8): use a multiple of 8 (nearest-neighbour upsampling)")
+    imgs, labels = load_digits_arrays()
+    x = torch.from_numpy(imgs.astype(np.float32) / 8.0 - 1.0)[:, None]
+    if resolution != 8:
+        x = torch.nn.functional.interpolate(x, scale_factor=resolution // 8, mode="nearest")
+    return x.repeat(1, channels, 1, 1).contiguous(), labels.astype(np.int64)
+
+
+def split_indices(n: int, labels: Optional[np.ndarray], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (train, holdout) index arrays, sorted; stratified by label when labels are given."""
+    if not 0.0 <= fraction < 1.0:
+        raise DataError(f"data.holdout_fraction must be in [0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    groups = [np.arange(n)] if labels is None else [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    hold = [rng.permutation(g)[: int(round(fraction * len(g)))] for g in groups]
+    mask = np.zeros(n, dtype=bool)
+    mask[np.concatenate(hold)] = True
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
+def load_images(cfg) -> ImageDataset:
+    """All images of the source described by ``cfg`` (a DataConfig or anything with its attributes)."""
+    res, ch = int(cfg.resolution), int(cfg.channels)
+    if ch not in (1, 3):
+        raise DataError(f"data.channels must be 1 or 3, got {ch}")
+    kind = cfg.kind
+    if kind == "digits":
+        x, labels = _digits(res, ch)
+        name = "digits"
+    else:
+        if not cfg.path:
+            raise DataError(f"data.path is required for data.kind={kind!r}")
+        path = Path(cfg.path).expanduser()
+        if not path.exists():
+            raise DataError(f"data.path {str(path)!r} does not exist (data.kind={kind!r})")
+        readers = {"folder": read_folder, "zip": read_zip, "npz": read_npz, "idx": read_idx_dataset}
+        if kind not in readers:
+            raise DataError(f"data.kind must be one of digits|{'|'.join(readers)}, got {kind!r}")
+        raw, labels = readers[kind](path)
+        x = _convert(raw, str(path), res, ch)
+        name = str(path)
+    num_classes = DIGITS_CLASSES if kind == "digits" else int(cfg.num_classes)
+    label_dim = 0
+    if cfg.cond:
+        if labels is None:
+            raise DataError(f"data.cond is true but {name!r} has no labels (folder/zip: dataset.json; "
+                            "npz: key 'labels'; idx: *-labels-idx1-ubyte file)")
+        if kind == "digits" and int(cfg.num_classes) != DIGITS_CLASSES:
+            raise DataError(f"data.num_classes must be {DIGITS_CLASSES} for the built-in digits, got {cfg.num_classes}")
+        label_dim = int(cfg.num_classes)
+    if labels is not None and len(labels):
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or (cfg.cond and hi >= label_dim):
+            raise DataError(f"{name!r}: labels span {lo}..{hi}, expected 0..{(label_dim or hi + 1) - 1} "
+                            f"(data.num_classes={cfg.num_classes})")
+    lab = None if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    return ImageDataset(x, lab, label_dim, name)
+
+
+def load_dataset(cfg) -> tuple[ImageDataset, ImageDataset]:
+    """(train, holdout) split of ``load_images(cfg)``: seeded by ``cfg.split_seed``, stratified when labelled."""
+    ds = load_images(cfg)
+    labels = None if ds.labels is None else ds.labels.numpy()
+    tr, ho = split_indices(len(ds), labels, float(cfg.holdout_fraction), int(cfg.split_seed))
+    if len(tr) == 0:
+        raise DataError(f"{ds.name!r}: no training images left after holding out {cfg.holdout_fraction}")
+    return ds.subset(tr), ds.subset(ho)
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+class InfiniteSampler(torch.utils.data.Sampler):
+    """Endless indices: a fresh seeded permutation per epoch, rank r takes positions r, r+R, ... of it.
+
+    All ranks share ``seed`` so their shards are disjoint within an epoch; each epoch drops the
+    ``n % num_replicas`` tail so every rank sees the same count. ``start`` skips that many indices of
+    this rank's stream (resume without replaying).
+    """
+
+    def __init__(self, n: int, seed: int = 0, rank: int = 0, num_replicas: int = 1, shuffle: bool = True,
+                 start: int = 0):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
+        if n < num_replicas:
+            raise ValueError(f"dataset of {n} images is too small for {num_replicas} replicas")
+        self.n, self.seed, self.rank, self.num_replicas, self.shuffle = n, seed, rank, num_replicas, shuffle
+        self.per_epoch = n // num_replicas
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, pos = divmod(self.start, self.per_epoch)
+        while True:
+            order = (np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle
+                     else np.arange(self.n))
+            mine = order[: self.per_epoch * self.num_replicas][self.rank::self.num_replicas]
+            for i in mine[pos:]:
+                yield int(i)
+            epoch, pos = epoch + 1, 0
+
+
+def batch_iterator(dataset: ImageDataset, batch_size: int, seed: int = 0, rank: int = 0, num_replicas: int = 1,
+                   *, start_batch: int = 0, xflip: bool = False
+                   ) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """Endless (images (B,C,R,R), one-hot labels (B,label_dim) or None) batches for this rank's shard.
+
+    ``start_batch`` resumes after that many batches; ``xflip`` mirrors each image with probability 1/2
+    (seeded by seed, rank and batch number).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    it = iter(InfiniteSampler(len(dataset), seed, rank, num_replicas, start=start_batch * batch_size))
+    step = start_batch
+    while True:
+        idx = torch.tensor([next(it) for _ in range(batch_size)], dtype=torch.int64)
+        x = dataset.images[idx]
+        if xflip:
+            flip = torch.from_numpy(np.random.default_rng([seed, rank, step]).random(batch_size) < 0.5)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        yield x, dataset.one_hot(idx)
+        step += 1

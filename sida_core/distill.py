@@ -1,0 +1,330 @@
+"""One SiD / SiDA / SiD²A optimisation step, framework-free (SiDA Algorithm 1; SPEC.md).
+
+:class:`Distiller` owns G_theta, f_psi (whose encoder is the discriminator), the frozen teacher f_phi, both
+Adam optimisers, the generator EMA and the fp16 loss scalers. :meth:`Distiller.step` performs one step:
+the psi update (eqs. 5 / 9-10) then, outside the fake-score-only stage, the theta update (eq. 6 or 8), each
+over ``rounds`` gradient-accumulation micro-batches of ``per_worker`` images; then the EMA update.
+
+The same step serves the single-process engine (``sida distill``) and the Ray workers: pass DDP-wrapped
+``generator`` / ``fake_score`` modules and the data-parallel ``rank`` / ``world_size``; accumulation rounds
+skip gradient sync (``no_sync``) except on the last one.
+
+Randomness is a pure function of (seed, step, global micro-batch index, purpose): micro-batch ``r`` on
+worker ``k`` has global index ``k * rounds + r``. Hence a run is reproducible, resumes exactly from
+(weights, optimiser state, step) alone, and two workers x batch b draw the same numbers as one process
+with the same total batch split into the same micro-batches.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from sida_core.losses import FakeScoreLoss, GeneratorLoss, Stage, generate, generator_weights, stage_at, uses_adversarial_psi
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient became NaN/Inf; the message names the step, kimg and which update."""
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any tuple of values (stable across processes and Python versions)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def make_generator(device, *parts) -> torch.Generator:
+    g = torch.Generator(device=torch.device(device))
+    g.manual_seed(derive_seed(*parts))
+    return g
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module under a DistributedDataParallel (or similar ``.module``) wrapper."""
+    return getattr(module, "module", module)
+
+
+def set_requires_grad(module: nn.Module, flag: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+@dataclass
+class StepHyper:
+    """Everything one step needs, named as in the paper; built from a RunConfig by :func:`hyper_from_config`."""
+
+    method: str
+    alpha: float
+    lambda_sid: float
+    lambda_adv_theta: float
+    lambda_adv_psi: float
+    sigma_init: float
+    t_max: float
+    p_mean: float
+    p_std: float
+    fake_score_only_kimg: float
+    sid_until_kimg: float
+    lr_psi: float
+    lr_theta: float
+    betas: tuple[float, float]
+    eps: float
+    total_batch: int
+    per_worker: int
+    ema_mimg: float
+    ema_rampup: Optional[float]
+    precision: str
+    seed: int
+    psi_grad_clip: Optional[float]
+    max_fp16_skips: int = 20
+
+
+def hyper_from_config(cfg) -> StepHyper:
+    """Map a validated ``schemas.run.RunConfig`` onto :class:`StepHyper`."""
+    return StepHyper(
+        method=cfg.method, alpha=cfg.loss.alpha, lambda_sid=cfg.loss.lambda_sid,
+        lambda_adv_theta=cfg.loss.lambda_adv_theta, lambda_adv_psi=cfg.loss.lambda_adv_psi,
+        sigma_init=cfg.loss.sigma_init, t_max=cfg.loss.t_max, p_mean=cfg.loss.p_mean, p_std=cfg.loss.p_std,
+        fake_score_only_kimg=cfg.stages.fake_score_only_kimg, sid_until_kimg=cfg.stages.sid_until_kimg,
+        lr_psi=cfg.optimizer.lr_psi, lr_theta=cfg.optimizer.lr_theta,
+        betas=(cfg.optimizer.beta1, cfg.optimizer.beta2), eps=cfg.optimizer.eps,
+        total_batch=cfg.batch.total, per_worker=cfg.batch.per_worker,
+        ema_mimg=cfg.ema.ema_mimg, ema_rampup=cfg.ema.rampup, precision=cfg.precision, seed=cfg.seed,
+        psi_grad_clip=cfg.psi_grad_clip,
+    )
+
+
+class Distiller:
+    """G_theta, f_psi, f_phi and their optimisers; :meth:`step` is one SiD/SiDA iteration."""
+
+    def __init__(self, hyper: StepHyper, teacher: nn.Module, generator: nn.Module, fake_score: nn.Module,
+                 real_images: Optional[torch.Tensor] = None, real_labels: Optional[torch.Tensor] = None,
+                 *, rank: int = 0, world_size: int = 1, device="cpu"):
+        h = hyper
+        if h.total_batch % (h.per_worker * world_size):
+            raise ValueError(f"batch.total ({h.total_batch}) must be divisible by batch.per_worker x workers "
+                             f"({h.per_worker} x {world_size})")
+        self.h, self.rank, self.world_size = h, rank, world_size
+        self.betas = (float(h.betas[0]), float(h.betas[1]))
+        self.device = torch.device(device)
+        self.rounds = h.total_batch // (h.per_worker * world_size)
+        self.use_adv = uses_adversarial_psi(h.method)
+        if self.use_adv and real_images is None:
+            raise ValueError(f"method {h.method!r} needs real images for the discriminator")
+        self.real_images = real_images
+        self.real_labels = real_labels
+
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.G, self.psi = generator, fake_score
+        unwrap(self.G).train()
+        unwrap(self.psi).train()
+        self.G_ema = copy.deepcopy(unwrap(generator)).eval().requires_grad_(False)
+        net = unwrap(generator)
+        self.img_shape = (net.img_channels, net.img_resolution, net.img_resolution)
+        self.label_dim = net.label_dim
+
+        self.opt_psi = torch.optim.Adam(self.psi.parameters(), lr=h.lr_psi, betas=self.betas, eps=h.eps)
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=h.lr_theta, betas=self.betas, eps=h.eps)
+        self.fake_loss = FakeScoreLoss(lambda_adv_psi=h.lambda_adv_psi, p_mean=h.p_mean, p_std=h.p_std, use_adv=self.use_adv)
+        self.gen_loss = GeneratorLoss(alpha=h.alpha, lambda_sid=h.lambda_sid, lambda_adv_theta=h.lambda_adv_theta, t_max=h.t_max)
+
+        if h.precision not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"precision must be fp32, fp16 or bf16, got {h.precision!r}")
+        self.amp_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[h.precision]
+        fp16 = h.precision == "fp16"
+        self.scaler_psi = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        self.scaler_G = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        self.fp16_skips = 0
+
+        self.step_idx = 0
+        self.cur_nimg = 0
+
+    # ------------------------------------------------------------------ helpers
+    def stage(self) -> Stage:
+        return stage_at(self.cur_nimg, self.h.method, self.h.fake_score_only_kimg, self.h.sid_until_kimg)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _sync(self, module: nn.Module, last_round: bool):
+        return contextlib.nullcontext() if last_round or not hasattr(module, "no_sync") else module.no_sync()
+
+    def _rng(self, r: int, purpose: str) -> torch.Generator:
+        return make_generator(self.device, self.h.seed, self.step_idx, self.rank * self.rounds + r, purpose)
+
+    def _fake_batch(self, rng: torch.Generator):
+        n = self.h.per_worker
+        z = torch.randn((n, *self.img_shape), device=self.device, generator=rng)
+        labels = None
+        if self.label_dim:
+            idx = torch.randint(self.label_dim, (n,), device=self.device, generator=rng)
+            labels = torch.nn.functional.one_hot(idx, self.label_dim).float()
+        return z, labels
+
+    def _real_batch(self, rng: torch.Generator):
+        idx = torch.randint(self.real_images.shape[0], (self.h.per_worker,), generator=rng, device="cpu")
+        x = self.real_images[idx].to(self.device, non_blocking=True)
+        c = self.real_labels[idx].to(self.device) if self.real_labels is not None else None
+        return x, c
+
+    def _check_finite(self, loss_vec: torch.Tensor, what: str) -> bool:
+        """True if finite. fp16: report and let the scaler skip; fp32/bf16: raise NonFiniteError."""
+        if torch.isfinite(loss_vec).all():
+            return True
+        bad = int((~torch.isfinite(loss_vec)).sum())
+        msg = (f"non-finite {what} loss in {bad} of {loss_vec.numel()} samples at step {self.step_idx} "
+               f"(kimg {self.cur_nimg / 1000:.1f}, stage {self.stage().value})")
+        if self.h.precision == "fp16":
+            return False
+        raise NonFiniteError(msg)
+
+    def _apply(self, opt, scaler, module, clip: Optional[float], what: str, finite: bool) -> bool:
+        """Unscale, check gradients, clip, step. Returns True if the parameters were updated."""
+        scaler.unscale_(opt)
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        grads_finite = finite and all(torch.isfinite(g).all() for g in grads)
+        if not grads_finite:
+            if self.h.precision != "fp16":
+                raise NonFiniteError(f"non-finite {what} gradient at step {self.step_idx} (kimg {self.cur_nimg / 1000:.1f})")
+            self.fp16_skips += 1
+            warnings.warn(f"fp16 overflow in {what} update at step {self.step_idx}: step skipped, loss scale reduced")
+            if self.fp16_skips > self.h.max_fp16_skips:
+                raise NonFiniteError(f"{what}: more than {self.h.max_fp16_skips} consecutive fp16 overflows "
+                                     f"at step {self.step_idx}: training diverged")
+            for g in grads:
+                g.zero_()
+        elif clip is not None:
+            for g in grads:
+                g.clamp_(-clip, clip)
+        scaler.step(opt)  # skipped by the scaler itself when it saw inf (fp16)
+        scaler.update()
+        if grads_finite:
+            self.fp16_skips = 0
+        return grads_finite
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> dict:
+        """One iteration: psi update, then (outside the fake-score-only stage) theta update, then EMA."""
+        h = self.h
+        stage = self.stage()
+        b_total = h.per_worker * self.rounds  # per-worker total batch (SPEC: loss = sum_i L_i / B_worker_total)
+        stats: dict[str, float] = {}
+        sums: dict[str, float] = {}
+
+        def acc(d, scale=1.0):
+            for k, v in d.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * scale / self.rounds
+
+        # psi: fake-score (+ discriminator) update, eqs. 5 / 9-10
+        self.opt_psi.zero_grad(set_to_none=True)
+        finite = True
+        for r in range(self.rounds):
+            rng = self._rng(r, "psi")
+            z, labels = self._fake_batch(rng)
+            x_real, c_real = self._real_batch(rng) if self.use_adv else (None, None)
+            with torch.no_grad(), self._autocast():
+                x_g = generate(self.G_forward, z, labels, h.sigma_init)
+            with self._sync(self.psi, r == self.rounds - 1), self._autocast():
+                loss_vec, st = self.fake_loss(self.psi, x_g.float(), labels, x_real, c_real, generator=rng)
+            finite &= self._check_finite(loss_vec, "fake-score")
+            loss = loss_vec.nan_to_num().sum() / b_total
+            self.scaler_psi.scale(loss).backward()
+            acc({"loss_psi": loss_vec.detach().mean(), **st})
+        stats["psi_updated"] = float(self._apply(self.opt_psi, self.scaler_psi, self.psi, h.psi_grad_clip, "fake-score", finite))
+
+        # theta: generator update, eq. 6 (SiD stage) or eq. 8 (SiDA stage)
+        w_sid, w_adv = generator_weights(stage)
+        if stage is not Stage.FAKE_SCORE:
+            psi_plain = unwrap(self.psi)
+            set_requires_grad(psi_plain, False)
+            try:
+                self.opt_G.zero_grad(set_to_none=True)
+                finite = True
+                for r in range(self.rounds):
+                    rng = self._rng(r, "theta")
+                    z, labels = self._fake_batch(rng)
+                    with self._sync(self.G, r == self.rounds - 1), self._autocast():
+                        x_g = generate(self.G, z, labels, h.sigma_init)
+                        loss_vec, st = self.gen_loss(self.teacher, psi_plain, x_g.float(), labels, w_sid=w_sid, w_adv=w_adv, generator=rng)
+                    finite &= self._check_finite(loss_vec, "generator")
+                    loss = loss_vec.nan_to_num().sum() / b_total
+                    self.scaler_G.scale(loss).backward()
+                    acc({"loss_G": loss_vec.detach().mean(), **st})
+                stats["G_updated"] = float(self._apply(self.opt_G, self.scaler_G, self.G, None, "generator", finite))
+            finally:
+                set_requires_grad(psi_plain, True)
+                self.opt_psi.zero_grad(set_to_none=True)
+
+        self.step_idx += 1
+        self.cur_nimg += h.total_batch
+        self.update_ema()
+        stats.update(sums)
+        stats.update(stage=stage.value, step=self.step_idx, cur_nimg=self.cur_nimg, kimg=self.cur_nimg / 1000)
+        return stats
+
+    @property
+    def G_forward(self) -> nn.Module:
+        """The generator as used for fake samples of the psi step (no gradient, no DDP sync needed)."""
+        return unwrap(self.G)
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """EMA with half-life ema_mimg * 1e6 images, ramped up as min(h, rampup * cur_nimg) (SPEC.md)."""
+        beta = ema_beta(self.h.total_batch, self.h.ema_mimg, self.cur_nimg, self.h.ema_rampup)
+        src = unwrap(self.G)
+        for p_ema, p in zip(self.G_ema.parameters(), src.parameters()):
+            p_ema.copy_(p.detach().lerp(p_ema, beta))
+        for b_ema, b in zip(self.G_ema.buffers(), src.buffers()):
+            b_ema.copy_(b)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "generator": unwrap(self.G).state_dict(),
+            "generator_ema": self.G_ema.state_dict(),
+            "fake_score": unwrap(self.psi).state_dict(),
+            "opt_G": self.opt_G.state_dict(),
+            "opt_psi": self.opt_psi.state_dict(),
+            "scaler_G": self.scaler_G.state_dict(),
+            "scaler_psi": self.scaler_psi.state_dict(),
+            "progress": {"step": torch.tensor(self.step_idx), "cur_nimg": torch.tensor(self.cur_nimg)},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        unwrap(self.G).load_state_dict(state["generator"])
+        self.G_ema.load_state_dict(state["generator_ema"])
+        unwrap(self.psi).load_state_dict(state["fake_score"])
+        self.opt_G.load_state_dict(state["opt_G"])
+        self.opt_psi.load_state_dict(state["opt_psi"])
+        if state.get("scaler_G"):
+            self.scaler_G.load_state_dict(state["scaler_G"])
+        if state.get("scaler_psi"):
+            self.scaler_psi.load_state_dict(state["scaler_psi"])
+        self.step_idx = int(state["progress"]["step"])
+        self.cur_nimg = int(state["progress"]["cur_nimg"])
+
+
+def init_networks(teacher: nn.Module, sid_generator: Optional[nn.Module] = None):
+    """Initialisation (SPEC.md): psi <- phi; theta <- phi (SiD, SiDA) or theta <- a SiD generator (SiD²A)."""
+    fake_score = copy.deepcopy(teacher).train().requires_grad_(True)
+    generator = copy.deepcopy(sid_generator if sid_generator is not None else teacher).train().requires_grad_(True)
+    return generator, fake_score
+
+
+def ema_beta(total_batch: int, ema_mimg: float, cur_nimg: int, rampup: Optional[float]) -> float:
+    """beta = 0.5^(batch / h), h = ema_mimg * 1e6 images, ramped up as min(h, rampup * cur_nimg)."""
+    h = ema_mimg * 1e6
+    if rampup is not None:
+        h = min(h, cur_nimg * rampup)
+    return 0.5 ** (total_batch / h) if h > 0 else 0.0
+
+
+__all__ = ["Distiller", "NonFiniteError", "StepHyper", "derive_seed", "ema_beta", "hyper_from_config", "init_networks",
+           "make_generator", "unwrap"]

@@ -1,0 +1,185 @@
+"""The single-process distillation engine (``sida distill``): teacher, nets, loop, checkpoints, metrics.
+
+Everything here is plain torch + local files; the Ray workers reuse :class:`Distiller` and the builders
+below, adding only DDP and Ray's reporting/storage.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from sida_core import checkpoint as ckpt
+from sida_core.data import ImageDataset, load_dataset
+from sida_core.distill import Distiller, hyper_from_config, init_networks
+from sida_core.networks import build_denoiser
+from sida_core.teacher import train_teacher
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: 'cuda' was requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def cache_dir() -> Path:
+    """Where trained-once artefacts live (built-in teacher, digit classifier): $SIDA_CACHE or ~/.cache/sida."""
+    return Path(os.environ.get("SIDA_CACHE", Path.home() / ".cache" / "sida")).expanduser()
+
+
+def network_spec(cfg, dataset: ImageDataset) -> dict:
+    """The arguments of :func:`build_denoiser` for the teacher described by ``cfg`` on ``dataset``."""
+    return {"arch": cfg.teacher.network.arch, "img_resolution": dataset.resolution, "img_channels": dataset.channels,
+            "label_dim": dataset.label_dim, "kwargs": dict(cfg.teacher.network.kwargs)}
+
+
+def build_from_spec(spec: dict) -> nn.Module:
+    return build_denoiser(spec["arch"], spec["img_resolution"], spec["img_channels"], spec["label_dim"], spec["kwargs"])
+
+
+def load_network(path, key: str, device="cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a denoiser from a checkpoint directory and load ``state[key]`` into it."""
+    state, manifest = ckpt.load_checkpoint(path, map_location="cpu")
+    if key not in state:
+        raise ckpt.CheckpointError(f"{path}: checkpoint of kind {manifest.get('kind')!r} has no {key!r} weights "
+                                   f"(has: {', '.join(sorted(state))})")
+    net = build_from_spec(manifest["network"])
+    net.load_state_dict(state[key])
+    return net.to(device), manifest
+
+
+def builtin_teacher_path(cfg) -> Path:
+    """Cache location of the built-in teacher, keyed by everything that determines its weights."""
+    recipe = {"teacher": cfg.teacher.model_dump(mode="json", exclude={"path", "sampler_steps"}),
+              "data": cfg.data.model_dump(mode="json"), "format": 1}
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / f"teacher-{cfg.data.kind}-{key}"
+
+
+def get_teacher(cfg, train_set: ImageDataset, device, log: Callable[[str], None] = print,
+                progress_factory=None) -> tuple[nn.Module, Path]:
+    """The frozen teacher f_phi: ``teacher.path`` if given, else the built-in one (trained once, then cached)."""
+    if cfg.teacher.path:
+        net, _ = load_network(cfg.teacher.path, "net", device)
+        return net.eval().requires_grad_(False), Path(cfg.teacher.path)
+    path = builtin_teacher_path(cfg)
+    if path.exists():
+        try:
+            net, _ = load_network(path, "net", device)
+            log(f"teacher: reusing {path}")
+            return net.eval().requires_grad_(False), path
+        except ckpt.CheckpointError as exc:
+            log(f"teacher: cached checkpoint unusable ({exc}); training again")
+    t = cfg.teacher.train
+    spec = network_spec(cfg, train_set)
+    log(f"teacher: training {spec['arch']} {spec['kwargs']} for {t.kimg} kimg on {len(train_set)} images -> {path}")
+    net = build_from_spec(spec)
+    bar = progress_factory(int(t.kimg * 1000), "teacher") if progress_factory else None
+    t0 = time.time()
+    ema = train_teacher(net, train_set.images, train_set.one_hot(slice(None)) if train_set.label_dim else None,
+                        kimg=t.kimg, batch=t.batch, lr=t.lr, lr_rampup_kimg=t.lr_rampup_kimg,
+                        ema_halflife_kimg=t.ema_halflife_kimg, p_mean=cfg.teacher.p_mean, p_std=cfg.teacher.p_std,
+                        seed=t.seed, device=device, progress=(lambda n, loss: bar.update(n)) if bar else None)
+    if bar:
+        bar.close()
+    ckpt.save_checkpoint(path, {"net": ema.state_dict()}, kind="teacher", kimg=t.kimg, cur_nimg=int(t.kimg * 1000),
+                         config=cfg.model_dump(mode="json"), network=spec,
+                         extra={"train_seconds": round(time.time() - t0, 1)})
+    return ema.eval().requires_grad_(False), path
+
+
+def build_distiller(cfg, teacher: nn.Module, train_set: ImageDataset, device, *, rank: int = 0, world_size: int = 1,
+                    wrap: Optional[Callable[[nn.Module], nn.Module]] = None) -> Distiller:
+    """Initialise G_theta and f_psi (SPEC: theta, psi <- phi; SiD²A: theta <- SiD generator) and the Distiller.
+
+    ``wrap`` (e.g. DDP) is applied to the trainable nets; the Ray workers use it, the engine does not.
+    """
+    sid_generator = None
+    if cfg.method == "sid2a":
+        sid_generator, _ = load_network(cfg.init_generator, "generator_ema", device)
+    generator, fake_score = init_networks(teacher, sid_generator)
+    generator, fake_score = generator.to(device), fake_score.to(device)
+    if wrap is not None:
+        generator, fake_score = wrap(generator), wrap(fake_score)
+    labels = train_set.one_hot(slice(None)) if train_set.label_dim else None
+    return Distiller(hyper_from_config(cfg), teacher, generator, fake_score, train_set.images, labels,
+                     rank=rank, world_size=world_size, device=device)
+
+
+def save_distill_checkpoint(distiller: Distiller, run_dir: Path, cfg, spec: dict) -> Path:
+    path = run_dir / "checkpoints" / ckpt.checkpoint_name(distiller.cur_nimg)
+    return ckpt.save_checkpoint(path, distiller.state_dict(), kind="distill", kimg=distiller.cur_nimg / 1000,
+                                cur_nimg=distiller.cur_nimg, config=cfg.model_dump(mode="json"), network=spec,
+                                extra={"method": cfg.method, "step": distiller.step_idx})
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_distillation(cfg, run_dir, *, device=None, log: Callable[[str], None] = print, progress: bool = True,
+                     resume: bool = True, evaluate: Optional[Callable[[nn.Module, int], dict]] = None) -> dict:
+    """Run ``cfg`` to ``total_kimg`` in this process; checkpoints and ``metrics.jsonl`` go to ``run_dir``.
+
+    Resumes from the newest valid checkpoint in ``run_dir/checkpoints`` when ``resume``. ``evaluate(G_ema,
+    cur_nimg)`` is called at each checkpoint and its result logged with the metrics.
+    """
+    from tqdm.auto import tqdm
+
+    device = resolve_device(cfg.device) if device is None else torch.device(device)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    train_set, _ = load_dataset(cfg.data)
+    bar_factory = (lambda total, desc: tqdm(total=total, desc=desc, unit="img", unit_scale=True, leave=False)) if progress else None
+    teacher, teacher_path = get_teacher(cfg, train_set, device, log, bar_factory)
+    spec = network_spec(cfg, train_set)
+    distiller = build_distiller(cfg, teacher, train_set, device)
+    if resume:
+        latest = ckpt.find_latest_valid(run_dir / "checkpoints")
+        if latest is not None:
+            state, _ = ckpt.load_checkpoint(latest, map_location=device)
+            distiller.load_state_dict(state)
+            log(f"resumed from {latest} at kimg {distiller.cur_nimg / 1000:.1f}")
+
+    total = int(cfg.total_kimg * 1000)
+    next_log = (distiller.cur_nimg // int(cfg.log_every_kimg * 1000) + 1) * int(cfg.log_every_kimg * 1000)
+    next_ckpt = (distiller.cur_nimg // int(cfg.checkpoint_every_kimg * 1000) + 1) * int(cfg.checkpoint_every_kimg * 1000)
+    bar = tqdm(total=total, initial=distiller.cur_nimg, desc=f"{cfg.method}", unit="img", unit_scale=True,
+               disable=not progress)
+    t0, n0 = time.time(), distiller.cur_nimg
+    last_ckpt = None
+    while distiller.cur_nimg < total:
+        stats = distiller.step()
+        bar.update(cfg.batch.total)
+        done = distiller.cur_nimg >= total
+        if distiller.cur_nimg >= next_log or done:
+            next_log += int(cfg.log_every_kimg * 1000)
+            row = {k: v for k, v in stats.items()}
+            row["images_per_s"] = (distiller.cur_nimg - n0) / max(time.time() - t0, 1e-9)
+            append_jsonl(run_dir / "metrics.jsonl", row)
+            bar.set_postfix(stage=stats["stage"], loss_psi=f"{stats.get('loss_psi', 0):.3g}",
+                            loss_G=f"{stats.get('loss_G', 0):.3g}")
+        if distiller.cur_nimg >= next_ckpt or done:
+            next_ckpt += int(cfg.checkpoint_every_kimg * 1000)
+            last_ckpt = save_distill_checkpoint(distiller, run_dir, cfg, spec)
+            if evaluate is not None:
+                scores = evaluate(distiller.G_ema, distiller.cur_nimg)
+                append_jsonl(run_dir / "scores.jsonl", {"kimg": distiller.cur_nimg / 1000, "checkpoint": str(last_ckpt), **scores})
+                log(f"kimg {distiller.cur_nimg / 1000:.1f}: {scores}")
+    bar.close()
+    return {"run_dir": str(run_dir), "checkpoint": str(last_ckpt) if last_ckpt else None, "kimg": distiller.cur_nimg / 1000,
+            "teacher": str(teacher_path), "seconds": time.time() - t0, "generator_ema": distiller.G_ema,
+            "teacher_net": teacher}
