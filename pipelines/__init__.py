@@ -1,1 +1,1 @@
-"""pipelines package."""
+"""Compose work from validated configs: the CLI, the demo, single runs, sweeps, staged pipelines, reports."""

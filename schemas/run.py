@@ -134,11 +134,10 @@ class EMAConfig(Strict):
 
 
 class MetricConfig(Strict):
-    """How checkpoints are scored: FD-digits (built-in data) or Inception FID (clean-fid)."""
+    """How checkpoints are scored (every checkpoint is): FD-digits (built-in data) or Inception FID (clean-fid)."""
 
     name: Literal["fd_digits", "fid_inception"] = "fd_digits"
     num_images: PositiveInt = 1000
-    every_kimg: PositiveFloat = 50
     reference: Optional[str] = None
 
 

@@ -139,7 +139,8 @@ class Distiller:
         fp16 = h.precision == "fp16"
         self.scaler_psi = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.scaler_G = torch.amp.GradScaler(self.device.type, enabled=fp16)
-        self.fp16_skips = 0
+        self.fp16_skips = 0  # fp16 updates skipped for overflow so far (both updates together)
+        self._fp16_streak: dict[str, int] = {}  # consecutive skips per update ("fake-score", "generator")
 
         self.step_idx = 0
         self.cur_nimg = 0
@@ -169,7 +170,10 @@ class Distiller:
         return z, labels
 
     def _real_batch(self, rng: torch.Generator):
-        idx = torch.randint(self.real_images.shape[0], (self.h.per_worker,), generator=rng, device="cpu")
+        # Draw on the generator's own device (torch requires the types to match; rng lives on self.device),
+        # then index the real images wherever they are kept (usually host memory).
+        idx = torch.randint(self.real_images.shape[0], (self.h.per_worker,), generator=rng, device=self.device)
+        idx = idx.to(self.real_images.device)
         x = self.real_images[idx].to(self.device, non_blocking=True)
         c = self.real_labels[idx].to(self.device) if self.real_labels is not None else None
         return x, c
@@ -194,8 +198,9 @@ class Distiller:
             if self.h.precision != "fp16":
                 raise NonFiniteError(f"non-finite {what} gradient at step {self.step_idx} (kimg {self.cur_nimg / 1000:.1f})")
             self.fp16_skips += 1
+            self._fp16_streak[what] = self._fp16_streak.get(what, 0) + 1
             warnings.warn(f"fp16 overflow in {what} update at step {self.step_idx}: step skipped, loss scale reduced")
-            if self.fp16_skips > self.h.max_fp16_skips:
+            if self._fp16_streak[what] > self.h.max_fp16_skips:
                 raise NonFiniteError(f"{what}: more than {self.h.max_fp16_skips} consecutive fp16 overflows "
                                      f"at step {self.step_idx}: training diverged")
             for g in grads:
@@ -206,7 +211,7 @@ class Distiller:
         scaler.step(opt)  # skipped by the scaler itself when it saw inf (fp16)
         scaler.update()
         if grads_finite:
-            self.fp16_skips = 0
+            self._fp16_streak[what] = 0
         return grads_finite
 
     # ------------------------------------------------------------------ the step

@@ -64,5 +64,5 @@ def train_teacher(net: nn.Module, images: torch.Tensor, labels: Optional[torch.T
             for p_ema, p in zip(ema.parameters(), net.parameters()):
                 p_ema.copy_(p.detach().lerp(p_ema, beta))
         if progress is not None:
-            progress(batch, float(loss))
+            progress(batch, loss.item())
     return ema

@@ -147,11 +147,13 @@ def run_distillation(cfg, run_dir, *, device=None, log: Callable[[str], None] = 
     teacher, teacher_path = get_teacher(cfg, train_set, device, log, bar_factory)
     spec = network_spec(cfg, train_set)
     distiller = build_distiller(cfg, teacher, train_set, device)
+    last_ckpt = None
     if resume:
         latest = ckpt.find_latest_valid(run_dir / "checkpoints")
         if latest is not None:
             state, _ = ckpt.load_checkpoint(latest, map_location=device)
             distiller.load_state_dict(state)
+            last_ckpt = latest  # a finished run called again reports its checkpoint, not None
             log(f"resumed from {latest} at kimg {distiller.cur_nimg / 1000:.1f}")
 
     total = int(cfg.total_kimg * 1000)
@@ -160,7 +162,6 @@ def run_distillation(cfg, run_dir, *, device=None, log: Callable[[str], None] = 
     bar = tqdm(total=total, initial=distiller.cur_nimg, desc=f"{cfg.method}", unit="img", unit_scale=True,
                disable=not progress)
     t0, n0 = time.time(), distiller.cur_nimg
-    last_ckpt = None
     while distiller.cur_nimg < total:
         stats = distiller.step()
         bar.update(cfg.batch.total)

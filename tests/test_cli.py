@@ -1,0 +1,186 @@
+"""The ``sida`` console script, run as a real subprocess (plus a few in-process error-path checks).
+
+Every subprocess gets a private SIDA_CACHE and one CPU thread. Sizes are tiny: an MLP teacher trained for
+1 kimg, a 0.128-kimg distillation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipelines.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "digits.yaml"
+SIDA = Path(sys.executable).parent / "sida"
+TINY = ["teacher.network.arch=mlp", "teacher.network.kwargs={hidden: 32, enc_layers: 1, dec_layers: 1, emb_channels: 16}",
+        "teacher.train.kimg=1", "teacher.train.batch=64", "device=cpu"]
+TINY_DISTILL = TINY + ["batch.total=32", "batch.per_worker=16", "stages.fake_score_only_kimg=0.032",
+                       "stages.sid_until_kimg=0.064", "total_kimg=0.128", "checkpoint_every_kimg=0.064",
+                       "log_every_kimg=0.032"]
+
+
+def sets(overrides) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = dict(os.environ)
+    e.update(SIDA_CACHE=str(tmp_path_factory.mktemp("cli-cache")), SIDA_NUM_THREADS="1", OMP_NUM_THREADS="1",
+             PYTHONWARNINGS="ignore")
+    return e
+
+
+def sida(args, env, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    cmd = [str(SIDA)] if SIDA.exists() else [sys.executable, "-m", "pipelines.cli"]
+    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, env=env, cwd=cwd or ROOT,
+                          timeout=timeout)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------------------------- help
+def _commands():
+    out = [[]]
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        out.append([name])
+        for a in p._actions:
+            if getattr(a, "choices", None) and isinstance(a.choices, dict):
+                out += [[name, child] for child in a.choices]
+    return out
+
+
+def test_every_command_is_listed():
+    assert sorted(" ".join(c) for c in _commands() if c) == [
+        "demo", "distill", "teacher", "teacher sample", "teacher train", "validate"]
+
+
+@pytest.mark.parametrize("command", _commands(), ids=lambda c: " ".join(c) or "sida")
+def test_help_exits_zero(command, env):
+    proc = sida(command + ["--help"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: sida") and proc.stderr == ""
+
+
+# ----------------------------------------------------------------------------------------------- validate
+def test_validate_good_config(capsys):
+    assert main(["validate", str(CONFIG), *sets(["batch.total=256", "batch.per_worker=32"])]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == {"valid": True, "name": "digits", "method": "sida", "rounds": 8, "total_batch": 256}
+    assert captured.err == ""
+
+
+def test_validate_bad_config_subprocess(env, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(CONFIG.read_text().replace("lambda_sid: 100.0", "lambda_sdi: 100.0"))
+    line = assert_one_line_error(sida(["validate", bad], env), "loss.lambda_sdi", "unknown key", "lambda_sid")
+    assert str(bad) in line
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--set", "batch.per_worker=48"], ["batch.total", "divisible"]),
+    (["--set", "method=sid2a"], ["init_generator"]),
+    (["--set", "teacher.path=/no/such/teacher"], ["teacher.path", "does not exist"]),
+    (["--set", "precision=fp8"], ["precision"]),
+    (["--set", "novalue"], ["KEY=VALUE"]),
+])
+def test_validate_bad_values_in_process(args, needles, capsys):
+    assert main(["validate", str(CONFIG), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def test_validate_missing_and_broken_files(tmp_path, capsys):
+    assert main(["validate", str(tmp_path / "nope.yaml")]) == 2
+    assert capsys.readouterr().err.startswith("error: config file")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("loss: [1, 2\n")
+    assert main(["validate", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not valid YAML" in err and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------------------------- teacher / distill
+@pytest.fixture(scope="module")
+def trained_teacher(env):
+    proc = sida(["teacher", "train", CONFIG, *sets(TINY)], env)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return Path(out["teacher"]), proc
+
+
+def test_teacher_train(trained_teacher, env):
+    path, proc = trained_teacher
+    assert len(proc.stdout.strip().splitlines()) == 1  # stdout: just the JSON line (logs go to stderr)
+    assert path.is_dir() and path.parent == Path(env["SIDA_CACHE"])
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["kind"] == "teacher" and manifest["network"]["arch"] == "mlp"
+    assert "teacher: training mlp" in proc.stderr
+
+
+def test_teacher_sample_writes_png(trained_teacher, env, tmp_path):
+    path, _ = trained_teacher
+    png = tmp_path / "grid.png"
+    proc = sida(["teacher", "sample", path, "--steps", "3", "--num", "4", "--out", png], env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"out": str(png), "nfe": 5}
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[0] >= 8 and im.size[1] >= 8
+
+
+def test_teacher_sample_missing_checkpoint_is_one_line_error(tmp_path, capsys):
+    missing = tmp_path / "no-such-ckpt"
+    assert main(["teacher", "sample", str(missing), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
+    assert str(missing) in err and "not a checkpoint directory" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_distill_tiny_run(trained_teacher, env, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = sida(["distill", CONFIG, *sets(TINY_DISTILL), "--run-dir", run_dir, "--quiet"], env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, proc.stdout  # one JSON line; log messages go to stderr
+    out = json.loads(lines[0])
+    assert out["run_dir"] == str(run_dir) and out["kimg"] == 0.128
+    assert out["checkpoint"] == str(run_dir / "checkpoints" / "ckpt-000000000128")
+    assert "teacher: reusing" in proc.stderr  # the teacher trained by `sida teacher train` (same cache, same recipe)
+    assert (run_dir / "config.json").is_file() and len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+
+def test_sample_from_distill_checkpoint_and_wrong_key(tmp_path, capsys, monkeypatch, env):
+    # in-process (cheap): a distill checkpoint made by the engine, sampled with `teacher sample --key generator_ema`
+    from schemas.loader import load_run_config
+    from sida_core.training_loop import run_distillation
+
+    monkeypatch.setenv("SIDA_CACHE", env["SIDA_CACHE"])
+    cfg = load_run_config(CONFIG, TINY_DISTILL + ["total_kimg=0.032"])
+    out = run_distillation(cfg, tmp_path / "run", progress=False, log=lambda m: None)
+    png = tmp_path / "g.png"
+    assert main(["teacher", "sample", out["checkpoint"], "--key", "generator_ema", "--steps", "2", "--num", "4",
+                 "--out", str(png)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"out": str(png), "nfe": 3} and png.is_file()
+    assert main(["teacher", "sample", out["checkpoint"], "--key", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "'nope'" in err and "generator_ema" in err
