@@ -309,8 +309,8 @@ def phi_biased():
 def test_sid_with_exact_teacher_converges_to_data(phi_true, single_thread):
     """(a) theta <- phi, psi <- phi with phi ~ the exact teacher; SiD with the exact teacher.
 
-    Measured (seeds 0-4, this config): FD to the data 2.9-3.2 -> 0.13-0.15 after 300 iterations
-    (a factor 19-25; with 500 pretraining iterations 3.7-4.1 -> 0.11-0.12).
+    Measured with this config, seeds 0-4 (seed = pretraining + distillation seed), FD to the data of the EMA
+    generator: start 2.88-3.22 -> 0.12-0.15 after 300 iterations, a factor 19-27 (thresholds: 10x and 0.3).
     """
     true = true_mixture()
     t0 = time.perf_counter()
@@ -331,14 +331,18 @@ def test_sida_corrects_a_biased_teacher_with_real_data(phi_biased, single_thread
     trained on the real samples) pulls the generator back: it ends measurably closer to the true distribution.
 
     Loss scales: lambda_adv_theta = 2 makes lambda_adv_theta * C*H*W = 128, the same order as CIFAR-10's
-    0.01 * 3072 = 31; per-sample generator terms then sit at |L_sid| ~ 5e2-1e3 and L_adv ~ 3e3 (the paper's rule:
-    every term within ~1...1e4). At exactly CIFAR-10's product (lambda_adv_theta = 0.5) the pull is weaker
-    (see the report numbers below); with generator lr 1e-3 SiDA blew up transiently on some seeds.
+    0.01 * 3072 = 31; the per-sample generator terms then sit at |L_sid| ~ 5e2-1e3 and L_adv ~ 3e3 (the paper's
+    rule: every term within ~1...1e4). Smaller values were *less* stable here: at 0.5 (CIFAR-10's product) one of
+    two seeds blew up (FD 53), at 1.0 one of two overshot to a bias of -0.13; 2.0 was stable on all 11 seeds.
 
-    Measured at 250 iterations, seeds 0, 3, 4 (FD to true / FD to teacher / mean shift), FD(true, biased) = 5.76:
-      start             8.6-9.1 / 3.2-3.3 / +0.29-0.30
-      SiD               6.4-6.7 / 0.82-0.93 / +0.30
-      SiDA              3.3-3.7 / 4.7-5.0 / +0.11
+    Measured with this config, seeds 0-10, after 250 iterations (FD(true, biased) = 5.76):
+                  FD to true   FD to teacher   mean shift per pixel
+      start       8.58-9.18    3.13-3.41       +0.29-0.31
+      SiD         6.16-7.26    0.72-0.93       +0.29-0.32
+      SiDA        2.76-3.80    4.63-5.23       +0.09-0.12
+    SiDA/SiD FD to true: 0.42-0.62; SiDA FD to true / FD to teacher: 0.54-0.79; SiD FD to teacher end/start:
+    0.22-0.29, SiD FD to teacher / FD to true: 0.11-0.14. Control: with lambda_adv_theta = 0 (seed 0; psi still
+    trained with its BCE term) "SiDA" ends at 8.11 / 2.06 / +0.31 and fails the SiDA assertions.
     """
     true, biased = true_mixture(), biased_mixture()
     t0 = time.perf_counter()
@@ -356,7 +360,7 @@ def test_sida_corrects_a_biased_teacher_with_real_data(phi_biased, single_thread
     assert sid_teacher < 0.25 * sid_true, msg
     assert sid_bias > 0.25, msg
     # SiDA, given real samples, ends measurably closer to the true distribution than SiD
-    assert sida_true < 0.7 * sid_true, msg
+    assert sida_true < 0.75 * sid_true, msg
     assert sida_bias < 0.2 and sida_bias < sid_bias - 0.1, msg
     # ... and closer to the true distribution than to the biased teacher's
     assert sida_true < sida_teacher, msg
