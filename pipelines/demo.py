@@ -113,8 +113,8 @@ def run_demo(config: Optional[str] = None, overrides: Sequence[str] = (), out_di
     _log(f"one-step generator FD-digits (best checkpoint kimg {best['kimg']}, fresh seeds): {generator_fd:.3f}")
 
     save_grid(train_set.images[:100], out_dir / "data.png", cols=10)
-    save_grid(teacher_samples[:100], out_dir / "teacher_35nfe.png", cols=10)
-    save_grid(gen_samples[:100], out_dir / "generator_1nfe.png", cols=10)
+    save_grid(teacher_samples[:100], out_dir / "teacher_samples.png", cols=10)
+    save_grid(gen_samples[:100], out_dir / "generator_samples.png", cols=10)
     plot_fd_curve(rows, teacher_fd, floor, out_dir / "fd_vs_kimg.png")
     return {
         "teacher_fd": round(teacher_fd, 4), "teacher_nfe": teacher_nfe,

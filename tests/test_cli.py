@@ -184,3 +184,19 @@ def test_sample_from_distill_checkpoint_and_wrong_key(tmp_path, capsys, monkeypa
     assert main(["teacher", "sample", out["checkpoint"], "--key", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "'nope'" in err and "generator_ema" in err
+
+
+# ----------------------------------------------------------------------------------------------- demo
+def test_demo_end_to_end_tiny(env, tmp_path):
+    """The README's main job on a tiny budget: same code path, last stdout line is the summary JSON."""
+    out = tmp_path / "demo"
+    proc = sida(["demo", "--out", out, *sets(TINY_DISTILL + ["metric.num_images=200", "teacher.sampler_steps=4"])], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("teacher_fd", "teacher_nfe", "generator_fd", "generator_nfe", "seconds", "real_fd_floor"):
+        assert key in summary, key
+    assert summary["teacher_nfe"] == 7 and summary["generator_nfe"] == 1
+    assert summary["generator_fd"] > 0 and summary["teacher_fd"] > 0
+    for png in ("data.png", "teacher_samples.png", "generator_samples.png", "fd_vs_kimg.png"):
+        assert (out / png).stat().st_size > 0, png
+    assert Image.open(out / "generator_samples.png").size[0] >= 32
