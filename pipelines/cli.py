@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions whose message is meant for the user (shown as one line, exit code 2)."""
     from schemas.loader import ConfigError

@@ -81,7 +81,9 @@ def get_teacher(cfg, train_set: ImageDataset, device, log: Callable[[str], None]
     t = cfg.teacher.train
     spec = network_spec(cfg, train_set)
     log(f"teacher: training {spec['arch']} {spec['kwargs']} for {t.kimg} kimg on {len(train_set)} images -> {path}")
-    net = build_from_spec(spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(t.seed)  # weight init is part of the recipe the cache key stands for
+        net = build_from_spec(spec)
     bar = progress_factory(int(t.kimg * 1000), "teacher") if progress_factory else None
     t0 = time.time()
     ema = train_teacher(net, train_set.images, train_set.one_hot(slice(None)) if train_set.label_dim else None,
