@@ -67,6 +67,7 @@ def cmd_teacher_sample(args) -> int:
     import torch
 
     from pipelines.images import save_grid
+    from sida_core.edm import heun_nfe
     from sida_core.teacher import heun_sample
     from sida_core.training_loop import load_network
 
@@ -76,7 +77,7 @@ def cmd_teacher_sample(args) -> int:
     z = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
     x = heun_sample(net, z, num_steps=args.steps)
     save_grid(x, args.out)
-    print(json.dumps({"out": str(args.out), "nfe": 2 * args.steps - 1}))
+    print(json.dumps({"out": str(args.out), "nfe": heun_nfe(args.steps)}))
     return 0
 
 

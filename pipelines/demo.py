@@ -97,7 +97,7 @@ def run_demo(config: Optional[str] = None, overrides: Sequence[str] = (), out_di
 
     run_dir = out_dir / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
-    out = run_distillation(cfg, run_dir, device=device, log=_log, resume=False, evaluate=evaluate)
+    out = run_distillation(cfg, run_dir, device=device, log=_log, resume=False, evaluate=evaluate, teacher=teacher)
 
     import json
 

@@ -21,7 +21,7 @@ import copy
 import hashlib
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -48,11 +48,6 @@ def make_generator(device, *parts) -> torch.Generator:
 def unwrap(module: nn.Module) -> nn.Module:
     """The plain module under a DistributedDataParallel (or similar ``.module``) wrapper."""
     return getattr(module, "module", module)
-
-
-def set_requires_grad(module: nn.Module, flag: bool) -> None:
-    for p in module.parameters():
-        p.requires_grad_(flag)
 
 
 @dataclass
@@ -248,7 +243,7 @@ class Distiller:
         w_sid, w_adv = generator_weights(stage)
         if stage is not Stage.FAKE_SCORE:
             psi_plain = unwrap(self.psi)
-            set_requires_grad(psi_plain, False)
+            psi_plain.requires_grad_(False)
             try:
                 self.opt_G.zero_grad(set_to_none=True)
                 finite = True
@@ -264,7 +259,7 @@ class Distiller:
                     acc({"loss_G": loss_vec.detach().mean(), **st})
                 stats["G_updated"] = float(self._apply(self.opt_G, self.scaler_G, self.G, None, "generator", finite))
             finally:
-                set_requires_grad(psi_plain, True)
+                psi_plain.requires_grad_(True)
                 self.opt_psi.zero_grad(set_to_none=True)
 
         self.step_idx += 1

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sida_core import edm
-from sida_core.distill import make_generator
+from sida_core.distill import ema_beta, make_generator
 from sida_core.losses import EDMLoss
 
 
@@ -59,7 +59,7 @@ def train_teacher(net: nn.Module, images: torch.Tensor, labels: Optional[torch.T
         opt.step()
         cur_nimg += batch
         step += 1
-        beta = 0.5 ** (batch / max(ema_halflife_kimg * 1000, 1e-8)) if ema_halflife_kimg > 0 else 0.0
+        beta = ema_beta(batch, ema_halflife_kimg / 1000, cur_nimg, rampup=None)
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), net.parameters()):
                 p_ema.copy_(p.detach().lerp(p_ema, beta))

@@ -132,11 +132,13 @@ def append_jsonl(path: Path, row: dict) -> None:
 
 
 def run_distillation(cfg, run_dir, *, device=None, log: Callable[[str], None] = print, progress: bool = True,
-                     resume: bool = True, evaluate: Optional[Callable[[nn.Module, int], dict]] = None) -> dict:
+                     resume: bool = True, evaluate: Optional[Callable[[nn.Module, int], dict]] = None,
+                     teacher: Optional[nn.Module] = None) -> dict:
     """Run ``cfg`` to ``total_kimg`` in this process; checkpoints and ``metrics.jsonl`` go to ``run_dir``.
 
     Resumes from the newest valid checkpoint in ``run_dir/checkpoints`` when ``resume``. ``evaluate(G_ema,
-    cur_nimg)`` is called at each checkpoint and its result logged with the metrics.
+    cur_nimg)`` is called at each checkpoint and its result logged with the metrics. ``teacher``: an already
+    loaded f_phi (else :func:`get_teacher` provides it).
     """
     from tqdm.auto import tqdm
 
@@ -146,7 +148,10 @@ def run_distillation(cfg, run_dir, *, device=None, log: Callable[[str], None] = 
     (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     train_set, _ = load_dataset(cfg.data)
     bar_factory = (lambda total, desc: tqdm(total=total, desc=desc, unit="img", unit_scale=True, leave=False)) if progress else None
-    teacher, teacher_path = get_teacher(cfg, train_set, device, log, bar_factory)
+    if teacher is None:
+        teacher, teacher_path = get_teacher(cfg, train_set, device, log, bar_factory)
+    else:
+        teacher_path = Path(cfg.teacher.path) if cfg.teacher.path else builtin_teacher_path(cfg)
     spec = network_spec(cfg, train_set)
     distiller = build_distiller(cfg, teacher, train_set, device)
     last_ckpt = None
@@ -184,5 +189,4 @@ def run_distillation(cfg, run_dir, *, device=None, log: Callable[[str], None] = 
                 log(f"kimg {distiller.cur_nimg / 1000:.1f}: {scores}")
     bar.close()
     return {"run_dir": str(run_dir), "checkpoint": str(last_ckpt) if last_ckpt else None, "kimg": distiller.cur_nimg / 1000,
-            "teacher": str(teacher_path), "seconds": time.time() - t0, "generator_ema": distiller.G_ema,
-            "teacher_net": teacher}
+            "teacher": str(teacher_path), "seconds": time.time() - t0, "generator_ema": distiller.G_ema}

@@ -41,6 +41,3 @@ class EDMPrecond(nn.Module):
             f_x, logits = out, None
         d_x = s(c_skip) * x + s(c_out) * f_x.to(x.dtype)
         return d_x if return_flag == "decoder" else (d_x, logits)
-
-    def round_sigma(self, sigma):
-        return torch.as_tensor(sigma)
