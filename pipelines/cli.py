@@ -1,6 +1,6 @@
 """``sida``: the one console script. Configs are validated here, once; errors print as one line.
 
-Subcommands: ``demo``, ``distill``, ``teacher train``, ``teacher sample``, ``validate``.
+Subcommands: ``demo``, ``train`` (Ray), ``distill`` (one process), ``teacher train``, ``teacher sample``, ``validate``.
 """
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from sida_core.checkpoint import CheckpointError
     from sida_core.data import DataError
     from sida_core.distill import NonFiniteError
+    from pipelines.train import TrainingError
+    from ray_jobs.storage import StorageError
 
-    return ConfigError, CheckpointError, DataError, NonFiniteError, FileNotFoundError
+    return ConfigError, CheckpointError, DataError, NonFiniteError, FileNotFoundError, StorageError, TrainingError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -47,6 +49,15 @@ def cmd_distill(args) -> int:
     print(json.dumps({"run_dir": out["run_dir"], "checkpoint": out["checkpoint"], "kimg": out["kimg"],
                       "seconds": round(out["seconds"], 1)}))
     return 0
+
+
+def cmd_train(args) -> int:
+    from pipelines.train import run_train
+
+    out = run_train(args.config, args.overrides, workers=args.workers, resume=args.resume, name=args.name,
+                    address=args.address, endpoint_url=args.endpoint_url)
+    print(json.dumps(out))
+    return 0 if out["status"] == "finished" else 1
 
 
 def cmd_teacher_train(args) -> int:
@@ -98,6 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--out", default="outputs/demo", help="where the sample grids and the run go (default: outputs/demo)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="run one distillation on Ray Train (local Ray by default, or --address)")
+    p.add_argument("config", nargs="?", default=None, help="run config YAML (not needed with --resume)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set loss.alpha=1.2 (repeatable)")
+    p.add_argument("--workers", type=int, default=None, help="data-parallel workers (overrides scaling.num_workers)")
+    p.add_argument("--resume", default=None, metavar="RUN_URI", help="continue a stopped run from its folder in storage")
+    p.add_argument("--name", default=None, help="run name (default: CONFIG_NAME-YYYYmmdd-HHMMSS)")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray for this job)")
+    p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for --resume of an s3:// run (else from env)")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("distill", help="run one distillation in this process (no Ray): the debugging engine")
     _add_config_args(p)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, SecretStr, field_validator, model_validator
 
 Method = Literal["sid", "sida", "sid2a"]
 Precision = Literal["fp32", "fp16", "bf16"]
@@ -142,11 +142,39 @@ class MetricConfig(Strict):
 
 
 class StorageConfig(Strict):
-    """Where the run writes: a local folder (default) or ``s3://bucket/prefix``."""
+    """Where runs write: a local folder (default) or ``s3://bucket/prefix`` on any S3-API store.
+
+    Credentials: ``access_key_id`` / ``secret_access_key`` here, else the usual AWS environment variables
+    (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION). Secrets are never written
+    back to storage (the stored config shows them masked).
+    """
 
     uri: str = "runs"
-    endpoint_url: Optional[str] = None
+    endpoint_url: Optional[str] = None  # e.g. http://minio.internal:9000 (MinIO, Ceph RGW, R2); None = AWS
     region: Optional[str] = None
+    access_key_id: Optional[SecretStr] = None
+    secret_access_key: Optional[SecretStr] = None
+    retry_attempts: PositiveInt = 6          # tries per storage operation before the run fails
+    retry_max_backoff_s: PositiveFloat = 8.0  # exponential backoff between tries, capped here
+    connect_timeout_s: PositiveFloat = 5.0
+    request_timeout_s: PositiveFloat = 30.0   # a stalled request fails after this (plus ~6 s for uploads)
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https://, got {v!r}")
+        return v
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        scheme = v.split("://", 1)[0] if "://" in v else ""
+        if scheme not in ("", "file", "s3"):
+            raise ValueError(f"must be a local folder, file://PATH or s3://BUCKET/PREFIX, got {v!r}")
+        if scheme == "s3" and not v[5:].strip("/"):
+            raise ValueError(f"s3:// URI needs a bucket name, got {v!r}")
+        return v
 
 
 class RunConfig(Strict):
@@ -165,7 +193,9 @@ class RunConfig(Strict):
     total_kimg: PositiveFloat = 1000
     seed: int = 0
     checkpoint_every_kimg: PositiveFloat = 50
+    keep_checkpoints: PositiveInt = 5  # newest K kept in storage, plus pinned ones (e.g. the best FID)
     log_every_kimg: PositiveFloat = 5
+    max_failures: int = Field(3, ge=0)  # Ray FailureConfig: worker-group restarts from the latest checkpoint
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     metric: MetricConfig = Field(default_factory=MetricConfig)

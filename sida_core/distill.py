@@ -174,24 +174,36 @@ class Distiller:
         return x, c
 
     def _check_finite(self, loss_vec: torch.Tensor, what: str) -> bool:
-        """True if finite. fp16: report and let the scaler skip; fp32/bf16: raise NonFiniteError."""
+        """True if finite; else remember why (the decision is taken in :meth:`_apply`, on all workers at once)."""
         if torch.isfinite(loss_vec).all():
             return True
         bad = int((~torch.isfinite(loss_vec)).sum())
-        msg = (f"non-finite {what} loss in {bad} of {loss_vec.numel()} samples at step {self.step_idx} "
-               f"(kimg {self.cur_nimg / 1000:.1f}, stage {self.stage().value})")
-        if self.h.precision == "fp16":
-            return False
-        raise NonFiniteError(msg)
+        self._nonfinite_msg = (f"non-finite {what} loss in {bad} of {loss_vec.numel()} samples at step {self.step_idx} "
+                               f"(kimg {self.cur_nimg / 1000:.1f}, stage {self.stage().value})")
+        return False
+
+    def _all_workers(self, ok: bool) -> bool:
+        """``ok`` on every data-parallel worker: they must skip, or raise, together (else DDP hangs or drifts)."""
+        if self.world_size == 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return ok
+        flag = torch.tensor([1.0 if ok else 0.0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item() > 0)
 
     def _apply(self, opt, scaler, module, clip: Optional[float], what: str, finite: bool) -> bool:
-        """Unscale, check gradients, clip, step. Returns True if the parameters were updated."""
+        """Unscale, check gradients, clip, step. Returns True if the parameters were updated.
+
+        fp16: a non-finite loss or gradient skips the update (the scaler lowers its scale); fp32/bf16: raises
+        :class:`NonFiniteError`. Decided jointly by all workers.
+        """
         scaler.unscale_(opt)
         grads = [p.grad for p in module.parameters() if p.grad is not None]
-        grads_finite = finite and all(torch.isfinite(g).all() for g in grads)
+        grads_finite = self._all_workers(finite and all(bool(torch.isfinite(g).all()) for g in grads))
         if not grads_finite:
             if self.h.precision != "fp16":
-                raise NonFiniteError(f"non-finite {what} gradient at step {self.step_idx} (kimg {self.cur_nimg / 1000:.1f})")
+                reason = getattr(self, "_nonfinite_msg", None) if not finite else None
+                raise NonFiniteError(reason or f"non-finite {what} loss or gradient at step {self.step_idx} "
+                                     f"(kimg {self.cur_nimg / 1000:.1f}, on this or another worker)")
             self.fp16_skips += 1
             self._fp16_streak[what] = self._fp16_streak.get(what, 0) + 1
             warnings.warn(f"fp16 overflow in {what} update at step {self.step_idx}: step skipped, loss scale reduced")

@@ -5,6 +5,8 @@ import os
 import pytest
 import torch
 
+from tests.s3_server import s3_bucket, s3_server  # noqa: F401  (a real moto S3 server, on demand)
+
 torch.set_num_threads(1)
 
 

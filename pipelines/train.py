@@ -1,0 +1,128 @@
+"""``sida train``: one distillation run on Ray Train, new or resumed, local or on a cluster.
+
+The driver validates the config, prepares the run folder in storage (config, teacher), connects to Ray
+(a local Ray started for the job unless ``address`` is given), runs the TorchTrainer and returns a summary.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+from schemas.loader import ConfigError
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _split_run_uri(uri: str) -> tuple[str, str]:
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    if not name or not parent or parent.endswith(":/"):
+        raise ConfigError(f"--resume {uri!r}: expected a run folder STORAGE_URI/RUN_NAME, e.g. runs/digits-20261123-101500 "
+                          f"or s3://bucket/prefix/digits-20261123-101500")
+    return parent, name
+
+
+def resolve_run(config: Optional[str], overrides: Sequence[str] = (), *, workers: Optional[int] = None,
+                resume: Optional[str] = None, name: Optional[str] = None, endpoint_url: Optional[str] = None):
+    """(cfg, run name, root Storage, resumed?) for a new run from ``config`` or a stopped one at ``resume``."""
+    from ray_jobs.run_store import RunStore
+    from ray_jobs.storage import Storage
+    from schemas.loader import apply_overrides, load_run_config, validate
+    from schemas.run import RunConfig
+
+    extra = [*overrides, *([f"scaling.num_workers={workers}"] if workers else [])]
+    if resume:
+        parent, run_name = _split_run_uri(resume)
+        stored = RunStore(Storage(parent, endpoint_url=endpoint_url).child(run_name)).read_config()
+        stored["storage"]["uri"] = parent
+        if endpoint_url:
+            stored["storage"]["endpoint_url"] = endpoint_url
+        stored["storage"] = {k: v for k, v in stored["storage"].items() if v is not None}
+        cfg = validate(RunConfig, apply_overrides(stored, extra), source=f"{resume}/config.json")
+    else:
+        if config is None:
+            raise ConfigError("give a run config (e.g. configs/digits.yaml) or --resume RUN_URI")
+        cfg = load_run_config(config, extra)
+        run_name = name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    root = Storage.from_config(cfg.storage)
+    return cfg, run_name, root, bool(resume)
+
+
+def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, workers: Optional[int] = None,
+              resume: Optional[str] = None, name: Optional[str] = None, address: Optional[str] = None,
+              endpoint_url: Optional[str] = None, log: Callable[[str], None] = _log) -> dict:
+    """Run (or resume) one distillation on Ray Train; returns the summary printed by ``sida train``."""
+    import torch
+
+    from ray_jobs.cluster import connect, worker_env
+    from ray_jobs.run_store import RunStore
+    from ray_jobs.storage import StorageError
+    from ray_jobs.train import build_trainer, public_config
+    from sida_core.data import load_dataset
+    from sida_core.training_loop import get_teacher
+
+    t0 = time.time()
+    cfg, run_name, root, resumed = resolve_run(config, overrides, workers=workers, resume=resume, name=name,
+                                               endpoint_url=endpoint_url)
+    root.check()
+    store = RunStore(root.child(run_name))
+    if not resumed and store.exists():
+        raise ConfigError(f"run {store.uri} already exists: continue it with --resume {store.uri}, "
+                          f"or pick another --name")
+    if not resumed or not store.storage.exists("teacher/manifest.json"):
+        train_set, _ = load_dataset(cfg.data)
+        _, teacher_path = get_teacher(cfg, train_set, torch.device("cpu"), log)
+        store.ensure_teacher(teacher_path)
+    store.write_config(public_config(cfg))
+    log(f"run {store.uri}: {cfg.method}, {cfg.scaling.num_workers} worker(s) x {cfg.batch.per_worker} images x "
+        f"{cfg.rounds} round(s) = batch {cfg.batch.total}, to {cfg.total_kimg} kimg")
+
+    started = connect(address, num_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker,
+                      env=worker_env(cfg.storage))
+    try:
+        result = build_trainer(cfg, run_name, root).fit()
+    except Exception as exc:  # Ray wraps worker errors; surface the root cause as one line
+        cause = _root_cause(exc)
+        if root.is_s3 and "object store" not in cause:
+            try:  # Ray's own storage I/O fails with raw pyarrow errors: say so if the store is the culprit
+                root.check()
+            except StorageError as down:
+                cause = " ".join(str(down).split())
+        raise TrainingError(f"run {store.uri} failed: {cause}") from exc
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    status = store.read_status() or {}
+    metrics = store.read_metrics()
+    return {"run_uri": store.uri, "status": status.get("state", "unknown"), "reason": status.get("reason"),
+            "kimg": status.get("kimg"), "checkpoints": store.checkpoint_names(),
+            "metric_rows": 0 if metrics is None else metrics.num_rows,
+            "ray_checkpoint": result.checkpoint.path if result.checkpoint else None,
+            "seconds": round(time.time() - t0, 1)}
+
+
+class TrainingError(RuntimeError):
+    """The Ray run failed after its retries; the message names the run and the root cause in one line."""
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost meaningful message of a (Ray-wrapped) exception chain, on one line."""
+    from ray_jobs.storage import StorageError
+
+    seen, cur, best = set(), exc, exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, StorageError):
+            return " ".join(str(cur).split())
+        best = cur
+        cur = cur.__cause__ or cur.__context__
+    text = str(exc)
+    for marker in ("StorageError: ", "CheckpointError: ", "DataError: "):
+        if marker in text:
+            return " ".join(text.split(marker, 1)[1].strip().splitlines()[0].split())
+    last = [line for line in str(best).strip().splitlines() if line.strip()]
+    return " ".join((last[-1] if last else type(best).__name__).split())

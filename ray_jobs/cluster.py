@@ -1,0 +1,43 @@
+"""Connecting the driver to Ray: a local Ray started for the job (the embedded default) or ``--address``."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+# Passed on to every worker: credentials for the object store, the cache of built-in artefacts, threads.
+FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
+                 "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "SIDA_CACHE", "SIDA_NUM_THREADS")
+
+
+def worker_env(storage_cfg=None) -> dict[str, str]:
+    """Environment for the workers: the forwarded variables, plus keys given in the config's storage section."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    for field, var in (("access_key_id", "AWS_ACCESS_KEY_ID"), ("secret_access_key", "AWS_SECRET_ACCESS_KEY")):
+        secret = getattr(storage_cfg, field, None) if storage_cfg is not None else None
+        if secret is not None:
+            env[var] = secret.get_secret_value()
+    return env
+
+
+def connect(address: Optional[str] = None, *, num_cpus: Optional[float] = None,
+            env: Optional[dict[str, str]] = None) -> bool:
+    """Start a local Ray (``address`` None) or join a running cluster; returns True if this call started it.
+
+    A local Ray gets ``max(cores, num_cpus)`` logical CPUs so that the requested workers fit even on a
+    2-core machine (the workers are single-threaded by default). Token authentication (Ray's default since
+    2.5x) is handled by Ray itself for a local cluster; for a remote one set RAY_AUTH_MODE=token and the
+    cluster's token as Ray documents (see README, "Running on a cluster").
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    runtime_env = {"env_vars": env} if env else None
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        cpus = max(os.cpu_count() or 1, int(-(-(num_cpus or 0) // 1)))
+        # The dashboard (loopback only) serves the state API that Ray Train's placement-group cleaner polls.
+        ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env,
+                 log_to_driver=True)
+    return True

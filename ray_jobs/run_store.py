@@ -1,0 +1,166 @@
+"""The layout of one run in storage (local folder or S3), shared by the driver, the workers and the scorers.
+
+::
+
+    RUN_URI/                      = storage.uri / run name (also Ray Train's experiment folder)
+      config.json                 the resolved RunConfig (secrets masked), written once by the driver
+      teacher/                    the frozen teacher f_phi as a sida checkpoint (so every node and every
+                                  resume uses the same weights)
+      ckpt-000000020480/          sida checkpoints (state.pt + manifest.json), registered with Ray Train
+      metrics/part-<nimg>.parquet one file per reported row, keyed by images seen
+      pinned/<ckpt name>/         copies of checkpoints kept for good (e.g. the best FID): Ray Train's
+                                  keep-last-K rotation (CheckpointConfig.num_to_keep) never touches them
+      pins/<ckpt name>.json       why each one was pinned
+      status.json                 how the run ended: finished / diverged (with the reason)
+      events/<time>-<kind>.json   the run's history: each start and resume of the workers, and the end
+
+Atomicity: every file is written whole (:class:`Storage` renames locally, single PUT on S3); a checkpoint
+folder is committed by its ``manifest.json``, uploaded last, and verified by hash on every load, so a
+half-uploaded checkpoint is never read back. Metric rows are keyed by ``cur_nimg``: a step re-run after a
+restart from a checkpoint rewrites the same key, so rows are neither duplicated nor lost.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import pyarrow as pa
+
+from ray_jobs.storage import Storage
+from sida_core import checkpoint as ckpt
+
+METRIC_COLUMNS: dict[str, pa.DataType] = {
+    "step": pa.int64(), "cur_nimg": pa.int64(), "kimg": pa.float64(), "stage": pa.string(),
+    "loss_psi": pa.float64(), "loss_G": pa.float64(), "loss_sid": pa.float64(), "loss_adv_theta": pa.float64(),
+    "loss_adv_psi": pa.float64(), "d_real": pa.float64(), "d_fake": pa.float64(), "psi_updated": pa.float64(),
+    "G_updated": pa.float64(), "images_per_s": pa.float64(), "num_workers": pa.int64(), "time": pa.float64(),
+}
+METRIC_SCHEMA = pa.schema(list(METRIC_COLUMNS.items()))
+
+
+class RunStore:
+    """One run's folder in storage; see the module docstring for the layout."""
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+
+    @property
+    def uri(self) -> str:
+        return self.storage.uri
+
+    # ----------------------------------------------------------------- config / status
+    def write_config(self, config: dict) -> None:
+        self.storage.write_json("config.json", config)
+
+    def read_config(self) -> dict:
+        try:
+            return self.storage.read_json("config.json")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.uri}: no config.json (not a sida run folder)") from None
+
+    def exists(self) -> bool:
+        return self.storage.exists("config.json")
+
+    def write_status(self, state: str, **info) -> None:
+        self.storage.write_json("status.json", {"state": state, "time": time.time(), **info})
+
+    def read_status(self) -> Optional[dict]:
+        try:
+            return self.storage.read_json("status.json")
+        except FileNotFoundError:
+            return None
+
+    def log_event(self, kind: str, **info) -> None:
+        """Append one event (start, resume, diverged, finished) to the run's history: one object each, never rewritten."""
+        self.storage.write_json(f"events/{time.time_ns():020d}-{kind}.json", {"kind": kind, "time": time.time(), **info})
+
+    def events(self) -> list[dict]:
+        return [self.storage.read_json(f"events/{n}") for n in self.storage.listdir("events") if n.endswith(".json")]
+
+    # ----------------------------------------------------------------- metrics
+    def append_metrics(self, row: dict) -> None:
+        """Write one metrics row as its own Parquet file, keyed (and so idempotent) by ``cur_nimg``."""
+        values = {k: [row.get(k)] for k in METRIC_COLUMNS}
+        self.storage.write_parquet(f"metrics/part-{int(row['cur_nimg']):012d}.parquet",
+                                   pa.table(values, schema=METRIC_SCHEMA))
+
+    def read_metrics(self) -> Optional[pa.Table]:
+        """All metric rows so far, ordered by ``cur_nimg`` (None before the first report)."""
+        table = self.storage.read_parquet_dir("metrics")
+        return None if table is None else table.sort_by("cur_nimg")
+
+    # ----------------------------------------------------------------- checkpoints
+    def checkpoint_names(self) -> list[str]:
+        """Checkpoint folder names, oldest first (by images seen)."""
+        names = [n for n in self.storage.listdir() if ckpt.NAME_RE.match(n)]
+        return sorted(names, key=lambda n: int(ckpt.NAME_RE.match(n).group(1)))
+
+    def upload_checkpoint(self, local_dir: Path, name: str) -> None:
+        """Upload a local checkpoint folder, ``manifest.json`` last: until it lands the folder never verifies."""
+        self.storage.upload_dir(local_dir, name, last=[ckpt.MANIFEST_FILE])
+
+    def fetch_checkpoint(self, name: str, scratch: Path) -> Path:
+        """A verified local copy of checkpoint ``name`` (the folder itself for local storage); raises CheckpointError."""
+        if not self.storage.is_s3:
+            path = Path(self.storage.path_of(name))
+        else:
+            path = Path(scratch) / name
+            try:
+                self.storage.download_dir(name, path)
+            except FileNotFoundError:
+                raise ckpt.CheckpointError(f"{self.storage.uri_of(name)}: checkpoint not found") from None
+        ckpt.verify_checkpoint(path)
+        return path
+
+    def load_checkpoint(self, name: str, map_location="cpu") -> tuple[dict, dict]:
+        with tempfile.TemporaryDirectory(prefix="sida-ckpt-") as scratch:
+            path = self.fetch_checkpoint(name, Path(scratch))
+            return ckpt.load_checkpoint(path, map_location=map_location)
+
+    def load_latest_valid(self, map_location="cpu", prefer: Optional[str] = None) -> Optional[tuple[dict, dict, str]]:
+        """(state, manifest, name) of the newest checkpoint that verifies; corrupt ones are skipped with a warning.
+
+        ``prefer``: a name to try first (Ray Train's latest registered checkpoint).
+        """
+        names = self.checkpoint_names()[::-1]
+        if prefer in names:
+            names.remove(prefer)
+            names.insert(0, prefer)
+        for name in names:
+            try:
+                state, manifest = self.load_checkpoint(name, map_location)
+                return state, manifest, name
+            except ckpt.CheckpointError as exc:
+                warnings.warn(f"skipping checkpoint {self.storage.uri_of(name)}: {exc}", RuntimeWarning, stacklevel=2)
+        return None
+
+    def pin(self, name: str, reason: str, local_copy: Optional[Path] = None) -> None:
+        """Keep checkpoint ``name`` for good: copy it to ``pinned/NAME`` (outside Ray Train's keep-last-K
+        rotation), then record why in ``pins/NAME.json``. ``local_copy``: an already verified local copy."""
+        with tempfile.TemporaryDirectory(prefix="sida-pin-") as scratch:
+            src = Path(local_copy) if local_copy is not None else self.fetch_checkpoint(name, Path(scratch))
+            ckpt.verify_checkpoint(src)
+            self.upload_checkpoint(src, f"pinned/{name}")
+        self.storage.write_json(f"pins/{name}.json", {"checkpoint": f"pinned/{name}", "reason": reason, "time": time.time()})
+
+    def pinned(self) -> list[str]:
+        """Names of the pinned checkpoints (stored under ``pinned/``)."""
+        return sorted(n.removesuffix(".json") for n in self.storage.listdir("pins") if n.endswith(".json"))
+
+    # ----------------------------------------------------------------- teacher
+    def ensure_teacher(self, local_teacher: Path) -> str:
+        """Copy the teacher into the run unless a verified copy is there already (a resumed run keeps its own).
+
+        Returns the stored teacher's content hash.
+        """
+        with tempfile.TemporaryDirectory(prefix="sida-teacher-") as scratch:
+            try:
+                return ckpt.verify_checkpoint(self.fetch_checkpoint("teacher", Path(scratch)))["content_hash"]
+            except ckpt.CheckpointError:
+                pass
+        self.storage.delete("teacher")
+        self.upload_checkpoint(Path(local_teacher), "teacher")
+        return ckpt.verify_checkpoint(local_teacher)["content_hash"]

@@ -1,0 +1,155 @@
+"""Ray Train wiring for one distillation run: ``train_loop_per_worker`` and the ``TorchTrainer`` around it.
+
+The worker is a thin shell around :class:`sida_core.distill.Distiller`: it builds the nets from the
+validated config, wraps G_theta and f_psi in DDP (``ray.train.torch.prepare_model``: gloo on CPU, nccl on
+CUDA), resumes from the newest checkpoint that verifies, steps, and reports. Each worker draws its own real
+and fake micro-batches (so the discriminator's fakeness mean is per worker batch, eq. 7); randomness is a
+pure function of (seed, step, global micro-batch index, purpose), the global index of worker ``k``'s round
+``r`` being ``k * rounds + r``. Hence 2 workers x b equal one process with rounds of b (tests/test_ray_train.py),
+and a run may resume on a different number of workers with the same total batch.
+
+Rank 0 writes metric rows (Parquet) and checkpoints (uploaded with ``manifest.json`` last, registered with
+Ray through ``checkpoint_upload_fn``); every rank calls ``ray.train.report`` at the same steps.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ray_jobs.run_store import RunStore
+from ray_jobs.storage import Storage
+
+STATE_FINISHED, STATE_DIVERGED = "finished", "diverged"
+
+
+def public_config(cfg) -> dict:
+    """The run config as JSON with secrets removed: what goes to storage and to the workers."""
+    d = cfg.model_dump(mode="json")
+    d["storage"]["access_key_id"] = d["storage"]["secret_access_key"] = None
+    return d
+
+
+def metrics_row(stats: dict, *, images_per_s: float, num_workers: int) -> dict:
+    row = {k: (float(v) if isinstance(v, (int, float)) and k not in ("step", "cur_nimg") else v) for k, v in stats.items()}
+    row.update(images_per_s=images_per_s, num_workers=num_workers, time=time.time())
+    return row
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point; ``config``: {"run": public_config(cfg), "run_name": str, "threads": int}."""
+    import ray.train
+    import ray.train.torch
+    from ray.experimental.tqdm_ray import tqdm
+
+    from schemas.run import RunConfig
+    from sida_core import checkpoint as ckpt
+    from sida_core.data import load_dataset
+    from sida_core.distill import NonFiniteError
+    from sida_core.training_loop import build_distiller, load_network, network_spec
+
+    torch.set_num_threads(int(config.get("threads", 1)))
+    cfg = RunConfig.model_validate(config["run"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    store = RunStore(Storage.from_config(cfg.storage).child(config["run_name"]))
+
+    train_set, _ = load_dataset(cfg.data)
+    with tempfile.TemporaryDirectory(prefix="sida-teacher-") as scratch:
+        teacher, _ = load_network(store.fetch_checkpoint("teacher", Path(scratch)), "net", device)
+    spec = network_spec(cfg, train_set)
+    distiller = build_distiller(cfg, teacher, train_set, device, rank=rank, world_size=world,
+                                wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
+
+    registered = ray.train.get_checkpoint()
+    loaded = store.load_latest_valid(map_location=device, prefer=Path(registered.path).name if registered else None)
+    if loaded is not None:
+        state, _, name = loaded
+        distiller.load_state_dict(state)
+        if rank == 0:
+            print(f"resumed from {store.storage.uri_of(name)} at kimg {distiller.cur_nimg / 1000:.3f}", flush=True)
+    if rank == 0:
+        store.log_event("resume" if loaded else "start", cur_nimg=distiller.cur_nimg, workers=world,
+                        checkpoint=loaded[2] if loaded else None)
+
+    def upload(checkpoint, dir_name):
+        store.upload_checkpoint(Path(checkpoint.path), dir_name)
+        return ray.train.Checkpoint(path=store.storage.path_of(dir_name), filesystem=store.storage.fs)
+
+    total = int(round(cfg.total_kimg * 1000))
+    log_every, ckpt_every = int(cfg.log_every_kimg * 1000), int(cfg.checkpoint_every_kimg * 1000)
+    next_log = (distiller.cur_nimg // log_every + 1) * log_every
+    next_ckpt = (distiller.cur_nimg // ckpt_every + 1) * ckpt_every
+    bar = tqdm(total=total, desc=f"{cfg.method} {config['run_name']}") if rank == 0 else None
+    if bar is not None:
+        bar.update(distiller.cur_nimg)
+    t0, n0 = time.time(), distiller.cur_nimg
+    while distiller.cur_nimg < total:
+        try:
+            stats = distiller.step()
+        except NonFiniteError as exc:  # deterministic: a restart would diverge again, so end the run cleanly
+            if rank == 0:
+                store.write_status(STATE_DIVERGED, reason=str(exc), kimg=distiller.cur_nimg / 1000)
+                store.log_event(STATE_DIVERGED, cur_nimg=distiller.cur_nimg, reason=str(exc))
+            ray.train.report({"diverged": 1.0, "kimg": distiller.cur_nimg / 1000, "reason": str(exc)})
+            return
+        if bar is not None:
+            bar.update(cfg.batch.total)
+        done = distiller.cur_nimg >= total
+        save = distiller.cur_nimg >= next_ckpt or done
+        if not (distiller.cur_nimg >= next_log or save):
+            continue
+        next_log = (distiller.cur_nimg // log_every + 1) * log_every
+        row = metrics_row(stats, images_per_s=(distiller.cur_nimg - n0) / max(time.time() - t0, 1e-9), num_workers=world)
+        if rank == 0:
+            store.append_metrics(row)
+        if not save:
+            ray.train.report(row)
+            continue
+        next_ckpt = (distiller.cur_nimg // ckpt_every + 1) * ckpt_every
+        name = ckpt.checkpoint_name(distiller.cur_nimg)
+        with tempfile.TemporaryDirectory(prefix="sida-ckpt-") as tmp:
+            checkpoint = None
+            if rank == 0:
+                path = ckpt.save_checkpoint(
+                    Path(tmp) / name, distiller.state_dict(), kind="distill", kimg=distiller.cur_nimg / 1000,
+                    cur_nimg=distiller.cur_nimg, config=public_config(cfg), network=spec,
+                    extra={"method": cfg.method, "step": distiller.step_idx, "run": config["run_name"],
+                           "rng": "derived from (seed, step, global micro-batch, purpose); no state to save"})
+                checkpoint = ray.train.Checkpoint.from_directory(str(path))
+            ray.train.report({**row, "checkpoint": name}, checkpoint=checkpoint, checkpoint_dir_name=name,
+                             checkpoint_upload_fn=upload)
+    if bar is not None:
+        bar.close()
+    if rank == 0:
+        store.write_status(STATE_FINISHED, kimg=distiller.cur_nimg / 1000)
+        store.log_event(STATE_FINISHED, cur_nimg=distiller.cur_nimg)
+
+
+def build_trainer(cfg, run_name: str, storage: Storage, *, threads: Optional[int] = None):
+    """A TorchTrainer for ``cfg`` whose experiment folder is ``storage/run_name`` (= the RunStore)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from ray_jobs.cluster import worker_env
+
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
+    storage_path, fs = storage.ray_storage()
+    threads = threads or int(os.environ.get("SIDA_NUM_THREADS", max(1, int(s.cpus_per_worker))))
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run": public_config(cfg), "run_name": run_name, "threads": threads},
+        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=storage_path, storage_filesystem=fs,
+            worker_runtime_env={"env_vars": worker_env(cfg.storage)},
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            # keep-last-K by Ray; pinned checkpoints (best FID) are copies under pinned/, outside the rotation
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+    )
