@@ -1,8 +1,10 @@
-"""The README's main job: the embedded default end to end, in one process.
+"""The README's main job: the embedded default end to end on a local Ray.
 
 Trains (or reuses) the digits teacher, scores it with FD-digits at 35 NFE, distills a one-step generator
-with SiDA, keeps the lowest-FD checkpoint (the paper's protocol) and re-scores it with fresh generation
-seeds, writes sample grids and an FD-vs-kimg plot, and returns the summary printed as the last JSON line.
+with SiDA on Ray Train (``pipelines.train.run_train``: TorchTrainer workers, checkpoints and Parquet metrics
+in local storage), scores every checkpoint, keeps the lowest-FD one (the paper's protocol) and re-scores it
+with fresh generation seeds, writes sample grids and an FD-vs-kimg plot, and returns the summary printed as
+the last JSON line.
 """
 from __future__ import annotations
 
@@ -60,7 +62,10 @@ def run_demo(config: Optional[str] = None, overrides: Sequence[str] = (), out_di
     from sida_core.losses import generate
     from sida_core.metrics import digits_feature_space
     from sida_core.teacher import heun_sample
-    from sida_core.training_loop import get_teacher, load_network, resolve_device, run_distillation
+    from pipelines.train import run_train
+    from ray_jobs.run_store import RunStore
+    from ray_jobs.storage import Storage
+    from sida_core.training_loop import build_from_spec, get_teacher, resolve_device
 
     t0 = time.time()
     cfg = load_run_config(config or DEFAULT_CONFIG, overrides)
@@ -90,21 +95,28 @@ def run_demo(config: Optional[str] = None, overrides: Sequence[str] = (), out_di
     z_sel = torch.randn(shape, generator=torch.Generator().manual_seed(2000)).to(device)
     c_sel = _labels(n, train_set.label_dim, 2000)
 
-    @torch.no_grad()
-    def evaluate(g, cur_nimg):
-        x = generate(g, z_sel, c_sel.to(device) if c_sel is not None else None, cfg.loss.sigma_init)
-        return {"fd_digits": space.fd(x, ref)}
+    run_root = out_dir / "runs"
+    shutil.rmtree(run_root / "demo", ignore_errors=True)
+    out = run_train(config or str(DEFAULT_CONFIG), [*overrides, f"storage.uri={run_root}"], name="demo", log=_log)
+    if out["status"] != "finished":
+        raise RuntimeError(f"distillation did not finish: {out['status']} ({out.get('reason')})")
+    store = RunStore(Storage(str(run_root)).child("demo"))
 
-    run_dir = out_dir / "run"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    out = run_distillation(cfg, run_dir, device=device, log=_log, resume=False, evaluate=evaluate, teacher=teacher)
-
-    import json
-
-    rows = [json.loads(line) for line in (run_dir / "scores.jsonl").read_text().splitlines()]
+    rows = []
+    with torch.no_grad():
+        for name in store.checkpoint_names():  # scored after the run here; the async FID scorers do it live
+            state, manifest = store.load_checkpoint(name)
+            g = build_from_spec(manifest["network"])
+            g.load_state_dict(state["generator_ema"])
+            g.eval().to(device)
+            x = generate(g, z_sel, c_sel.to(device) if c_sel is not None else None, cfg.loss.sigma_init)
+            rows.append({"kimg": manifest["kimg"], "checkpoint": name, "fd_digits": space.fd(x, ref)})
+            _log(f"kimg {manifest['kimg']:.1f}: FD-digits {rows[-1]['fd_digits']:.3f}")
     best = min(rows, key=lambda r: r["fd_digits"])
-    generator, _ = load_network(best["checkpoint"], "generator_ema", device)
-    generator.eval()
+    state, manifest = store.load_checkpoint(best["checkpoint"])
+    generator = build_from_spec(manifest["network"])
+    generator.load_state_dict(state["generator_ema"])
+    generator.eval().to(device)
     # Re-score the selected checkpoint with fresh seeds: the selection seed would bias the number low.
     z_new = torch.randn(shape, generator=torch.Generator().manual_seed(3000)).to(device)
     with torch.no_grad():
@@ -120,6 +132,6 @@ def run_demo(config: Optional[str] = None, overrides: Sequence[str] = (), out_di
         "teacher_fd": round(teacher_fd, 4), "teacher_nfe": teacher_nfe,
         "generator_fd": round(generator_fd, 4), "generator_nfe": 1,
         "real_fd_floor": round(floor, 4), "num_images": n, "best_kimg": best["kimg"],
-        "method": cfg.method, "distill_kimg": out["kimg"], "metric": "fd_digits",
-        "outputs": str(out_dir), "seconds": round(time.time() - t0, 1),
+        "method": cfg.method, "distill_kimg": out["kimg"], "metric": "fd_digits", "workers": cfg.scaling.num_workers,
+        "run_uri": out["run_uri"], "outputs": str(out_dir), "seconds": round(time.time() - t0, 1),
     }

@@ -47,6 +47,7 @@ def resolve_run(config: Optional[str], overrides: Sequence[str] = (), *, workers
         cfg = load_run_config(config, extra)
         run_name = name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     root = Storage.from_config(cfg.storage)
+    cfg.storage.uri = root.uri  # absolute: Ray workers run in their own working directory
     return cfg, run_name, root, bool(resume)
 
 

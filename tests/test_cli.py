@@ -200,3 +200,39 @@ def test_demo_end_to_end_tiny(env, tmp_path):
     for png in ("data.png", "teacher_samples.png", "generator_samples.png", "fd_vs_kimg.png"):
         assert (out / png).stat().st_size > 0, png
     assert Image.open(out / "generator_samples.png").size[0] >= 32
+    # the distillation ran on Ray Train with the preset's 2 workers, into local storage
+    from ray_jobs.run_store import RunStore
+    from ray_jobs.storage import Storage
+
+    store = RunStore(Storage(summary["run_uri"]))
+    assert summary["workers"] == 2 and [e["workers"] for e in store.events() if e["kind"] == "start"] == [2]
+    assert store.read_metrics().num_rows >= 4 and store.read_status()["state"] == "finished"
+
+
+# ----------------------------------------------------------------------------------------------- train (errors before Ray starts)
+@pytest.mark.parametrize("args, needles", [
+    (["train"], ["give a run config", "--resume"]),
+    (["train", "--resume", "nope"], ["expected a run folder STORAGE_URI/RUN_NAME"]),
+    (["train", str(CONFIG), "--set", "storage.uri=gs://bucket/x"], ["storage.uri", "s3://BUCKET/PREFIX"]),
+    (["train", str(CONFIG), "--set", "storage.uri=s3://b", "--set", "storage.endpoint_url=127.0.0.1:9000"],
+     ["storage.endpoint_url", "http://"]),
+    (["train", str(CONFIG), "--workers", "3"], ["batch.total (128)", "scaling.num_workers"]),
+    (["train", str(CONFIG), "--set", "storage.uri=s3://no-such-bucket/x", "--set", "storage.endpoint_url=http://127.0.0.1:1",
+      "--set", "storage.retry_attempts=1"], ["object store http://127.0.0.1:1", "no-such-bucket"]),
+])
+def test_train_bad_input_is_one_line(args, needles, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def test_train_refuses_an_existing_run_and_a_folder_that_is_not_a_run(tmp_path, capsys):
+    (tmp_path / "runs" / "r1").mkdir(parents=True)
+    (tmp_path / "runs" / "r1" / "config.json").write_text("{}")
+    assert main(["train", str(CONFIG), "--name", "r1", "--set", f"storage.uri={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and f"--resume {tmp_path / 'runs' / 'r1'}" in err
+    assert main(["train", "--resume", str(tmp_path / "runs" / "r2")]) == 2
+    assert "no config.json (not a sida run folder)" in capsys.readouterr().err

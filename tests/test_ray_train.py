@@ -49,8 +49,9 @@ def metric_nimgs(store: RunStore) -> list[int]:
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_two_workers_checkpoints_metrics_config_and_resume(where, ray_cluster, tmp_path, s3_bucket):
-    uri, endpoint = (str(tmp_path / "runs"), None) if where == "local" else (s3_bucket.uri + "/runs", s3_bucket.endpoint_url)
+def test_two_workers_checkpoints_metrics_config_and_resume(where, ray_cluster, tmp_path, s3_bucket, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative local URI must mean the driver's folder, not the workers' cwd
+    uri, endpoint = ("runs", None) if where == "local" else (s3_bucket.uri + "/runs", s3_bucket.endpoint_url)
     sets = TINY + storage_sets(uri, endpoint) + ["total_kimg=0.128", "checkpoint_every_kimg=0.064", "keep_checkpoints=1"]
     out = run_train(str(CONFIG), sets, workers=2, name="r1", log=lambda m: None)
     assert out["status"] == "finished" and out["kimg"] == pytest.approx(0.128)
