@@ -82,7 +82,7 @@ def test_help_exits_zero(command, env):
 def test_validate_good_config(capsys):
     assert main(["validate", str(CONFIG), *sets(["batch.total=256", "batch.per_worker=32"])]) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.out) == {"valid": True, "name": "digits", "method": "sida", "rounds": 8, "total_batch": 256}
+    assert json.loads(captured.out) == {"valid": True, "name": "digits", "method": "sida", "rounds": 4, "total_batch": 256}
     assert captured.err == ""
 
 
