@@ -114,17 +114,6 @@ def overrides(a, runs_dir: Path) -> list[str]:
     ]
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def rate_summary(nimg: list[int], times: list[float]) -> dict:
     """Steady-state images/s between the first and the last point, plus the spread of the intervals."""
     rates = [(nimg[i + 1] - nimg[i]) / (times[i + 1] - times[i]) for i in range(len(nimg) - 1)
@@ -174,19 +163,16 @@ def measure_ray(a, n: int, runs_dir: Path) -> dict:
     marks: dict[str, float] = {}
     real_connect, real_shutdown = cluster.connect, ray.shutdown
 
-    def timed_connect(*args, **kw):
-        marks["connect_start"] = time.time()
-        try:
-            return real_connect(*args, **kw)
-        finally:
-            marks["connect_end"] = time.time()
+    def timed(fn, key: str):
+        def wrapper(*args, **kw):
+            marks[f"{key}_start"] = time.time()
+            try:
+                return fn(*args, **kw)
+            finally:
+                marks[f"{key}_end"] = time.time()
+        return wrapper
 
-    def timed_shutdown(*args, **kw):
-        marks["shutdown_start"] = time.time()
-        try:
-            return real_shutdown(*args, **kw)
-        finally:
-            marks["shutdown_end"] = time.time()
+    timed_connect, timed_shutdown = timed(real_connect, "connect"), timed(real_shutdown, "shutdown")
 
     name = f"bench-{n}w-{int(time.time())}"
     log(f"ray {n} worker(s): run_train -> {runs_dir / name}")
@@ -310,6 +296,7 @@ def main(argv=None) -> dict:
 
 def run(a, scratch: Path, own_cache: bool) -> dict:
     import torch
+    from step_throughput import device_name  # same folder: one CPU/GPU naming for both benchmarks
 
     torch.set_num_threads(a.threads)
     from schemas.loader import load_run_config
@@ -343,7 +330,7 @@ def run(a, scratch: Path, own_cache: bool) -> dict:
         "benchmark": "Ray Train overhead: plain single-process Distiller loop vs TorchTrainer (run_train), "
                      "plus checkpoint upload to local storage and S3",
         "torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version(),
-        "cpu_count": os.cpu_count(), "device": "cpu", "device_name": cpu_name(),
+        "cpu_count": os.cpu_count(), "device": "cpu", "device_name": device_name(torch.device("cpu")),
         "threads_per_process": a.threads, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "config": {"file": os.path.relpath(a.config, REPO) if a.config.startswith(str(REPO)) else a.config,
                    "method": cfg.method, "stage": a.stage, "arch": net.arch, "net_kwargs": dict(net.kwargs),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -65,7 +66,7 @@ def run_demo(config: Optional[str] = None, overrides: Sequence[str] = (), out_di
     from pipelines.train import run_train
     from ray_jobs.run_store import RunStore
     from ray_jobs.storage import Storage
-    from sida_core.training_loop import build_from_spec, get_teacher, resolve_device
+    from sida_core.training_loop import get_teacher, load_network, resolve_device
 
     t0 = time.time()
     cfg = load_run_config(config or DEFAULT_CONFIG, overrides)
@@ -102,21 +103,16 @@ def run_demo(config: Optional[str] = None, overrides: Sequence[str] = (), out_di
         raise RuntimeError(f"distillation did not finish: {out['status']} ({out.get('reason')})")
     store = RunStore(Storage(str(run_root)).child("demo"))
 
-    rows = []
-    with torch.no_grad():
+    rows, best_fd, generator = [], float("inf"), None
+    with torch.no_grad(), tempfile.TemporaryDirectory(prefix="sida-demo-") as scratch:
         for name in store.checkpoint_names():  # scored after the run here; the async FID scorers do it live
-            state, manifest = store.load_checkpoint(name)
-            g = build_from_spec(manifest["network"])
-            g.load_state_dict(state["generator_ema"])
-            g.eval().to(device)
+            g, manifest = load_network(store.fetch_checkpoint(name, Path(scratch)), "generator_ema", device)
+            g.eval()
             x = generate(g, z_sel, c_sel.to(device) if c_sel is not None else None, cfg.loss.sigma_init)
             rows.append({"kimg": manifest["kimg"], "checkpoint": name, "fd_digits": space.fd(x, ref)})
             _log(f"kimg {manifest['kimg']:.1f}: FD-digits {rows[-1]['fd_digits']:.3f}")
-    best = min(rows, key=lambda r: r["fd_digits"])
-    state, manifest = store.load_checkpoint(best["checkpoint"])
-    generator = build_from_spec(manifest["network"])
-    generator.load_state_dict(state["generator_ema"])
-    generator.eval().to(device)
+            if rows[-1]["fd_digits"] < best_fd:
+                best_fd, generator, best = rows[-1]["fd_digits"], g, rows[-1]
     # Re-score the selected checkpoint with fresh seeds: the selection seed would bias the number low.
     z_new = torch.randn(shape, generator=torch.Generator().manual_seed(3000)).to(device)
     with torch.no_grad():

@@ -151,16 +151,13 @@ class RunStore:
         return sorted(n.removesuffix(".json") for n in self.storage.listdir("pins") if n.endswith(".json"))
 
     # ----------------------------------------------------------------- teacher
-    def ensure_teacher(self, local_teacher: Path) -> str:
-        """Copy the teacher into the run unless a verified copy is there already (a resumed run keeps its own).
-
-        Returns the stored teacher's content hash.
-        """
+    def ensure_teacher(self, local_teacher: Path) -> None:
+        """Copy the teacher into the run unless a verified copy is there already (a resumed run keeps its own)."""
         with tempfile.TemporaryDirectory(prefix="sida-teacher-") as scratch:
             try:
-                return ckpt.verify_checkpoint(self.fetch_checkpoint("teacher", Path(scratch)))["content_hash"]
+                self.fetch_checkpoint("teacher", Path(scratch))
+                return
             except ckpt.CheckpointError:
                 pass
         self.storage.delete("teacher")
         self.upload_checkpoint(Path(local_teacher), "teacher")
-        return ckpt.verify_checkpoint(local_teacher)["content_hash"]

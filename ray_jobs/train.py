@@ -50,7 +50,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from sida_core import checkpoint as ckpt
     from sida_core.data import load_dataset
     from sida_core.distill import NonFiniteError
-    from sida_core.training_loop import build_distiller, load_network, network_spec
+    from sida_core.training_loop import build_distiller, load_network, network_spec, next_boundary, save_distill_checkpoint
 
     torch.set_num_threads(int(config.get("threads", 1)))
     cfg = RunConfig.model_validate(config["run"])
@@ -82,9 +82,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return ray.train.Checkpoint(path=store.storage.path_of(dir_name), filesystem=store.storage.fs)
 
     total = int(round(cfg.total_kimg * 1000))
-    log_every, ckpt_every = int(cfg.log_every_kimg * 1000), int(cfg.checkpoint_every_kimg * 1000)
-    next_log = (distiller.cur_nimg // log_every + 1) * log_every
-    next_ckpt = (distiller.cur_nimg // ckpt_every + 1) * ckpt_every
+    next_log = next_boundary(distiller.cur_nimg, cfg.log_every_kimg)
+    next_ckpt = next_boundary(distiller.cur_nimg, cfg.checkpoint_every_kimg)
     bar = tqdm(total=total, desc=f"{cfg.method} {config['run_name']}") if rank == 0 else None
     if bar is not None:
         bar.update(distiller.cur_nimg)
@@ -104,23 +103,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         save = distiller.cur_nimg >= next_ckpt or done
         if not (distiller.cur_nimg >= next_log or save):
             continue
-        next_log = (distiller.cur_nimg // log_every + 1) * log_every
+        next_log = next_boundary(distiller.cur_nimg, cfg.log_every_kimg)
         row = metrics_row(stats, images_per_s=(distiller.cur_nimg - n0) / max(time.time() - t0, 1e-9), num_workers=world)
         if rank == 0:
             store.append_metrics(row)
         if not save:
             ray.train.report(row)
             continue
-        next_ckpt = (distiller.cur_nimg // ckpt_every + 1) * ckpt_every
+        next_ckpt = next_boundary(distiller.cur_nimg, cfg.checkpoint_every_kimg)
         name = ckpt.checkpoint_name(distiller.cur_nimg)
         with tempfile.TemporaryDirectory(prefix="sida-ckpt-") as tmp:
             checkpoint = None
             if rank == 0:
-                path = ckpt.save_checkpoint(
-                    Path(tmp) / name, distiller.state_dict(), kind="distill", kimg=distiller.cur_nimg / 1000,
-                    cur_nimg=distiller.cur_nimg, config=public_config(cfg), network=spec,
-                    extra={"method": cfg.method, "step": distiller.step_idx, "run": config["run_name"],
-                           "rng": "derived from (seed, step, global micro-batch, purpose); no state to save"})
+                path = save_distill_checkpoint(distiller, Path(tmp), cfg, spec, config=public_config(cfg),
+                                               run=config["run_name"])
                 checkpoint = ray.train.Checkpoint.from_directory(str(path))
             ray.train.report({**row, "checkpoint": name}, checkpoint=checkpoint, checkpoint_dir_name=name,
                              checkpoint_upload_fn=upload)

@@ -135,6 +135,7 @@ class Distiller:
         self.scaler_psi = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.scaler_G = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.fp16_skips = 0  # fp16 updates skipped for overflow so far (both updates together)
+        self._nonfinite_msg: Optional[str] = None  # why this worker's last loss was non-finite
         self._fp16_streak: dict[str, int] = {}  # consecutive skips per update ("fake-score", "generator")
 
         self.step_idx = 0
@@ -201,7 +202,7 @@ class Distiller:
         grads_finite = self._all_workers(finite and all(bool(torch.isfinite(g).all()) for g in grads))
         if not grads_finite:
             if self.h.precision != "fp16":
-                reason = getattr(self, "_nonfinite_msg", None) if not finite else None
+                reason = self._nonfinite_msg if not finite else None
                 raise NonFiniteError(reason or f"non-finite {what} loss or gradient at step {self.step_idx} "
                                      f"(kimg {self.cur_nimg / 1000:.1f}, on this or another worker)")
             self.fp16_skips += 1

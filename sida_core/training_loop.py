@@ -116,11 +116,21 @@ def build_distiller(cfg, teacher: nn.Module, train_set: ImageDataset, device, *,
                      rank=rank, world_size=world_size, device=device)
 
 
-def save_distill_checkpoint(distiller: Distiller, run_dir: Path, cfg, spec: dict) -> Path:
-    path = run_dir / "checkpoints" / ckpt.checkpoint_name(distiller.cur_nimg)
+def save_distill_checkpoint(distiller: Distiller, folder: Path, cfg, spec: dict, *, config: Optional[dict] = None,
+                            **extra) -> Path:
+    """Write the Distiller's state as ``folder/ckpt-<cur_nimg>``; ``config``: the JSON to record (default: cfg's)."""
+    path = Path(folder) / ckpt.checkpoint_name(distiller.cur_nimg)
     return ckpt.save_checkpoint(path, distiller.state_dict(), kind="distill", kimg=distiller.cur_nimg / 1000,
-                                cur_nimg=distiller.cur_nimg, config=cfg.model_dump(mode="json"), network=spec,
-                                extra={"method": cfg.method, "step": distiller.step_idx})
+                                cur_nimg=distiller.cur_nimg, config=config or cfg.model_dump(mode="json"), network=spec,
+                                extra={"method": cfg.method, "step": distiller.step_idx,
+                                       "rng": "derived from (seed, step, global micro-batch, purpose); no state to save",
+                                       **extra})
+
+
+def next_boundary(cur_nimg: int, every_kimg: float) -> int:
+    """The first multiple of ``every_kimg`` (in images) after ``cur_nimg``: when to log or checkpoint next."""
+    every = int(every_kimg * 1000)
+    return (cur_nimg // every + 1) * every
 
 
 def append_jsonl(path: Path, row: dict) -> None:
@@ -164,8 +174,8 @@ def run_distillation(cfg, run_dir, *, device=None, log: Callable[[str], None] = 
             log(f"resumed from {latest} at kimg {distiller.cur_nimg / 1000:.1f}")
 
     total = int(cfg.total_kimg * 1000)
-    next_log = (distiller.cur_nimg // int(cfg.log_every_kimg * 1000) + 1) * int(cfg.log_every_kimg * 1000)
-    next_ckpt = (distiller.cur_nimg // int(cfg.checkpoint_every_kimg * 1000) + 1) * int(cfg.checkpoint_every_kimg * 1000)
+    next_log = next_boundary(distiller.cur_nimg, cfg.log_every_kimg)
+    next_ckpt = next_boundary(distiller.cur_nimg, cfg.checkpoint_every_kimg)
     bar = tqdm(total=total, initial=distiller.cur_nimg, desc=f"{cfg.method}", unit="img", unit_scale=True,
                disable=not progress)
     t0, n0 = time.time(), distiller.cur_nimg
@@ -174,15 +184,15 @@ def run_distillation(cfg, run_dir, *, device=None, log: Callable[[str], None] = 
         bar.update(cfg.batch.total)
         done = distiller.cur_nimg >= total
         if distiller.cur_nimg >= next_log or done:
-            next_log += int(cfg.log_every_kimg * 1000)
+            next_log = next_boundary(distiller.cur_nimg, cfg.log_every_kimg)
             row = {k: v for k, v in stats.items()}
             row["images_per_s"] = (distiller.cur_nimg - n0) / max(time.time() - t0, 1e-9)
             append_jsonl(run_dir / "metrics.jsonl", row)
             bar.set_postfix(stage=stats["stage"], loss_psi=f"{stats.get('loss_psi', 0):.3g}",
                             loss_G=f"{stats.get('loss_G', 0):.3g}")
         if distiller.cur_nimg >= next_ckpt or done:
-            next_ckpt += int(cfg.checkpoint_every_kimg * 1000)
-            last_ckpt = save_distill_checkpoint(distiller, run_dir, cfg, spec)
+            next_ckpt = next_boundary(distiller.cur_nimg, cfg.checkpoint_every_kimg)
+            last_ckpt = save_distill_checkpoint(distiller, run_dir / "checkpoints", cfg, spec)
             if evaluate is not None:
                 scores = evaluate(distiller.G_ema, distiller.cur_nimg)
                 append_jsonl(run_dir / "scores.jsonl", {"kimg": distiller.cur_nimg / 1000, "checkpoint": str(last_ckpt), **scores})
