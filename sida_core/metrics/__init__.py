@@ -4,6 +4,21 @@ from .digits_classifier import (DigitsFeatureExtractor, digits_feature_space, di
 from .frechet import (FeatureSpace, extract_features, fd_from_features, frechet_distance,
                       frechet_distance_from_tensors, load_stats, save_stats, stats_from_features)
 
-__all__ = ["DigitsFeatureExtractor", "FeatureSpace", "digits_feature_space", "digits_feature_stats",
-           "extract_features", "fd_digits", "fd_from_features", "frechet_distance", "frechet_distance_from_tensors",
-           "load_digits_classifier", "load_stats", "save_stats", "stats_from_features"]
+METRICS = ("fd_digits", "fid_inception")
+
+
+def feature_space(name: str, device="cpu") -> FeatureSpace:
+    """The feature space of metric ``name`` (one of :data:`METRICS`): the one place a metric name is resolved."""
+    if name == "fd_digits":
+        return digits_feature_space()
+    if name == "fid_inception":
+        from .inception import inception_feature_space
+
+        return inception_feature_space(device=device)
+    raise ValueError(f"unknown metric {name!r}; expected one of: {', '.join(METRICS)}")
+
+
+__all__ = ["DigitsFeatureExtractor", "FeatureSpace", "METRICS", "digits_feature_space", "digits_feature_stats",
+           "extract_features", "fd_digits", "fd_from_features", "feature_space", "frechet_distance",
+           "frechet_distance_from_tensors", "load_digits_classifier", "load_stats", "save_stats",
+           "stats_from_features"]

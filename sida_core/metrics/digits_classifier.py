@@ -190,6 +190,7 @@ def digits_feature_space(cache_dir: Union[str, Path, None] = None, batch_size: i
     from cleanfid.resize import make_resizer
 
     return FeatureSpace("fd_digits", DigitsFeatureExtractor(load_digits_classifier(cache_dir)),
+                        extractor_id=f"digits-cnn/{cache_key()[:20]}", mode="clean",
                         fn_resize=make_resizer("PIL", False, "box", (8, 8)), batch_size=batch_size)
 
 

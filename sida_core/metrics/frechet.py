@@ -111,10 +111,16 @@ Stats = tuple[np.ndarray, np.ndarray]
 class FeatureSpace:
     """A clean-fid feature space: ``extractor`` maps NCHW RGB float batches in [0, 255] to (N, D) features;
     ``fn_resize`` / ``image_transform`` act per image on HWC [0, 255] arrays (None: clean-fid's defaults).
+
+    ``name`` is the metric (``fd_digits``, ``fid_inception``); ``extractor_id`` names the exact weights
+    (e.g. ``digits-cnn/<recipe hash>``, ``inception-v3-fid/sha256:<hash>``) and ``mode`` clean-fid's
+    resizing mode: reference statistics record both, and scoring refuses statistics taken in another space.
     """
 
     name: str
     extractor: Callable
+    extractor_id: str = ""
+    mode: str = "clean"
     fn_resize: Optional[Callable] = None
     image_transform: Optional[Callable] = None
     batch_size: int = 250
