@@ -1,6 +1,7 @@
 """``sida``: the one console script. Configs are validated here, once; errors print as one line.
 
-Subcommands: ``demo``, ``train`` (Ray), ``distill`` (one process), ``teacher train``, ``teacher sample``, ``validate``.
+Subcommands: ``demo``, ``train`` (Ray), ``leaderboard``, ``evaluate``, ``distill`` (one process), ``teacher train``,
+``teacher sample``, ``validate``.
 """
 from __future__ import annotations
 
@@ -58,6 +59,36 @@ def cmd_train(args) -> int:
                     address=args.address, endpoint_url=args.endpoint_url)
     print(json.dumps(out))
     return 0 if out["status"] == "finished" else 1
+
+
+def cmd_leaderboard(args) -> int:
+    from pipelines.leaderboard import collect_rows, plot_curves, print_table, rank
+
+    rows = collect_rows(args.uri, args.endpoint_url, args.metric)
+    ranked = rank(rows, by=args.by, top=args.top)
+    if args.plot:
+        plot_curves(rows, Path(args.plot), title=f"{args.uri}")
+        print(f"plot: {args.plot}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(ranked))
+    else:
+        print_table(ranked, title=f"{args.uri} — {len(ranked)} row(s), by {args.by}, lower is better")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from pipelines.leaderboard import run_evaluate
+
+    if not args.best and not args.checkpoint:
+        from schemas.loader import ConfigError
+
+        raise ConfigError("say which checkpoint: --best (the lowest live score) or --checkpoint NAME")
+    out = run_evaluate(args.run_uri, checkpoint=args.checkpoint, repeats=args.repeats, num_images=args.num_images,
+                       endpoint_url=args.endpoint_url)
+    print(f"{out['metric']} of {out['checkpoint']} ({out['kimg']:.1f} kimg, {out['num_images']} images, "
+          f"{out['repeats']} seeds): {out['mean']:.4f} ± {out['std']:.4f}", file=sys.stderr)
+    print(json.dumps(out))
+    return 0
 
 
 def cmd_teacher_train(args) -> int:
@@ -120,6 +151,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray for this job)")
     p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for --resume of an s3:// run (else from env)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("leaderboard", help="table / plot / JSON of the scores of a run or of every run below a URI")
+    p.add_argument("uri", help="a run folder, or a folder of runs (a sweep, a storage root); local or s3://")
+    p.add_argument("--by", choices=["checkpoint", "run"], default="checkpoint",
+                   help="one row per scored checkpoint (default) or each run's best")
+    p.add_argument("--top", type=int, default=None, metavar="K", help="show the best K rows")
+    p.add_argument("--metric", default=None, help="only this metric (fd_digits, fid_inception)")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="also draw score vs kimg (log x), one curve per run")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for s3:// URIs (else from env)")
+    p.set_defaults(func=cmd_leaderboard)
+
+    p = sub.add_parser("evaluate", help="re-score a run's best checkpoint with fresh seeds: mean ± std")
+    p.add_argument("run_uri", help="the run folder (local or s3://)")
+    p.add_argument("--best", action="store_true", help="the checkpoint with the lowest live score")
+    p.add_argument("--checkpoint", default=None, metavar="NAME", help="a checkpoint by name (e.g. ckpt-000000020480)")
+    p.add_argument("--repeats", type=int, default=10, help="independent generation seeds (default 10, as the paper)")
+    p.add_argument("--num-images", type=int, default=None, help="images per score (default: the run's metric.num_images)")
+    p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for s3:// URIs (else from env)")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("distill", help="run one distillation in this process (no Ray): the debugging engine")
     _add_config_args(p)

@@ -59,6 +59,7 @@ def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, wo
 
     from ray_jobs.cluster import connect, worker_env
     from ray_jobs.run_store import RunStore
+    from ray_jobs.scoring import ScoringCoordinator, make_scorers
     from ray_jobs.storage import StorageError
     from ray_jobs.train import build_trainer, public_config
     from sida_core.data import load_dataset
@@ -80,10 +81,15 @@ def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, wo
     log(f"run {store.uri}: {cfg.method}, {cfg.scaling.num_workers} worker(s) x {cfg.batch.per_worker} images x "
         f"{cfg.rounds} round(s) = batch {cfg.batch.total}, to {cfg.total_kimg} kimg")
 
-    started = connect(address, num_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker,
-                      env=worker_env(cfg.storage))
+    m = cfg.metric
+    started = connect(address, num_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+                      + (m.num_scorers * m.cpus_per_scorer if m.enabled else 0), env=worker_env(cfg.storage))
+    scoring = None
     try:
+        if m.enabled:  # asynchronous scorers: training never waits for them
+            scoring = ScoringCoordinator(store, make_scorers(m), m, log=log).start()
         result = build_trainer(cfg, run_name, root).fit()
+        scores = scoring.finish() if scoring is not None else None
     except Exception as exc:  # Ray wraps worker errors; surface the root cause as one line
         cause = _root_cause(exc)
         if root.is_s3 and "object store" not in cause:
@@ -93,6 +99,8 @@ def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, wo
                 cause = " ".join(str(down).split())
         raise TrainingError(f"run {store.uri} failed: {cause}") from exc
     finally:
+        if scoring is not None:
+            scoring.close()
         if started:
             import ray
 
@@ -102,7 +110,7 @@ def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, wo
     return {"run_uri": store.uri, "status": status.get("state", "unknown"), "reason": status.get("reason"),
             "kimg": status.get("kimg"), "checkpoints": store.checkpoint_names(),
             "metric_rows": 0 if metrics is None else metrics.num_rows,
-            "ray_checkpoint": result.checkpoint.path if result.checkpoint else None,
+            "ray_checkpoint": result.checkpoint.path if result.checkpoint else None, "scoring": scores,
             "seconds": round(time.time() - t0, 1)}
 
 

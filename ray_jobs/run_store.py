@@ -11,6 +11,9 @@
       pinned/<ckpt name>/         copies of checkpoints kept for good (e.g. the best FID): Ray Train's
                                   keep-last-K rotation (CheckpointConfig.num_to_keep) never touches them
       pins/<ckpt name>.json       why each one was pinned
+      leaderboard/<key>.parquet   one scored checkpoint per file (schemas.leaderboard.LeaderboardRow), key =
+                                  checkpoint-metric-kind-seed: a retried or repeated score replaces its file
+      scoring/skipped/<ckpt>.json checkpoints the scorers skipped (behind, deleted by rotation, failing), and why
       status.json                 how the run ended: finished / diverged (with the reason)
       events/<time>-<kind>.json   the run's history: each start and resume of the workers, and the end
 
@@ -149,6 +152,42 @@ class RunStore:
     def pinned(self) -> list[str]:
         """Names of the pinned checkpoints (stored under ``pinned/``)."""
         return sorted(n.removesuffix(".json") for n in self.storage.listdir("pins") if n.endswith(".json"))
+
+    def unpin(self, name: str) -> None:
+        """Release a pin: the record first (so a crash leaves an orphan copy, never a dangling record)."""
+        self.storage.delete(f"pins/{name}.json")
+        self.storage.delete(f"pinned/{name}")
+
+    def checkpoint_ref(self, name: str) -> str:
+        """Where checkpoint ``name`` is read from: its pinned copy if there is one (rotation never deletes it)."""
+        return f"pinned/{name}" if self.storage.exists(f"pins/{name}.json") else name
+
+    # ----------------------------------------------------------------- leaderboard
+    def write_row(self, row) -> None:
+        """Write one :class:`LeaderboardRow` as its own Parquet file (atomic; same key -> same file)."""
+        from schemas.leaderboard import parquet_schema
+
+        schema = parquet_schema()
+        data = row.model_dump()
+        self.storage.write_parquet(f"leaderboard/{row.key()}.parquet",
+                                   pa.table({k: [data[k]] for k in schema.names}, schema=schema))
+
+    def row_keys(self) -> set[str]:
+        return {n.removesuffix(".parquet") for n in self.storage.listdir("leaderboard") if n.endswith(".parquet")}
+
+    def read_rows(self) -> list[dict]:
+        """Every leaderboard row of this run (live and final), oldest checkpoint first."""
+        table = self.storage.read_parquet_dir("leaderboard")
+        rows = [] if table is None else table.to_pylist()
+        return sorted(rows, key=lambda r: (r["cur_nimg"], r["kind"], r["seed"]))
+
+    def record_skip(self, name: str, reason: str) -> None:
+        self.storage.write_json(f"scoring/skipped/{name}.json", {"checkpoint": name, "reason": reason, "time": time.time()})
+
+    def skipped(self) -> dict[str, str]:
+        """{checkpoint name: reason} of the checkpoints the scorers skipped."""
+        names = [n for n in self.storage.listdir("scoring/skipped") if n.endswith(".json")]
+        return {n.removesuffix(".json"): self.storage.read_json(f"scoring/skipped/{n}")["reason"] for n in names}
 
     # ----------------------------------------------------------------- teacher
     def ensure_teacher(self, local_teacher: Path) -> None:

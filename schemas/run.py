@@ -134,11 +134,33 @@ class EMAConfig(Strict):
 
 
 class MetricConfig(Strict):
-    """How checkpoints are scored (every checkpoint is): FD-digits (built-in data) or Inception FID (clean-fid)."""
+    """How checkpoints are scored: FD-digits (built-in data) or Inception FID (clean-fid), by a pool of
+    asynchronous scorer actors that never hold up training (``sida train``; see ray_jobs/scoring.py).
+
+    Backlog policy: a free scorer always takes the NEWEST unscored checkpoint; when more than
+    ``max_backlog`` checkpoints wait, the older ones are skipped and recorded (``scoring/skipped/``).
+    The run's final checkpoint is always scored.
+    """
 
     name: Literal["fd_digits", "fid_inception"] = "fd_digits"
-    num_images: PositiveInt = 1000
-    reference: Optional[str] = None
+    num_images: PositiveInt = 1000  # images generated per score (the paper: 50,000)
+    reference: Optional[str] = None  # `sida fid-stats` folder URI or a .npz of mu/sigma; None: digits train split
+    seed: int = 0                    # generation seed of the live scores (`sida evaluate` uses others)
+    enabled: bool = True             # score checkpoints while `sida train` runs
+    num_scorers: PositiveInt = 1
+    cpus_per_scorer: PositiveFloat = 1.0
+    gpus_per_scorer: float = Field(0.0, ge=0)  # e.g. 0.25: four scorers share one GPU
+    max_backlog: PositiveInt = 2
+    batch_size: PositiveInt = 500    # images per generator/extractor batch
+    pin_best: bool = True            # copy the lowest-value checkpoint to pinned/ (outside keep-last-K)
+    drain_timeout_s: PositiveFloat = 1800  # after training: how long to wait for the last scores
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.name == "fid_inception" and not self.reference:
+            raise ValueError("metric.reference is required for metric.name 'fid_inception' (reference statistics: "
+                             "a `sida fid-stats` output URI or a .npz with mu and sigma)")
+        return self
 
 
 class StorageConfig(Strict):
@@ -221,6 +243,9 @@ class RunConfig(Strict):
             raise ValueError(f"init_generator is only used by method 'sid2a', not {self.method!r}")
         if self.teacher.path is None and self.data.kind != "digits":
             raise ValueError("teacher.path is required unless data.kind is 'digits' (the built-in teacher)")
+        if self.metric.reference is None and self.data.kind != "digits":
+            raise ValueError("metric.reference is required unless data.kind is 'digits' (FD-digits' default reference "
+                             "is the built-in digits' train split; make one with `sida fid-stats`)")
         return self
 
     @property

@@ -16,14 +16,10 @@ from PIL import Image
 
 from pipelines.cli import build_parser, main
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "digits.yaml"
+from tests.recipes import CONFIG, ROOT, TINY_DISTILL
+from tests.recipes import TINY_TEACHER as TINY
+
 SIDA = Path(sys.executable).parent / "sida"
-TINY = ["teacher.network.arch=mlp", "teacher.network.kwargs={hidden: 32, enc_layers: 1, dec_layers: 1, emb_channels: 16}",
-        "teacher.train.kimg=1", "teacher.train.batch=64", "device=cpu"]
-TINY_DISTILL = TINY + ["batch.total=32", "batch.per_worker=16", "stages.fake_score_only_kimg=0.032",
-                       "stages.sid_until_kimg=0.064", "total_kimg=0.128", "checkpoint_every_kimg=0.064",
-                       "log_every_kimg=0.032"]
 
 
 def sets(overrides) -> list[str]:
@@ -68,7 +64,8 @@ def _commands():
 
 def test_every_command_is_listed():
     assert sorted(" ".join(c) for c in _commands() if c) == [
-        "demo", "distill", "teacher", "teacher sample", "teacher train", "train", "validate"]
+        "demo", "distill", "evaluate", "leaderboard", "teacher", "teacher sample", "teacher train", "train",
+        "validate"]
 
 
 @pytest.mark.parametrize("command", _commands(), ids=lambda c: " ".join(c) or "sida")
@@ -207,6 +204,13 @@ def test_demo_end_to_end_tiny(env, tmp_path):
     store = RunStore(Storage(summary["run_uri"]))
     assert summary["workers"] == 2 and [e["workers"] for e in store.events() if e["kind"] == "start"] == [2]
     assert store.read_metrics().num_rows >= 4 and store.read_status()["state"] == "finished"
+    # every checkpoint was scored by the asynchronous scorers; the best was pinned and re-scored with fresh seeds
+    live = [r for r in store.read_rows() if r["kind"] == "live"]
+    assert summary["scored_checkpoints"] == len(live) == len(store.checkpoint_names()) == 2
+    best = min(live, key=lambda r: r["value"])
+    assert store.pinned() == [best["checkpoint"]] and summary["best_kimg"] == best["kimg"]
+    finals = [r["value"] for r in store.read_rows() if r["kind"] == "final"]
+    assert len(finals) == summary["repeats"] and summary["generator_fd"] == pytest.approx(sum(finals) / len(finals), abs=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------- train (errors before Ray starts)

@@ -15,11 +15,9 @@ from ray_jobs.run_store import RunStore
 from ray_jobs.storage import Storage
 from sida_core import checkpoint as ckpt
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.recipes import ROOT, TINY_RAY as TINY
+
 SIDA = Path(sys.executable).with_name("sida")
-TINY = ["teacher.network.arch=mlp", "teacher.network.kwargs={hidden: 32, enc_layers: 1, dec_layers: 1, emb_channels: 16}",
-        "teacher.train.kimg=1", "teacher.train.batch=64", "device=cpu", "batch.total=32", "batch.per_worker=16",
-        "stages.fake_score_only_kimg=0.032", "stages.sid_until_kimg=0.064", "log_every_kimg=0.032"]
 
 
 def _train_workers(pid: int) -> list[int]:

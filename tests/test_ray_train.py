@@ -22,12 +22,7 @@ from sida_core import checkpoint as ckpt
 from sida_core.data import load_dataset
 from sida_core.training_loop import build_distiller, load_network
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "digits.yaml"
-TINY = ["teacher.network.arch=mlp", "teacher.network.kwargs={hidden: 32, enc_layers: 1, dec_layers: 1, emb_channels: 16}",
-        "teacher.train.kimg=1", "teacher.train.batch=64", "device=cpu", "batch.total=32", "batch.per_worker=16",
-        "stages.fake_score_only_kimg=0.032", "stages.sid_until_kimg=0.064", "log_every_kimg=0.032",
-        "scaling.cpus_per_worker=1", "optimizer.lr_psi=1e-3", "optimizer.lr_theta=1e-3"]
+from tests.recipes import CONFIG, TINY_RAY as TINY
 
 
 @pytest.fixture(scope="module")

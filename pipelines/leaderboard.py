@@ -1,0 +1,197 @@
+"""``sida leaderboard`` and ``sida evaluate``: reading, showing and finalising the scores of runs.
+
+A URI is one run folder (it holds ``config.json``) or any folder above runs (a sweep, a storage root): runs
+are found up to ``MAX_DEPTH`` levels down. Rows are read as they are (``RUN_URI/leaderboard/*.parquet``),
+so both commands work on finished runs and on runs still training.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from schemas.loader import ConfigError
+
+MAX_DEPTH = 3
+FINAL_SEED0 = 1_000_000  # `sida evaluate` seeds: disjoint from the live scores' metric.seed
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def find_runs(uri: str, endpoint_url: Optional[str] = None) -> list:
+    """RunStores of every run at or below ``uri`` (depth <= MAX_DEPTH), sorted by URI."""
+    from ray_jobs.run_store import RunStore
+    from ray_jobs.storage import Storage
+
+    def walk(storage, depth):
+        store = RunStore(storage)
+        if store.exists():
+            return [store]
+        if depth == MAX_DEPTH:
+            return []
+        return [r for name in storage.listdir() for r in walk(storage.child(name), depth + 1)
+                if not name.startswith(".")]
+
+    root = Storage(uri, endpoint_url=endpoint_url)
+    runs = walk(root, 0)
+    if not runs:
+        raise ConfigError(f"{root.uri}: no sida run found (a run folder holds config.json; searched "
+                          f"{MAX_DEPTH} levels down)")
+    return sorted(runs, key=lambda s: s.uri)
+
+
+def collect_rows(uri: str, endpoint_url: Optional[str] = None, metric: Optional[str] = None) -> list[dict]:
+    """Every leaderboard row of every run under ``uri`` (optionally one metric)."""
+    rows = [r for store in find_runs(uri, endpoint_url) for r in store.read_rows()]
+    return [r for r in rows if metric is None or r["metric"] == metric]
+
+
+def rank(rows: list[dict], by: str = "checkpoint", top: Optional[int] = None) -> list[dict]:
+    """Live rows, lowest value first: every checkpoint (``by="checkpoint"``) or each run's best (``"run"``).
+
+    A run's final re-evaluation (``sida evaluate``), if any, is attached as ``final_mean``/``final_std``.
+    """
+    if by not in ("checkpoint", "run"):
+        raise ConfigError(f"--by: expected 'checkpoint' or 'run', got {by!r}")
+    live = [r for r in rows if r["kind"] == "live"]
+    finals: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r["kind"] == "final":
+            finals.setdefault((r["run_uri"], r["checkpoint"], r["metric"]), []).append(r["value"])
+    out = []
+    for r in live:
+        vals = finals.get((r["run_uri"], r["checkpoint"], r["metric"]))
+        out.append({**r, "final_mean": statistics.fmean(vals) if vals else None,
+                    "final_std": statistics.stdev(vals) if vals and len(vals) > 1 else None,
+                    "final_repeats": len(vals) if vals else 0})
+    if by == "run":
+        best: dict[tuple, dict] = {}
+        for r in out:
+            k = (r["run_uri"], r["metric"])
+            if k not in best or r["value"] < best[k]["value"]:
+                best[k] = r
+        out = list(best.values())
+    out.sort(key=lambda r: (r["metric"], r["value"]))
+    return out[:top] if top else out
+
+
+def print_table(ranked: list[dict], title: str) -> None:
+    """A rich table on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("#", "run", "method", "alpha", "checkpoint", "kimg", "metric", "value", "final (mean ± std)", "images"):
+        table.add_column(col, justify="right" if col in ("#", "alpha", "kimg", "value", "images") else "left")
+    for i, r in enumerate(ranked, 1):
+        final = "" if r["final_mean"] is None else (
+            f"{r['final_mean']:.4f}" + (f" ± {r['final_std']:.4f}" if r["final_std"] is not None else "")
+            + f" (n={r['final_repeats']})")
+        table.add_row(str(i), r["run"] + (f" [{r['trial']}]" if r.get("trial") else ""), r["method"],
+                      f"{r['alpha']:g}", r["checkpoint"], f"{r['kimg']:.1f}", r["metric"], f"{r['value']:.4f}",
+                      final, str(r["num_images"]))
+    Console(width=None if sys.stdout.isatty() else 240).print(table)  # piped: never cut a checkpoint name
+
+
+def plot_curves(rows: list[dict], path: Path, title: str = "", hlines: Optional[dict[str, float]] = None) -> Path:
+    """Value vs kimg (log-scale x), one curve per run and metric, like the paper's Figures 2-5; the final
+    re-evaluations (mean ± std) as error bars at their checkpoints; ``hlines``: labelled reference levels
+    (e.g. the teacher's score, the real-vs-real floor)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    live = [r for r in rows if r["kind"] == "live"]
+    if not live:
+        raise ConfigError("nothing to plot yet: no scored checkpoint")
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    curves: dict[tuple, list[dict]] = {}
+    for r in live:
+        curves.setdefault((r["run"], r["metric"]), []).append(r)
+    for (run, metric), pts in sorted(curves.items()):
+        pts.sort(key=lambda r: r["kimg"])
+        line, = ax.plot([p["kimg"] for p in pts], [p["value"] for p in pts], "o-", ms=3,
+                        label=f"{run} ({pts[0]['method']}, alpha={pts[0]['alpha']:g})")
+        finals = [r for r in rows if r["kind"] == "final" and r["run"] == run and r["metric"] == metric]
+        for ck in sorted({r["checkpoint"] for r in finals}):
+            vals = [r["value"] for r in finals if r["checkpoint"] == ck]
+            kimg = next(r["kimg"] for r in finals if r["checkpoint"] == ck)
+            ax.errorbar([kimg], [statistics.fmean(vals)], yerr=[statistics.stdev(vals) if len(vals) > 1 else 0],
+                        fmt="s", color=line.get_color(), capsize=3, ms=5)
+    for (label, value), style in zip((hlines or {}).items(), ("--", ":", "-.")):
+        ax.axhline(value, color="gray", ls=style, label=label)
+    metrics = sorted({r["metric"] for r in live})
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("kimg (training images seen / 1000)")
+    ax.set_ylabel(" / ".join(m.replace("fid_inception", "FID").replace("fd_digits", "FD-digits") for m in metrics))
+    ax.set_title(title or "score vs training images (squares: final re-evaluation, mean ± std)", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def run_evaluate(run_uri: str, *, checkpoint: Optional[str] = None, repeats: int = 10,
+                 num_images: Optional[int] = None, endpoint_url: Optional[str] = None,
+                 log: Callable[[str], None] = _log) -> dict:
+    """Re-score the best live checkpoint (or ``checkpoint``) of one run with ``repeats`` fresh generation
+    seeds; each score is a ``final`` leaderboard row. Seeds already scored are reused, so a re-run or an
+    interrupted evaluation continues instead of repeating work. Returns mean and sample std (ddof 1)."""
+    from tqdm.auto import tqdm
+
+    from ray_jobs.run_store import RunStore
+    from ray_jobs.scoring import CheckpointScorer
+    from ray_jobs.storage import Storage
+
+    if repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {repeats}")
+    store = RunStore(Storage(run_uri, endpoint_url=endpoint_url))
+    if not store.exists():
+        raise ConfigError(f"{store.uri}: not a run folder (no config.json); `sida leaderboard {run_uri} --by run` "
+                          f"lists the runs below it")
+    rows = store.read_rows()
+    live = [r for r in rows if r["kind"] == "live"]
+    if checkpoint is None:
+        if not live:
+            raise ConfigError(f"{store.uri}: no scored checkpoint yet; wait for the scorers or give --checkpoint")
+        best = min(live, key=lambda r: r["value"])
+        checkpoint, metric_name = best["checkpoint"], best["metric"]
+    else:
+        metric_name = None
+    source = store.checkpoint_ref(checkpoint)
+    if not store.storage.exists(f"{source}/manifest.json"):
+        raise ConfigError(f"{store.storage.uri_of(checkpoint)}: no such checkpoint (kept: "
+                          f"{', '.join(store.checkpoint_names()) or 'none'}; pinned: {', '.join(store.pinned()) or 'none'})")
+    overrides = {k: v for k, v in (("name", metric_name), ("num_images", num_images)) if v is not None}
+    scorer = CheckpointScorer(threads=1)
+    done = {(r["seed"], r["num_images"]): r["value"] for r in rows
+            if r["kind"] == "final" and r["checkpoint"] == checkpoint and (metric_name is None or r["metric"] == metric_name)}
+    values, out_row = [], None
+    for i in tqdm(range(repeats), desc=f"evaluate {checkpoint}", unit="seed"):
+        seed = FINAL_SEED0 + i
+        n = num_images or _run_num_images(store)
+        if (seed, n) in done:
+            values.append(done[(seed, n)])
+            continue
+        out_row = scorer.score(store.storage, checkpoint, metric=overrides, seed=seed, kind="final", source=source)
+        values.append(out_row["value"])
+        log(f"evaluate: {checkpoint} seed {seed}: {out_row['metric']} = {out_row['value']:.4f}")
+    final = [r for r in store.read_rows() if r["kind"] == "final" and r["checkpoint"] == checkpoint]
+    ref_row = out_row or final[-1]
+    return {"run_uri": store.uri, "checkpoint": checkpoint, "source": store.storage.uri_of(source),
+            "kimg": ref_row["kimg"], "metric": ref_row["metric"], "num_images": ref_row["num_images"],
+            "repeats": repeats, "values": [round(v, 6) for v in values], "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "live_value": next((r["value"] for r in live if r["checkpoint"] == checkpoint), None)}
+
+
+def _run_num_images(store) -> int:
+    return int(store.read_config()["metric"]["num_images"])

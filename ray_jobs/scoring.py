@@ -1,0 +1,316 @@
+"""Asynchronous checkpoint scoring: a pool of Ray scorer actors fed by a coordinator, one leaderboard row each.
+
+Roles:
+
+- :class:`CheckpointScorer` (a plain class; :func:`make_scorers` runs it as Ray actors with their own CPUs or
+  GPU fractions, restarted by Ray if their process dies) loads a checkpoint's EMA generator, generates
+  ``metric.num_images`` one-step samples from fixed seeds, computes the Fréchet distance to the reference
+  statistics through clean-fid (:mod:`sida_core.metrics`) and writes one :class:`LeaderboardRow` to the run's
+  storage. The row is the only record that a checkpoint was scored.
+- :class:`ScoringCoordinator` (a thread in the driver) lists the run's committed checkpoints, hands the newest
+  unscored one to a free scorer, applies the backlog policy (see :class:`schemas.run.MetricConfig`: at most
+  ``max_backlog`` checkpoints wait; older ones are skipped and the skip is recorded with its reason), and pins
+  the best checkpoint so far (lowest value) under ``pinned/``, releasing the previous one.
+
+Training never waits on any of this: the coordinator only reads storage and talks to the scorer actors.
+Crash safety: rows are written atomically under a key per (checkpoint, metric, kind, seed). A scorer that dies
+mid-score loses nothing written; the coordinator re-checks the row and re-dispatches only if it is missing
+(up to ``ATTEMPTS`` times), so no checkpoint is scored twice and none is lost. A restarted driver (``--resume``)
+starts from the rows already in storage.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ray_jobs.run_store import RunStore
+from ray_jobs.storage import Storage
+
+ATTEMPTS = 3  # scorer deaths or errors tolerated per checkpoint before it is skipped
+NICE = 10  # scorer processes yield the CPU to training on shared cores
+
+
+def config_summary(cfg) -> str:
+    """One line naming the hyper-parameters a sweep varies (paper names)."""
+    l, o = cfg.loss, cfg.optimizer
+    return (f"{cfg.method} alpha={l.alpha:g} lambda_sid={l.lambda_sid:g} lambda_adv_theta={l.lambda_adv_theta:g} "
+            f"lambda_adv_psi={l.lambda_adv_psi:g} lr_theta={o.lr_theta:g} lr_psi={o.lr_psi:g} batch={cfg.batch.total}")
+
+
+class CheckpointScorer:
+    """Scores checkpoints of any run; caches feature spaces and reference statistics between calls."""
+
+    def __init__(self, threads: int = 1, nice: int = 0):
+        import torch
+
+        torch.set_num_threads(max(1, int(threads)))
+        if nice:
+            os.nice(nice)
+        self._spaces: dict[str, Any] = {}
+        self._refs: dict[str, tuple] = {}
+
+    def ident(self) -> str:
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+    def _device(self):
+        import torch
+
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def _space(self, name: str):
+        from sida_core.metrics import feature_space
+
+        if name not in self._spaces:
+            self._spaces[name] = feature_space(name, device=self._device())
+        return self._spaces[name]
+
+    def reference(self, cfg, metric, space) -> tuple[tuple, str]:
+        """((mu, sigma), description) of the reference statistics ``metric`` names for run config ``cfg``."""
+        import json
+
+        key = json.dumps([metric.name, metric.reference, cfg.data.model_dump(mode="json"),
+                          cfg.storage.endpoint_url], sort_keys=True)
+        if key not in self._refs:
+            if metric.reference is None:  # FD-digits' default: the built-in train split, as the run sees it
+                from sida_core.data import load_dataset
+
+                train_set, _ = load_dataset(cfg.data)
+                desc = f"digits train split ({len(train_set)} images, {cfg.data.resolution}px)"
+                self._refs[key] = (space.stats(train_set.images, self._device()), desc)
+            else:
+                from ray_jobs.reference import read_reference
+                from sida_core.metrics.reference import check_compatible
+
+                ref = read_reference(metric.reference, endpoint_url=cfg.storage.endpoint_url)
+                check_compatible(ref.manifest, space, cfg.data.resolution)
+                self._refs[key] = ((ref.mu, ref.sigma), metric.reference)
+        return self._refs[key]
+
+    def score(self, storage: Storage, name: str, *, metric: Optional[dict] = None, seed: Optional[int] = None,
+              kind: str = "live", source: Optional[str] = None, trial: Optional[str] = None) -> dict:
+        """Score checkpoint ``name`` of the run at ``storage``; write and return its leaderboard row.
+
+        ``metric``: MetricConfig fields overriding the run's own (e.g. ``num_images``); ``source``: the folder
+        to read (default ``name``; ``sida evaluate`` reads pinned copies).
+        """
+        from schemas.leaderboard import LeaderboardRow
+        from schemas.run import MetricConfig, RunConfig
+        from sida_core.metrics.score import score_generator
+        from sida_core.training_loop import load_network
+
+        store = RunStore(storage)
+        t0 = time.time()
+        source = source or name
+        with tempfile.TemporaryDirectory(prefix="sida-score-") as scratch:
+            generator, manifest = load_network(store.fetch_checkpoint(source, Path(scratch)), "generator_ema",
+                                               self._device())
+        cfg = RunConfig.model_validate(manifest["config"])
+        m = MetricConfig.model_validate({**cfg.metric.model_dump(), **(metric or {})})
+        seed = m.seed if seed is None else seed
+        space = self._space(m.name)
+        ref, ref_desc = self.reference(cfg, m, space)
+        net = manifest["network"]
+        value = score_generator(generator, space, ref, num_images=m.num_images, seed=seed,
+                                sigma_init=cfg.loss.sigma_init, img_shape=(net["img_channels"], net["img_resolution"],
+                                                                           net["img_resolution"]),
+                                label_dim=net["label_dim"], batch_size=m.batch_size, device=self._device())
+        l, o = cfg.loss, cfg.optimizer
+        row = LeaderboardRow(
+            run=storage.uri.rstrip("/").rsplit("/", 1)[-1], run_uri=storage.uri, trial=trial,
+            config_summary=config_summary(cfg), method=cfg.method, alpha=l.alpha, lambda_sid=l.lambda_sid,
+            lambda_adv_theta=l.lambda_adv_theta, lambda_adv_psi=l.lambda_adv_psi, lr_theta=o.lr_theta, lr_psi=o.lr_psi,
+            init_generator=cfg.init_generator, checkpoint=name, checkpoint_uri=storage.uri_of(source),
+            checkpoint_hash=manifest["content_hash"], kimg=manifest["kimg"], cur_nimg=manifest["cur_nimg"],
+            metric=m.name, value=value, num_images=m.num_images, seed=seed, kind=kind, reference=ref_desc,
+            extractor_id=space.extractor_id, scorer=self.ident(), seconds=round(time.time() - t0, 3),
+            time=time.time())
+        store.write_row(row)
+        return row.model_dump()
+
+
+def make_scorers(metric, n: Optional[int] = None) -> list:
+    """``n`` (default ``metric.num_scorers``) scorer actors with the resources ``metric`` asks for."""
+    import ray
+
+    actor = ray.remote(CheckpointScorer).options(
+        num_cpus=metric.cpus_per_scorer, num_gpus=metric.gpus_per_scorer, max_restarts=-1, max_task_retries=0)
+    nice = NICE if not metric.gpus_per_scorer else 0
+    return [actor.remote(threads=max(1, int(metric.cpus_per_scorer)), nice=nice)
+            for _ in range(n or metric.num_scorers)]
+
+
+class ScoringCoordinator:
+    """Feeds one run's new checkpoints to the scorers; see the module docstring for the policy."""
+
+    def __init__(self, store: RunStore, scorers: list, metric, *, trial: Optional[str] = None, poll_s: float = 2.0,
+                 log: Callable[[str], None] = print):
+        self.store, self.scorers, self.metric = store, list(scorers), metric
+        self.trial, self.poll_s, self.log = trial, poll_s, log
+        self.in_flight: dict[Any, tuple[str, Any]] = {}  # ObjectRef -> (checkpoint, actor)
+        self.attempts: dict[str, int] = {}
+        self.dispatches: dict[str, int] = {}
+        self.recovering: dict[Any, Any] = {}  # actor whose process died -> ping ObjectRef (no work until it answers)
+        self.seen: set[str] = set()
+        self.done = {k.split("-" + metric.name, 1)[0] for k in store.row_keys()
+                     if k.endswith(f"-{metric.name}-live-s{metric.seed}")}
+        self.skipped = set(store.skipped())
+        self.best = self._best_row()
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def _best_row(self) -> Optional[dict]:
+        rows = [r for r in self.store.read_rows() if r["kind"] == "live" and r["metric"] == self.metric.name]
+        return min(rows, key=lambda r: r["value"], default=None)
+
+    # ------------------------------------------------------------------ one round
+    def poll(self) -> None:
+        """Collect finished scores, discover committed checkpoints, skip per policy, dispatch to free scorers."""
+        self._collect()
+        names = set(self.store.checkpoint_names())
+        for gone in sorted(self.seen - names - self.done - self.skipped - self._busy_names()):
+            self._skip(gone, "deleted by the keep-last-K rotation before it was scored")
+        new = [n for n in names - self.seen if self.store.storage.exists(f"{n}/manifest.json")]  # committed only
+        self.seen |= set(new)
+        waiting = sorted(self.seen & names - self.done - self.skipped - self._busy_names(),
+                         key=lambda n: int(n.split("-")[1]), reverse=True)
+        busy = {actor for _, actor in self.in_flight.values()} | set(self.recovering)
+        for actor in [a for a in self.scorers if a not in busy]:
+            if not waiting:
+                break
+            self._dispatch(waiting.pop(0), actor)
+        for old in waiting[self.metric.max_backlog:]:
+            self._skip(old, f"scoring fell behind: {len(waiting)} checkpoints waiting, newest first "
+                            f"(metric.max_backlog={self.metric.max_backlog})")
+
+    def _due(self) -> bool:
+        """Checkpoints still to score (waiting for a scorer that is restarting, say)."""
+        return bool(self.seen - self.done - self.skipped - self._busy_names())
+
+    def _busy_names(self) -> set[str]:
+        return {name for name, _ in self.in_flight.values()}
+
+    def _dispatch(self, name: str, actor) -> None:
+        ref = actor.score.remote(self.store.storage, name, seed=self.metric.seed, trial=self.trial)
+        self.in_flight[ref] = (name, actor)
+        self.dispatches[name] = self.dispatches.get(name, 0) + 1
+
+    def _skip(self, name: str, reason: str) -> None:
+        self.skipped.add(name)
+        self.store.record_skip(name, reason)
+        self.log(f"scoring: skipped {name}: {reason}")
+
+    def _collect(self) -> None:
+        import ray
+        from ray.exceptions import RayActorError
+
+        for actor, ping in list(self.recovering.items()):  # restarted by Ray (max_restarts): usable once it answers
+            if ray.wait([ping], timeout=0)[0]:
+                try:
+                    ray.get(ping)
+                    del self.recovering[actor]
+                except RayActorError:
+                    self.recovering[actor] = actor.ident.remote()
+        if not self.in_flight:
+            return
+        ready, _ = ray.wait(list(self.in_flight), num_returns=len(self.in_flight), timeout=0)
+        for ref in ready:
+            name, actor = self.in_flight.pop(ref)
+            try:
+                row = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 -- a scorer died or raised: decide from storage, not memory
+                died = isinstance(exc, RayActorError)
+                if died:
+                    self.recovering[actor] = actor.ident.remote()
+                self._failed(name, "scorer process died" if died else _one_line(exc))
+                continue
+            self.done.add(name)
+            self.log(f"scoring: {name} ({row['kimg']:.1f} kimg) {row['metric']} = {row['value']:.4f} "
+                     f"[{row['num_images']} images, {row['seconds']:.1f} s]")
+            if self.best is None or row["value"] < self.best["value"]:
+                self._pin(row)
+
+    def _failed(self, name: str, why: str) -> None:
+        key = f"{name}-{self.metric.name}-live-s{self.metric.seed}"
+        if key in self.store.row_keys():  # the scorer wrote its row before it died: nothing to redo
+            self.done.add(name)
+            return
+        self.attempts[name] = self.attempts.get(name, 0) + 1
+        self.errors.append(f"{name}: {why}")
+        self.log(f"scoring: {name} failed (attempt {self.attempts[name]}/{ATTEMPTS}): {why}")
+        if not self.store.storage.exists(f"{name}/manifest.json"):
+            self._skip(name, "deleted by the keep-last-K rotation while it was being scored")
+        elif self.attempts[name] >= ATTEMPTS:
+            self._skip(name, f"scoring failed {ATTEMPTS} times; last error: {why}")
+        # else: still waiting, dispatched again by the next poll
+
+    def _pin(self, row: dict) -> None:
+        previous, self.best = self.best, row
+        if not self.metric.pin_best:
+            return
+        try:
+            self.store.pin(row["checkpoint"], reason=f"best {row['metric']} {row['value']:.4f} at {row['kimg']:.1f} kimg")
+        except Exception as exc:  # noqa: BLE001 -- rotation may have deleted it meanwhile; the row stands
+            self.log(f"scoring: could not pin {row['checkpoint']}: {_one_line(exc)}")
+            return
+        if previous is not None and previous["checkpoint"] != row["checkpoint"]:
+            self.store.unpin(previous["checkpoint"])
+
+    # ------------------------------------------------------------------ the thread
+    def start(self) -> "ScoringCoordinator":
+        self._thread = threading.Thread(target=self._loop, name="sida-scoring", daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll()
+            except Exception as exc:  # noqa: BLE001 -- storage hiccups must not end scoring; logged, retried
+                self.errors.append(_one_line(exc))
+                self.log(f"scoring: poll failed, retrying: {_one_line(exc)}")
+            self._stop.wait(self.poll_s)
+
+    def stop(self) -> None:
+        """Stop polling (scores in flight are abandoned; their checkpoints stay unscored, not half-scored)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def close(self) -> None:
+        """Stop and release the scorer actors."""
+        import ray
+
+        self.stop()
+        for actor in self.scorers:
+            ray.kill(actor)
+
+    def finish(self, timeout_s: Optional[float] = None) -> dict:
+        """After training: score what is still due (the final checkpoint always), then stop; a summary."""
+        self.stop()
+        timeout_s = self.metric.drain_timeout_s if timeout_s is None else timeout_s
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            self.poll()
+            if not self.in_flight and not self._due():
+                break
+            time.sleep(min(self.poll_s, 0.5))
+        else:
+            self.log(f"scoring: gave up waiting after {timeout_s} s; {len(self.in_flight)} score(s) unfinished")
+        return self.summary()
+
+    def summary(self) -> dict:
+        best = self.best
+        return {"scored": len(self.done), "skipped": len(self.skipped), "in_flight": len(self.in_flight),
+                "best": None if best is None else {k: best[k] for k in ("checkpoint", "kimg", "metric", "value")}}
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    return " ".join((lines[-1] if lines else type(exc).__name__).split())

@@ -1,0 +1,66 @@
+"""Scoring a one-step generator: N images from fixed seeds, features batch by batch, Fréchet distance.
+
+Randomness: image ``i`` belongs to chunk ``i // CHUNK``; chunk ``k`` draws its latents (and labels) from a
+generator seeded with ``(seed << 20) + k``. So the images for a seed do not depend on the batch size or
+the device, and two processes (a scorer actor and ``sida evaluate``) generate the same images.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from ..losses import generate
+from .frechet import FeatureSpace, Stats, frechet_distance, stats_from_features
+
+CHUNK = 256
+
+
+def _chunks(n: int, seed: int, img_shape: tuple[int, int, int], label_dim: int):
+    for k in range(-(-n // CHUNK)):
+        m = min(CHUNK, n - k * CHUNK)
+        g = torch.Generator().manual_seed((int(seed) << 20) + k)
+        z = torch.randn((m, *img_shape), generator=g)
+        c = torch.nn.functional.one_hot(torch.randint(label_dim, (m,), generator=g), label_dim).float() \
+            if label_dim else torch.zeros(m, 0)
+        yield z, c
+
+
+def generator_inputs(n: int, seed: int, img_shape: tuple[int, int, int], label_dim: int = 0,
+                     batch_size: int = CHUNK) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """Batches (z, one-hot labels or None) on the CPU for images 0..n-1 of ``seed`` (see module docstring)."""
+    if n < 1:
+        raise ValueError(f"num_images must be >= 1, got {n}")
+    z_buf, c_buf = torch.empty(0, *img_shape), torch.empty(0, label_dim)
+    for z, c in _chunks(n, seed, img_shape, label_dim):
+        z_buf, c_buf = torch.cat([z_buf, z]), torch.cat([c_buf, c])
+        while len(z_buf) >= batch_size:
+            yield z_buf[:batch_size], (c_buf[:batch_size] if label_dim else None)
+            z_buf, c_buf = z_buf[batch_size:], c_buf[batch_size:]
+    if len(z_buf):
+        yield z_buf, (c_buf if label_dim else None)
+
+
+@torch.no_grad()
+def generate_images(generator: torch.nn.Module, n: int, *, seed: int, sigma_init: float,
+                    img_shape: tuple[int, int, int], label_dim: int = 0, batch_size: int = CHUNK,
+                    device="cpu") -> Iterator[torch.Tensor]:
+    """One-step samples x_g = G(sigma_init z, c) in [-1, 1]-ish, batch by batch, on the CPU."""
+    for z, c in generator_inputs(n, seed, img_shape, label_dim, batch_size):
+        yield generate(generator, z.to(device), None if c is None else c.to(device), sigma_init).float().cpu()
+
+
+def score_generator(generator: torch.nn.Module, space: FeatureSpace, reference: Stats, *, num_images: int,
+                    seed: int, sigma_init: float, img_shape: tuple[int, int, int], label_dim: int = 0,
+                    batch_size: int = CHUNK, device="cpu") -> float:
+    """Fréchet distance in ``space`` between ``num_images`` one-step samples and the ``reference`` (mu, sigma)."""
+    was_training = generator.training
+    generator.eval()
+    try:
+        feats = [space.features(x, device) for x in generate_images(
+            generator, num_images, seed=seed, sigma_init=sigma_init, img_shape=img_shape, label_dim=label_dim,
+            batch_size=batch_size, device=device)]
+    finally:
+        generator.train(was_training)
+    return frechet_distance(*stats_from_features(np.concatenate(feats)), *reference)

@@ -1,0 +1,240 @@
+"""Asynchronous FID scoring on a real local Ray: scorer actors, the coordinator's backlog policy, a scorer
+killed by PID mid-run, scores appearing while `sida train` still runs (local and loopback S3), pinning of
+the best checkpoint, `sida leaderboard` (table, JSON, plot) and `sida evaluate --best`.
+
+The metric is FD-digits through clean-fid's feature path (the digit classifier is trained once into the
+test cache); generators are tiny MLPs, so a score of a few hundred images takes well under a second.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.cli import main
+from pipelines.train import run_train
+from ray_jobs.run_store import RunStore
+from ray_jobs.scoring import CheckpointScorer, ScoringCoordinator, make_scorers
+from ray_jobs.storage import Storage
+from ray_jobs.train import public_config
+from schemas.loader import load_run_config
+from schemas.run import DataConfig
+from sida_core.data import load_dataset
+from sida_core.metrics import digits_feature_space
+from sida_core.metrics.score import generator_inputs, score_generator
+from sida_core.training_loop import build_distiller, get_teacher, network_spec, save_distill_checkpoint
+from tests.recipes import CONFIG, TINY_RAY, TINY_STEPS, TINY_TEACHER
+
+SCORING = ["metric.enabled=true", "metric.num_images=400", "metric.batch_size=200"]
+
+
+class Replay(torch.nn.Module):
+    """A 'generator' that returns the given images in order: scoring it must give FD(images, reference)."""
+
+    def __init__(self, images):
+        super().__init__()
+        self.images, self.pos = images, 0
+
+    def forward(self, x, sigma, labels=None):
+        out = self.images[self.pos: self.pos + len(x)]
+        self.pos += len(x)
+        return out
+
+
+class Noise(torch.nn.Module):
+    def forward(self, x, sigma, labels=None):
+        return (x / sigma.view(-1, 1, 1, 1)).clamp(-1, 1)
+
+
+def test_generation_seeds_do_not_depend_on_batch_size():
+    a = torch.cat([z for z, _ in generator_inputs(700, 5, (1, 8, 8), 0, batch_size=64)])
+    b = torch.cat([z for z, _ in generator_inputs(700, 5, (1, 8, 8), 0, batch_size=500)])
+    c = torch.cat([z for z, _ in generator_inputs(700, 6, (1, 8, 8), 0, batch_size=500)])
+    assert a.shape == (700, 1, 8, 8) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_score_of_the_data_is_the_real_floor_and_noise_scores_far_worse():
+    space = digits_feature_space()
+    train, holdout = load_dataset(DataConfig())
+    ref = space.stats(train.images)
+    floor = space.fd(holdout.images, ref)
+    kw = dict(num_images=len(holdout), seed=0, sigma_init=2.5, img_shape=(1, 8, 8), batch_size=100)
+    replayed = score_generator(Replay(holdout.images), space, ref, **kw)
+    noise = score_generator(Noise(), space, ref, **kw)
+    assert replayed == pytest.approx(floor, rel=1e-6)  # same images, features taken in batches of 100
+    assert 1.0 < floor < 3.0 and noise > 20 * floor, (floor, noise)
+
+
+# ---------------------------------------------------------------------------------------------- Ray fixtures
+@pytest.fixture(scope="module")
+def ray_cluster(s3_server):
+    """One local Ray for the module (after the S3 fixture, so its processes inherit the S3 credentials)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def make_run(storage: Storage, nimgs: list[int], extra=(), bad: set[int] = frozenset()) -> tuple[RunStore, object]:
+    """A run folder with config.json and one checkpoint per entry of ``nimgs`` (the teacher-initialised
+    generator; for ``bad`` ones the EMA generator's weights get large noise)."""
+    cfg = load_run_config(CONFIG, TINY_RAY + SCORING + list(extra))
+    train_set, _ = load_dataset(cfg.data)
+    teacher, _ = get_teacher(cfg, train_set, torch.device("cpu"), log=lambda m: None)
+    distiller = build_distiller(cfg, teacher, train_set, torch.device("cpu"))
+    store = RunStore(storage)
+    store.write_config(public_config(cfg))
+    good = {k: v.clone() for k, v in distiller.G_ema.state_dict().items()}
+    for n in nimgs:
+        distiller.cur_nimg = n
+        with torch.no_grad():
+            for name, p in distiller.G_ema.named_parameters():
+                p.copy_(good[name] + (torch.randn_like(p) if n in bad else 0))
+        tmp = Path(os.environ["SIDA_CACHE"]) / f"ckpt-src-{os.getpid()}-{time.time_ns()}"
+        store.upload_checkpoint(save_distill_checkpoint(distiller, tmp, cfg, network_spec(cfg, train_set)),
+                                f"ckpt-{n:012d}")
+    return store, cfg
+
+
+def live_keys(store: RunStore) -> list[str]:
+    return sorted(k for k in store.row_keys() if "-live-" in k)
+
+
+# ---------------------------------------------------------------------------------------------- actors
+def test_actor_scores_equal_in_process_scores_and_track_the_weights(ray_cluster, s3_bucket):
+    """The actor computes exactly what the (known-correct, see above) in-process path computes. The tiny
+    1-kimg MLP teacher gives a collapsed one-step generator (FD ~1160 here: its outputs barely vary), and a
+    copy with noised weights another value; both lie far above the real floor (~1.7)."""
+    import ray
+
+    store, _ = make_run(Storage(s3_bucket.uri + "/runs/actor", endpoint_url=s3_bucket.endpoint_url), [64, 128],
+                        bad={128})
+    actor = make_scorers(load_run_config(CONFIG, SCORING).metric, n=1)[0]
+    init, noised = ray.get([actor.score.remote(store.storage, "ckpt-000000000064", seed=3),
+                            actor.score.remote(store.storage, "ckpt-000000000128", seed=3)])
+    here = CheckpointScorer().score(store.storage, "ckpt-000000000064", seed=3)  # rewrites the same row
+    assert here["value"] == pytest.approx(init["value"], rel=1e-9)  # same seeds -> same images, any process
+    assert abs(noised["value"] - init["value"]) > 0.1 * init["value"]
+    assert min(init["value"], noised["value"]) > 50, (init["value"], noised["value"])
+    rows = store.read_rows()
+    assert [(r["checkpoint"], r["seed"], r["kind"]) for r in rows] == [
+        ("ckpt-000000000064", 3, "live"), ("ckpt-000000000128", 3, "live")]  # the rewrite did not duplicate
+    assert rows[0]["checkpoint_uri"] == store.storage.uri_of("ckpt-000000000064") and rows[0]["num_images"] == 400
+    assert rows[0]["extractor_id"].startswith("digits-cnn/") and rows[0]["method"] == "sida"
+    ray.kill(actor)
+
+
+def test_backlog_policy_skips_oldest_and_records_rotation(ray_cluster, tmp_path):
+    store, cfg = make_run(Storage(str(tmp_path / "run")), [64, 128, 192, 256, 320, 384], ["metric.max_backlog=2"])
+    coord = ScoringCoordinator(store, make_scorers(cfg.metric, n=1), cfg.metric, poll_s=0.1, log=lambda m: None)
+    coord.poll()  # 6 waiting: the newest goes to the scorer, 2 may wait, the 3 oldest are skipped
+    assert coord.summary()["in_flight"] == 1
+    store.storage.delete("ckpt-000000000256")  # rotated away while waiting
+    out = coord.finish(timeout_s=120)
+    assert live_keys(store) == [f"ckpt-{n:012d}-fd_digits-live-s0" for n in (320, 384)]
+    skipped = store.skipped()
+    assert sorted(skipped) == [f"ckpt-{n:012d}" for n in (64, 128, 192, 256)]
+    assert all("fell behind" in skipped[f"ckpt-{n:012d}"] for n in (64, 128, 192))
+    assert "rotation" in skipped["ckpt-000000000256"]
+    assert out["scored"] == 2 and out["skipped"] == 4 and out["best"]["checkpoint"] in store.pinned()
+    coord.close()
+
+
+def test_scorer_killed_mid_run_loses_and_duplicates_nothing(ray_cluster, tmp_path):
+    import ray
+
+    nimgs = [64, 128, 192, 256]
+    store, cfg = make_run(Storage(str(tmp_path / "run")), nimgs, ["metric.num_images=6000", "metric.max_backlog=10"])
+    scorers = make_scorers(cfg.metric, n=1)
+    first_pid = int(ray.get(scorers[0].ident.remote()).rsplit(":", 1)[1])
+    coord = ScoringCoordinator(store, scorers, cfg.metric, poll_s=0.1, log=lambda m: None).start()
+    deadline = time.time() + 120
+    while not live_keys(store) and time.time() < deadline:  # first score written ...
+        time.sleep(0.05)
+    time.sleep(0.3)  # ... and the next one under way
+    assert live_keys(store) and coord.summary()["in_flight"] == 1
+    os.kill(first_pid, signal.SIGKILL)
+    out = coord.finish(timeout_s=240)
+    keys = live_keys(store)
+    assert keys == [f"ckpt-{n:012d}-fd_digits-live-s0" for n in nimgs], keys
+    assert out["scored"] == 4 and out["skipped"] == 0 and out["in_flight"] == 0
+    assert any("died" in e for e in coord.errors), coord.errors
+    rows = store.read_rows()
+    assert len(rows) == 4 and len({r["checkpoint"] for r in rows}) == 4
+    pids = {r["scorer"].rsplit(":", 1)[1] for r in rows}
+    assert str(first_pid) in pids and len(pids) == 2  # the restarted actor scored the rest
+    assert sum(coord.dispatches.values()) == len(nimgs) + 1  # only the killed score was dispatched again
+    coord.close()
+
+
+# ---------------------------------------------------------------------------------------------- live, end to end
+@pytest.fixture(scope="module")
+def live_run(ray_cluster, tmp_path_factory, s3_server):
+    """One `sida train` per storage kind with scoring on; checkpoints every 2 steps."""
+    bucket = f"live-{os.getpid()}"
+    s3_server.create_bucket(bucket)
+    runs = {}
+    for where in ("local", "s3"):
+        uri = str(tmp_path_factory.mktemp("live") / "runs") if where == "local" else f"s3://{bucket}/runs"
+        sets = TINY_TEACHER + TINY_STEPS + SCORING + [
+            f"storage.uri={uri}", "total_kimg=0.96", "checkpoint_every_kimg=0.064", "keep_checkpoints=20",
+            "metric.max_backlog=20", "scaling.cpus_per_worker=1"]
+        if where == "s3":
+            sets.append(f"storage.endpoint_url={s3_server.endpoint_url}")
+        out = run_train(str(CONFIG), sets, workers=2, name="live", log=lambda m: None)
+        runs[where] = (out, RunStore(Storage(uri, endpoint_url=s3_server.endpoint_url).child("live")))
+    return runs
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_scores_appear_while_training_runs_and_best_is_pinned(live_run, where):
+    out, store = live_run[where]
+    assert out["status"] == "finished" and len(out["checkpoints"]) == 15
+    rows = store.read_rows()
+    scored = {r["checkpoint"] for r in rows}
+    assert scored | set(store.skipped()) == set(out["checkpoints"])  # each scored or skipped with a reason
+    assert out["checkpoints"][-1] in scored  # the final checkpoint is always scored
+    finished = next(e["time"] for e in store.events() if e["kind"] == "finished")
+    assert min(r["time"] for r in rows) < finished  # scores land while the workers are still training
+    best = min(rows, key=lambda r: r["value"])
+    assert out["scoring"]["best"]["checkpoint"] == best["checkpoint"] and store.pinned() == [best["checkpoint"]]
+    assert store.checkpoint_ref(best["checkpoint"]) == f"pinned/{best['checkpoint']}"
+
+
+def test_leaderboard_views_and_evaluate(live_run, capsys, tmp_path):
+    out, store = live_run["local"]
+    root = str(Path(store.uri).parent)
+    assert main(["leaderboard", root, "--json", "--top", "3"]) == 0
+    top = json.loads(capsys.readouterr().out)
+    assert len(top) == 3 and [r["value"] for r in top] == sorted(r["value"] for r in top)
+    assert main(["leaderboard", root, "--by", "run", "--plot", str(tmp_path / "fd.png")]) == 0
+    table = capsys.readouterr().out
+    assert "live" in table and top[0]["checkpoint"] in table and "1 row(s), by run" in table
+    assert (tmp_path / "fd.png").stat().st_size > 10_000
+
+    assert main(["evaluate", store.uri, "--best", "--repeats", "3", "--num-images", "300"]) == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ev["checkpoint"] == top[0]["checkpoint"] and ev["repeats"] == 3 and len(set(ev["values"])) == 3
+    assert ev["source"].endswith(f"pinned/{ev['checkpoint']}") and ev["std"] > 0
+    finals = [r for r in store.read_rows() if r["kind"] == "final"]
+    assert sorted(r["seed"] for r in finals) == [1_000_000, 1_000_001, 1_000_002]
+    assert main(["evaluate", store.uri, "--best", "--repeats", "3", "--num-images", "300"]) == 0  # reuses rows
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["values"] == ev["values"] and len([r for r in store.read_rows() if r["kind"] == "final"]) == 3
+    assert main(["leaderboard", store.uri, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["final_repeats"] == 3
+
+
+def test_leaderboard_and_evaluate_errors(tmp_path, capsys):
+    assert main(["leaderboard", str(tmp_path)]) == 2
+    assert "no sida run found" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path), "--best"]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path)]) == 2
+    assert "--best" in capsys.readouterr().err
