@@ -127,6 +127,11 @@ def plot_curves(rows: list[dict], path: Path, title: str = "", hlines: Optional[
     metrics = sorted({r["metric"] for r in live})
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+
+    for axis in (ax.xaxis, ax.yaxis):  # plain numbers: these ranges span one or two decades
+        axis.set_major_formatter(FormatStrFormatter("%g"))
+        axis.set_minor_formatter(FormatStrFormatter("%g"))
     ax.set_xlabel("kimg (training images seen / 1000)")
     ax.set_ylabel(" / ".join(m.replace("fid_inception", "FID").replace("fd_digits", "FD-digits") for m in metrics))
     ax.set_title(title or "score vs training images (squares: final re-evaluation, mean ± std)", fontsize=9)
