@@ -24,7 +24,7 @@ def _log(msg: str) -> None:
 
 
 def run_demo(config: Optional[str] = None, overrides: Sequence[str] = (), out_dir: Path = Path("outputs/demo"),
-             repeats: int = 5) -> dict:
+             repeats: int = 10) -> dict:
     from tqdm.auto import tqdm
 
     from pipelines.images import save_grid

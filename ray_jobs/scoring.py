@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional
 
 from ray_jobs.run_store import RunStore
 from ray_jobs.storage import Storage
+from schemas.leaderboard import row_key
 
 ATTEMPTS = 3  # scorer deaths or errors tolerated per checkpoint before it is skipped
 NICE = 10  # scorer processes yield the CPU to training on shared cores
@@ -156,8 +157,8 @@ class ScoringCoordinator:
         self.dispatches: dict[str, int] = {}
         self.recovering: dict[Any, Any] = {}  # actor whose process died -> ping ObjectRef (no work until it answers)
         self.seen: set[str] = set()
-        self.done = {k.split("-" + metric.name, 1)[0] for k in store.row_keys()
-                     if k.endswith(f"-{metric.name}-live-s{metric.seed}")}
+        keys = store.row_keys()
+        self.done = {n for n in store.checkpoint_names() if self._row_key(n) in keys}
         self.skipped = set(store.skipped())
         self.best = self._best_row()
         self.errors: list[str] = []
@@ -235,9 +236,11 @@ class ScoringCoordinator:
             if self.best is None or row["value"] < self.best["value"]:
                 self._pin(row)
 
+    def _row_key(self, name: str) -> str:
+        return row_key(name, self.metric.name, "live", self.metric.seed)
+
     def _failed(self, name: str, why: str) -> None:
-        key = f"{name}-{self.metric.name}-live-s{self.metric.seed}"
-        if key in self.store.row_keys():  # the scorer wrote its row before it died: nothing to redo
+        if self._row_key(name) in self.store.row_keys():  # the scorer wrote its row before it died: nothing to redo
             self.done.add(name)
             return
         self.attempts[name] = self.attempts.get(name, 0) + 1

@@ -12,6 +12,11 @@ from pydantic import BaseModel, ConfigDict
 RowKind = Literal["live", "final"]  # live: scored during training; final: `sida evaluate` re-scores
 
 
+def row_key(checkpoint: str, metric: str, kind: str, seed: int) -> str:
+    """File stem of a row: one file per (checkpoint, metric, kind, seed), so a retried write replaces it."""
+    return f"{checkpoint}-{metric}-{kind}-s{seed}"
+
+
 class LeaderboardRow(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -44,8 +49,7 @@ class LeaderboardRow(BaseModel):
     time: float                   # unix time the row was written
 
     def key(self) -> str:
-        """File stem of this row: one file per (checkpoint, metric, seed, kind), so a retried write replaces it."""
-        return f"{self.checkpoint}-{self.metric}-{self.kind}-s{self.seed}"
+        return row_key(self.checkpoint, self.metric, self.kind, self.seed)
 
 
 def parquet_schema():
