@@ -113,15 +113,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    import json
-
-    sys.stdout.flush()
-    real_stdout = os.dup(1)
-    os.dup2(2, 1)  # Ray's and tqdm's output to stderr; only the JSON on stdout
-    try:
-        result = main()
-    finally:
-        sys.stdout.flush()
-        os.dup2(real_stdout, 1)
-        os.close(real_stdout)
-    print(json.dumps(result), flush=True)
+    ray_overhead.print_json_last(main)

@@ -374,11 +374,11 @@ def run(a, scratch: Path, own_cache: bool) -> dict:
     return report
 
 
-if __name__ == "__main__":
+def print_json_last(main) -> None:
+    """Run ``main()`` with everything written to fd 1 (Ray's log monitor, its subprocesses, tqdm) sent to
+    stderr, then print its result as ONE JSON line on the real stdout."""
     import json
 
-    # Everything written to fd 1 (Ray's log monitor, its subprocesses, tqdm) goes to stderr; the JSON alone
-    # goes to the real stdout, as the last line.
     sys.stdout.flush()
     real_stdout = os.dup(1)
     os.dup2(2, 1)
@@ -389,3 +389,7 @@ if __name__ == "__main__":
         os.dup2(real_stdout, 1)
         os.close(real_stdout)
     print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    print_json_last(main)
