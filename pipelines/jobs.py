@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
-from schemas.loader import ConfigError
+from schemas.loader import ConfigError, is_remote
 
 
 def _log(msg: str) -> None:
@@ -48,8 +48,9 @@ def submit_job(job_file: str, address: Optional[str] = None, *, allow_autoscale:
     spec = load_job_spec(job_file)
     job = check_job(spec)
     addr = jobs.resolve_address(address)
-    if not jobs.is_loopback(addr):
-        job.warnings = [w.replace("only right on a single-node cluster", "wrong on a remote cluster") for w in job.warnings]
+    if job.storage_uri and not is_remote(job.storage_uri) and not jobs.is_loopback(addr):
+        job.warnings.append(f"the cluster at {addr} is remote: the run will land on its nodes' disks under "
+                            f"{job.storage_uri}, not on this machine")
     for w in job.warnings:
         log(f"warning: {w}")
 

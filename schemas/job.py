@@ -193,7 +193,7 @@ def _check_train(job: CheckedJob) -> None:
             node = getattr(node, part)
         if node is not None and not is_remote(str(node)) and not os.path.isabs(str(node).removeprefix("file://")):
             raise ConfigError(f"{dotted} {str(node)!r} is a relative local path: on the cluster only the config "
-                              f"file is uploaded; use s3://... or an absolute path that exists on every node")
+                              f"file is uploaded; use an absolute path present on every node")
     if not job.name:
         import time
 
