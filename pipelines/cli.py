@@ -1,7 +1,8 @@
 """``sida``: the one console script. Configs are validated here, once; errors print as one line.
 
 Subcommands: ``demo``, ``train`` (Ray), ``leaderboard``, ``evaluate``, ``distill`` (one process), ``teacher train``,
-``teacher sample``, ``validate``.
+``teacher sample``, ``validate``, ``submit`` / ``jobs status|logs|stop`` (Ray Jobs API), ``cluster validate``
+(cluster-launcher YAMLs).
 """
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from sida_core.data import DataError
     from sida_core.distill import NonFiniteError
     from pipelines.train import TrainingError
+    from ray_jobs.jobs import JobError
     from ray_jobs.storage import StorageError
 
-    return ConfigError, CheckpointError, DataError, NonFiniteError, FileNotFoundError, StorageError, TrainingError
+    return (ConfigError, CheckpointError, DataError, NonFiniteError, FileNotFoundError, StorageError, TrainingError,
+            JobError)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -131,6 +134,55 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from pipelines.jobs import submit_job
+
+    print(json.dumps(submit_job(args.job, args.address, allow_autoscale=args.allow_autoscale)))
+    return 0
+
+
+def cmd_jobs_status(args) -> int:
+    from ray_jobs import jobs
+
+    print(json.dumps(jobs.info(jobs.client(args.address), args.job_id)))
+    return 0
+
+
+def cmd_jobs_logs(args) -> int:
+    from ray_jobs import jobs
+
+    c = jobs.client(args.address)
+    if not args.follow:
+        sys.stdout.write(jobs.logs(c, args.job_id))
+        return 0
+    final = jobs.follow(c, args.job_id)
+    print(f"job {args.job_id}: {final}", file=sys.stderr)
+    return 0 if final == "SUCCEEDED" else 1
+
+
+def cmd_jobs_stop(args) -> int:
+    from ray_jobs import jobs
+
+    c = jobs.client(args.address)
+    was_running = jobs.stop(c, args.job_id)
+    final = jobs.wait(c, args.job_id, timeout_s=args.timeout) if args.timeout > 0 else jobs.status(c, args.job_id)
+    print(json.dumps({"job_id": args.job_id, "stop_requested": was_running, "status": final}))
+    return 0 if final in jobs.TERMINAL or args.timeout <= 0 else 1
+
+
+def cmd_cluster_validate(args) -> int:
+    from ray_jobs.cluster_config import validate_cluster_file
+
+    for path in args.files:
+        print(json.dumps(validate_cluster_file(path)))
+    return 0
+
+
+def _add_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None,
+                   help="the cluster's Jobs API (dashboard), e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sida", description="SiD / SiDA / SiD²A one-step distillation of EDM-style diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -182,6 +234,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="validate a run config and print its derived values")
     _add_config_args(p)
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("submit", help="submit a job file (train / sweep / pipeline / evaluate) to a Ray cluster's Jobs API")
+    p.add_argument("job", help="job spec YAML (kind, config, resources, runtime_env, storage, tags)")
+    _add_address(p)
+    p.add_argument("--allow-autoscale", action="store_true",
+                   help="do not refuse a job larger than the running nodes (the autoscaler will add nodes)")
+    p.set_defaults(func=cmd_submit)
+
+    j = sub.add_parser("jobs", help="follow submitted jobs: status, logs, stop").add_subparsers(
+        dest="jobs_command", required=True, metavar="ACTION")
+    p = j.add_parser("status", help="a job's status, message and metadata as one JSON line")
+    p.add_argument("job_id")
+    _add_address(p)
+    p.set_defaults(func=cmd_jobs_status)
+    p = j.add_parser("logs", help="a job's driver logs (--follow: stream until it ends)")
+    p.add_argument("job_id")
+    _add_address(p)
+    p.add_argument("--follow", "-f", action="store_true", help="stream the logs live until the job ends")
+    p.set_defaults(func=cmd_jobs_logs)
+    p = j.add_parser("stop", help="stop a running job and wait until it has stopped")
+    p.add_argument("job_id")
+    _add_address(p)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the job to end (0: do not wait)")
+    p.set_defaults(func=cmd_jobs_stop)
+
+    c = sub.add_parser("cluster", help="Ray cluster-launcher YAMLs").add_subparsers(
+        dest="cluster_command", required=True, metavar="ACTION")
+    p = c.add_parser("validate", help="check cluster YAMLs against Ray's own schema, as `ray up` does (no cloud access)")
+    p.add_argument("files", nargs="+", help="cluster YAML(s), e.g. cluster/*.yaml")
+    p.set_defaults(func=cmd_cluster_validate)
 
     t = sub.add_parser("teacher", help="teacher utilities").add_subparsers(dest="teacher_command", required=True, metavar="ACTION")
     p = t.add_parser("train", help="train (or reuse) the EDM teacher a config describes (built-in data: on the CPU)")

@@ -21,7 +21,8 @@ def worker_env(storage_cfg=None) -> dict[str, str]:
 
 def connect(address: Optional[str] = None, *, num_cpus: Optional[float] = None,
             env: Optional[dict[str, str]] = None) -> bool:
-    """Start a local Ray (``address`` None) or join a running cluster; returns True if this call started it.
+    """Start a local Ray (``address`` None) or join a running cluster (``address``, or the cluster of the Ray
+    job this driver runs in); returns True if this call started or joined it (the caller shuts it down).
 
     A local Ray gets ``max(cores, num_cpus)`` logical CPUs so that the requested workers fit even on a
     2-core machine (the workers are single-threaded by default). Token authentication (Ray's default since
@@ -32,6 +33,9 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[float] = None,
 
     if ray.is_initialized():
         return False
+    if not address and "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # the driver of a submitted Ray job
+        address = os.environ.get("RAY_ADDRESS") or "auto"
+    env = _without_job_env(env)
     runtime_env = {"env_vars": env} if env else None
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
@@ -41,3 +45,18 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[float] = None,
         ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env,
                  log_to_driver=True)
     return True
+
+
+def _without_job_env(env: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
+    """Inside a submitted Ray job, drop the variables the job's runtime_env already sets: Ray refuses a driver
+    runtime_env that repeats a job's env var (the workers inherit the job's anyway)."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not env or not raw:
+        return env
+    try:
+        job_vars = (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+    except (ValueError, AttributeError):
+        return env
+    return {k: v for k, v in env.items() if k not in job_vars}
