@@ -131,6 +131,7 @@ class FeatureSpace:
     ``name`` is the metric (``fd_digits``, ``fid_inception``); ``extractor_id`` names the exact weights
     (e.g. ``digits-cnn/<recipe hash>``, ``inception-v3-fid/sha256:<hash>``) and ``mode`` clean-fid's
     resizing mode: reference statistics record both, and scoring refuses statistics taken in another space.
+    ``feature_dim`` is D of the (N, D) features (0: unknown).
     """
 
     name: str
@@ -140,6 +141,7 @@ class FeatureSpace:
     fn_resize: Optional[Callable] = None
     image_transform: Optional[Callable] = None
     batch_size: int = 250
+    feature_dim: int = 0
 
     def features(self, images: torch.Tensor, device: torch.device | str = "cpu") -> np.ndarray:
         return extract_features(images, self.extractor, fn_resize=self.fn_resize, image_transform=self.image_transform,
