@@ -19,15 +19,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from sida_core.checkpoint import CheckpointError
     from sida_core.data import DataError
     from sida_core.distill import NonFiniteError
-    from pipelines.fid_stats import FidStatsError
     from pipelines.train import TrainingError
     from ray_jobs.jobs import JobError
+    from ray_jobs.reference import ReferenceStatsError
     from ray_jobs.storage import StorageError
     from sida_core.metrics.inception import InceptionWeightsError
     from sida_core.metrics.reference import ReferenceMismatch
 
     return (ConfigError, CheckpointError, DataError, NonFiniteError, FileNotFoundError, StorageError, TrainingError,
-            JobError, FidStatsError, InceptionWeightsError, ReferenceMismatch)
+            JobError, ReferenceStatsError, InceptionWeightsError, ReferenceMismatch)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from pipelines.cli import main
-from pipelines.fid_stats import FidStatsError, load_reference_images, read_reference, write_reference
+from pipelines.fid_stats import load_reference_images
+from ray_jobs.reference import ReferenceStatsError, read_reference, write_reference
 from sida_core.metrics import digits_feature_space
 from sida_core.metrics.reference import ReferenceMismatch, ReferenceStats, check_compatible, compute_reference
 
@@ -76,10 +77,10 @@ def test_bare_edm_npz_accepted_with_one_warning_and_dim_checked(space, train_ima
     with pytest.raises(ReferenceMismatch, match=r"big\.npz: feature dim 2048 does not match fd_digits's 64"):
         check_compatible(read_reference(str(tmp_path / "big.npz")).manifest, space, 8)
     (tmp_path / "bad.npz").write_bytes(edm_npz(np.zeros(3), np.eye(4)))
-    with pytest.raises(FidStatsError, match=r"bad\.npz.*expected mu \(D,\) and sigma \(D, D\)"):
+    with pytest.raises(ReferenceStatsError, match=r"bad\.npz.*expected mu \(D,\) and sigma \(D, D\)"):
         read_reference(str(tmp_path / "bad.npz"))
     np.savez(tmp_path / "nokeys.npz", images=np.zeros(3))
-    with pytest.raises(FidStatsError, match=r"keys 'mu' and 'sigma', found \['images'\]"):
+    with pytest.raises(ReferenceStatsError, match=r"keys 'mu' and 'sigma', found \['images'\]"):
         read_reference(str(tmp_path / "nokeys.npz"))
 
 
@@ -97,9 +98,9 @@ def test_fid_stats_digits_round_trip_local(space, train_images, tmp_path, capsys
     assert np.array_equal(read_reference(str(out / "stats.npz")).mu, mu)  # URI/stats.npz uses its manifest
     # stats.npz replaced under an old manifest: refused (the manifest records its sha256)
     (out / "stats.npz").write_bytes(edm_npz(mu + 1, sigma))
-    with pytest.raises(FidStatsError, match=r"stats\.npz.*sha256 .* does not match the manifest's"):
+    with pytest.raises(ReferenceStatsError, match=r"stats\.npz.*sha256 .* does not match the manifest's"):
         read_reference(str(out))
-    with pytest.raises(FidStatsError, match=r"no manifest\.json"):
+    with pytest.raises(ReferenceStatsError, match=r"no manifest\.json"):
         read_reference(str(tmp_path))
 
 
@@ -141,7 +142,7 @@ def test_fid_stats_user_data_and_errors(space, tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], (argv, err)
-    with pytest.raises(FidStatsError, match="at least|>= 2"):
+    with pytest.raises(ReferenceStatsError, match="at least|>= 2"):
         load_reference_images("digits", max_images=1)
 
 
