@@ -153,3 +153,19 @@ def test_reference_stats_validate_shapes():
         ReferenceStats(np.array([np.nan]), np.eye(1))
     r = ReferenceStats(np.zeros(3, np.float32), np.eye(3))
     assert r.mu.dtype == np.float64 and r.feature_dim == 3 and dataclasses.is_dataclass(r)
+
+
+def test_checkpoint_scorer_reads_fid_stats_output(space, train_images, tmp_path):
+    """The scorer actors' reference lookup (ray_jobs.scoring, no Ray started) takes a `sida fid-stats` folder."""
+    from ray_jobs.scoring import CheckpointScorer
+    from schemas.loader import load_run_config
+
+    out = tmp_path / "ref"
+    write_reference(compute_reference(train_images, space, dataset_desc={"name": "digits"}), str(out))
+    cfg = load_run_config("configs/digits.yaml", [f"metric.reference={out}"])
+    (mu, sigma), desc = CheckpointScorer().reference(cfg, cfg.metric, space)
+    ref_mu, ref_sigma = space.stats(train_images)
+    assert np.array_equal(mu, ref_mu) and np.array_equal(sigma, ref_sigma) and desc == str(out)
+    cfg16 = load_run_config("configs/digits.yaml", [f"metric.reference={out}", "data.resolution=16"])
+    with pytest.raises(ReferenceMismatch, match="resolution 8 does not match the scored images' 16"):
+        CheckpointScorer().reference(cfg16, cfg16.metric, space)
