@@ -2,7 +2,7 @@
 
 Subcommands: ``demo``, ``train`` (Ray), ``leaderboard``, ``evaluate``, ``distill`` (one process), ``teacher train``,
 ``teacher sample``, ``validate``, ``submit`` / ``jobs status|logs|stop`` (Ray Jobs API), ``cluster validate``
-(cluster-launcher YAMLs).
+(cluster-launcher YAMLs), ``fid-stats`` (reference statistics).
 """
 from __future__ import annotations
 
@@ -21,10 +21,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from sida_core.distill import NonFiniteError
     from pipelines.train import TrainingError
     from ray_jobs.jobs import JobError
+    from ray_jobs.reference import ReferenceStatsError
     from ray_jobs.storage import StorageError
+    from sida_core.metrics.inception import InceptionWeightsError
+    from sida_core.metrics.reference import ReferenceMismatch
 
     return (ConfigError, CheckpointError, DataError, NonFiniteError, FileNotFoundError, StorageError, TrainingError,
-            JobError)
+            JobError, ReferenceStatsError, InceptionWeightsError, ReferenceMismatch)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -183,6 +186,22 @@ def _add_address(p: argparse.ArgumentParser) -> None:
                    help="the cluster's Jobs API (dashboard), e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)")
 
 
+def cmd_fid_stats(args) -> int:
+    from pipelines.fid_stats import run_fid_stats
+
+    print(json.dumps(run_fid_stats(args.dataset, args.out, metric=args.metric, kind=args.kind,
+                                   resolution=args.resolution, channels=args.channels, max_images=args.max_images,
+                                   endpoint_url=args.endpoint_url, device=args.device, progress=not args.quiet)))
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sida", description="SiD / SiDA / SiD²A one-step distillation of EDM-style diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -264,6 +283,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = c.add_parser("validate", help="check cluster YAMLs against Ray's own schema, as `ray up` does (no cloud access)")
     p.add_argument("files", nargs="+", help="cluster YAML(s), e.g. cluster/*.yaml")
     p.set_defaults(func=cmd_cluster_validate)
+
+    p = sub.add_parser("fid-stats", help="reference statistics (mu, sigma + manifest) of a dataset for FD / FID scoring")
+    p.add_argument("dataset", metavar="DATASET", help="'digits' (the built-in train split) or a path (image folder, zip, .npz, IDX)")
+    p.add_argument("--out", required=True, metavar="URI", help="folder or s3://bucket/prefix for stats.npz + manifest.json")
+    p.add_argument("--metric", choices=["fd_digits", "fid_inception"], default=None,
+                   help="feature space (default: fd_digits for digits, fid_inception otherwise)")
+    p.add_argument("--kind", choices=["digits", "folder", "zip", "npz", "idx"], default=None, help="data kind (default: from the path)")
+    p.add_argument("--resolution", type=_positive_int, default=None,
+                   help="resolution the images are loaded at: the scored runs' data.resolution (digits: default 8)")
+    p.add_argument("--channels", type=int, choices=[1, 3], default=None, help="1 or 3 (default: 1 for digits, else 3)")
+    p.add_argument("--max-images", type=_positive_int, default=None, help="use only the first N images")
+    p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for an s3:// --out (else from env)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="feature extraction device")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_fid_stats)
 
     t = sub.add_parser("teacher", help="teacher utilities").add_subparsers(dest="teacher_command", required=True, metavar="ACTION")
     p = t.add_parser("train", help="train (or reuse) the EDM teacher a config describes (built-in data: on the CPU)")

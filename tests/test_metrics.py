@@ -161,3 +161,16 @@ def test_unreadable_cache_file_is_ignored(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.warns(UserWarning, match=r"x\.pt.*retraining"):
         assert dc._read_checkpoint(bad) is None
+
+
+def test_fd_from_features_low_rank_route_matches_sqrtm():
+    """N < D: fd_from_features takes the exact cross-Gram route; it equals the D x D sqrtm route."""
+    rng = np.random.default_rng(2)
+    for n1, n2, d in ((30, 20, 100), (5, 40, 64), (48, 48, 300)):
+        mix = rng.normal(size=(d, d)) * 0.3
+        f1, f2 = rng.normal(size=(n1, d)) @ mix, rng.normal(0.2, 1.1, size=(n2, d)) @ mix
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scipy: "Matrix is singular"
+            ref = frechet_distance(*stats_from_features(f1), *stats_from_features(f2))
+        assert fd_from_features(f1, f2) == pytest.approx(ref, rel=1e-6)
+        assert fd_from_features(f1, f1) <= 1e-9 * np.trace(stats_from_features(f1)[1])

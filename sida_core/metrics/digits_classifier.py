@@ -191,7 +191,8 @@ def digits_feature_space(cache_dir: Union[str, Path, None] = None, batch_size: i
 
     return FeatureSpace("fd_digits", DigitsFeatureExtractor(load_digits_classifier(cache_dir)),
                         extractor_id=f"digits-cnn/{cache_key()[:20]}", mode="clean",
-                        fn_resize=make_resizer("PIL", False, "box", (8, 8)), batch_size=batch_size)
+                        fn_resize=make_resizer("PIL", False, "box", (8, 8)), batch_size=batch_size,
+                        feature_dim=FEATURE_DIM)
 
 
 def digits_feature_stats(images: torch.Tensor, cache_dir: Union[str, Path, None] = None) -> Stats:

