@@ -59,7 +59,7 @@ def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, wo
 
     from ray_jobs.cluster import connect, worker_env
     from ray_jobs.run_store import RunStore
-    from ray_jobs.scoring import ScoringCoordinator, make_scorers
+    from ray_jobs.scoring import ScoringCoordinator, check_reference, make_scorers
     from ray_jobs.storage import StorageError
     from ray_jobs.train import build_trainer, public_config
     from sida_core.data import load_dataset
@@ -69,6 +69,7 @@ def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, wo
     cfg, run_name, root, resumed = resolve_run(config, overrides, workers=workers, resume=resume, name=name,
                                                endpoint_url=endpoint_url)
     root.check()
+    check_reference(cfg)
     store = RunStore(root.child(run_name))
     if not resumed and store.exists():
         raise ConfigError(f"run {store.uri} already exists: continue it with --resume {store.uri}, "

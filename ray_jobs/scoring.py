@@ -70,9 +70,11 @@ class CheckpointScorer:
             self._spaces[name] = feature_space(name, device=self._device())
         return self._spaces[name]
 
-    def reference(self, cfg, metric, space) -> tuple[tuple, str]:
-        """((mu, sigma), description) of the reference statistics ``metric`` names for run config ``cfg``."""
+    def reference(self, cfg, metric, space) -> tuple[Any, str]:
+        """(GaussianReference, description) of the reference statistics ``metric`` names for run config ``cfg``."""
         import json
+
+        from sida_core.metrics.frechet import GaussianReference
 
         key = json.dumps([metric.name, metric.reference, cfg.data.model_dump(mode="json"),
                           cfg.storage.endpoint_url], sort_keys=True)
@@ -82,14 +84,14 @@ class CheckpointScorer:
 
                 train_set, _ = load_dataset(cfg.data)
                 desc = f"digits train split ({len(train_set)} images, {cfg.data.resolution}px)"
-                self._refs[key] = (space.stats(train_set.images, self._device()), desc)
+                self._refs[key] = (GaussianReference.from_stats(*space.stats(train_set.images, self._device())), desc)
             else:
                 from ray_jobs.reference import read_reference
                 from sida_core.metrics.reference import check_compatible
 
                 ref = read_reference(metric.reference, endpoint_url=cfg.storage.endpoint_url)
                 check_compatible(ref.manifest, space, cfg.data.resolution)
-                self._refs[key] = ((ref.mu, ref.sigma), metric.reference)
+                self._refs[key] = (GaussianReference.from_stats(ref.mu, ref.sigma), metric.reference)
         return self._refs[key]
 
     def score(self, storage: Storage, name: str, *, metric: Optional[dict] = None, seed: Optional[int] = None,
@@ -132,6 +134,16 @@ class CheckpointScorer:
             time=time.time())
         store.write_row(row)
         return row.model_dump()
+
+
+def check_reference(cfg) -> None:
+    """Read ``metric.reference`` and check it against the metric's feature space the way the scorers will,
+    so that unreadable or mismatched statistics stop ``sida train`` before training starts, not at the first
+    checkpoint. Raises the readers' one-line errors (ReferenceStatsError, ReferenceMismatch, ...)."""
+    m = cfg.metric
+    if m.enabled and m.reference:
+        scorer = CheckpointScorer(threads=1)
+        scorer.reference(cfg, m, scorer._space(m.name))
 
 
 def make_scorers(metric, n: Optional[int] = None) -> list:

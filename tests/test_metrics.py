@@ -174,3 +174,21 @@ def test_fd_from_features_low_rank_route_matches_sqrtm():
             ref = frechet_distance(*stats_from_features(f1), *stats_from_features(f2))
         assert fd_from_features(f1, f2) == pytest.approx(ref, rel=1e-6)
         assert fd_from_features(f1, f1) <= 1e-9 * np.trace(stats_from_features(f1)[1])
+
+
+@pytest.mark.parametrize("n", [40, 600])  # rank-deficient (N < D) and full-rank covariances
+def test_gaussian_reference_matches_sqrtm_route(n):
+    from sida_core.metrics.frechet import GaussianReference, stats_from_features
+
+    rng = np.random.default_rng(n)
+    d = 256
+    mix = rng.normal(size=(d, d)) / np.sqrt(d)
+    ref = stats_from_features(rng.normal(size=(n, d)) @ mix)
+    prepared = GaussianReference.from_stats(*ref)
+    for shift in (0.0, 0.3):
+        gen = stats_from_features(rng.normal(size=(n, d)) @ (mix + shift * np.eye(d)) + shift)
+        expected = frechet_distance(*gen, *ref)
+        assert prepared.fd(*gen) == pytest.approx(expected, rel=1e-6), (n, shift)
+    assert prepared.fd(*ref) == pytest.approx(0.0, abs=1e-6 * np.trace(ref[1]))
+    with pytest.raises(ValueError, match="mismatched statistics"):
+        prepared.fd(ref[0][:10], ref[1][:10, :10])

@@ -163,9 +163,19 @@ def test_checkpoint_scorer_reads_fid_stats_output(space, train_images, tmp_path)
     out = tmp_path / "ref"
     write_reference(compute_reference(train_images, space, dataset_desc={"name": "digits"}), str(out))
     cfg = load_run_config("configs/digits.yaml", [f"metric.reference={out}"])
-    (mu, sigma), desc = CheckpointScorer().reference(cfg, cfg.metric, space)
+    ref, desc = CheckpointScorer().reference(cfg, cfg.metric, space)
     ref_mu, ref_sigma = space.stats(train_images)
-    assert np.array_equal(mu, ref_mu) and np.array_equal(sigma, ref_sigma) and desc == str(out)
+    assert np.array_equal(ref.mu, ref_mu) and np.array_equal(ref.sigma, ref_sigma) and desc == str(out)
     cfg16 = load_run_config("configs/digits.yaml", [f"metric.reference={out}", "data.resolution=16"])
     with pytest.raises(ReferenceMismatch, match="resolution 8 does not match the scored images' 16"):
         CheckpointScorer().reference(cfg16, cfg16.metric, space)
+
+
+def test_sida_train_refuses_mismatched_reference_before_anything_starts(space, train_images, tmp_path, capsys):
+    out, runs = tmp_path / "ref", tmp_path / "runs"
+    write_reference(compute_reference(train_images, space, dataset_desc={"name": "digits"}), str(out))
+    code = main(["train", "configs/digits.yaml", "--name", "r", "--set", f"metric.reference={out}",
+                 "--set", "data.resolution=16", "--set", f"storage.uri={runs}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "resolution 8 does not match" in err, err
+    assert not (runs / "r").exists()  # refused before the run folder, the teacher copy or Ray

@@ -50,6 +50,44 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     return max(fd, 0.0)  # identical statistics can round to -1e-11
 
 
+@dataclass(frozen=True, eq=False)
+class GaussianReference:
+    """Reference statistics (mu, sigma) prepared for many Fréchet distances against them (a scorer's case).
+
+    Tr sqrt(S S_ref) = Tr sqrt(R S R) with R = sqrt(S_ref) symmetric (S S_ref = S R R and R S R share their
+    nonzero eigenvalues), and R S R is symmetric PSD: one ``eigvalsh`` per distance instead of a general
+    D x D ``sqrtm`` (for D = 2048: about a second instead of 26-75 s on this 2-core CPU). Agrees with
+    :func:`frechet_distance` to round-off (tests/test_metrics.py).
+    """
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    sqrt_sigma: np.ndarray
+
+    @classmethod
+    def from_stats(cls, mu, sigma) -> "GaussianReference":
+        mu, sigma = np.atleast_1d(np.asarray(mu, np.float64)), np.atleast_2d(np.asarray(sigma, np.float64))
+        if sigma.shape != (mu.size, mu.size):
+            raise ValueError(f"mismatched statistics: mu {mu.shape}, sigma {sigma.shape}")
+        w, v = np.linalg.eigh((sigma + sigma.T) / 2)
+        return cls(mu, sigma, (v * np.sqrt(np.clip(w, 0, None))) @ v.T)
+
+    @property
+    def stats(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.mu, self.sigma
+
+    def fd(self, mu, sigma) -> float:
+        """||mu - mu_ref||^2 + Tr(S + S_ref - 2 sqrt(S S_ref)), clipped at 0 like :func:`frechet_distance`."""
+        mu, sigma = np.atleast_1d(np.asarray(mu, np.float64)), np.atleast_2d(np.asarray(sigma, np.float64))
+        if mu.shape != self.mu.shape or sigma.shape != self.sigma.shape:
+            raise ValueError(f"mismatched statistics: mu {mu.shape} vs {self.mu.shape}, "
+                             f"sigma {sigma.shape} vs {self.sigma.shape}")
+        m = self.sqrt_sigma @ sigma @ self.sqrt_sigma
+        tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+        diff = mu - self.mu
+        return max(float(diff @ diff + np.trace(sigma) + np.trace(self.sigma) - 2.0 * tr_covmean), 0.0)
+
+
 def fd_from_features(feats1: np.ndarray, feats2: np.ndarray) -> float:
     """Fréchet distance between two (N, D) feature arrays.
 

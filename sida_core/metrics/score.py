@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..losses import generate
-from .frechet import FeatureSpace, Stats, frechet_distance, stats_from_features
+from .frechet import FeatureSpace, GaussianReference, Stats, stats_from_features
 
 CHUNK = 256
 
@@ -51,10 +51,14 @@ def generate_images(generator: torch.nn.Module, n: int, *, seed: int, sigma_init
         yield generate(generator, z.to(device), None if c is None else c.to(device), sigma_init).float().cpu()
 
 
-def score_generator(generator: torch.nn.Module, space: FeatureSpace, reference: Stats, *, num_images: int,
+def score_generator(generator: torch.nn.Module, space: FeatureSpace, reference: Stats | GaussianReference, *,
+                    num_images: int,
                     seed: int, sigma_init: float, img_shape: tuple[int, int, int], label_dim: int = 0,
                     batch_size: int = CHUNK, device="cpu") -> float:
-    """Fréchet distance in ``space`` between ``num_images`` one-step samples and the ``reference`` (mu, sigma)."""
+    """Fréchet distance in ``space`` between ``num_images`` one-step samples and the ``reference`` (mu, sigma),
+    best given as a :class:`GaussianReference` when several generators are scored against it."""
+    if not isinstance(reference, GaussianReference):
+        reference = GaussianReference.from_stats(*reference)
     was_training = generator.training
     generator.eval()
     try:
@@ -63,4 +67,4 @@ def score_generator(generator: torch.nn.Module, space: FeatureSpace, reference: 
             batch_size=batch_size, device=device)]
     finally:
         generator.train(was_training)
-    return frechet_distance(*stats_from_features(np.concatenate(feats)), *reference)
+    return reference.fd(*stats_from_features(np.concatenate(feats)))
