@@ -1,6 +1,6 @@
 """``sida``: the one console script. Configs are validated here, once; errors print as one line.
 
-Subcommands: ``demo``, ``train`` (Ray), ``leaderboard``, ``evaluate``, ``distill`` (one process), ``teacher train``,
+Subcommands: ``demo``, ``train`` (Ray), ``sweep`` (Ray Tune), ``leaderboard``, ``evaluate``, ``distill`` (one process), ``teacher train``,
 ``teacher sample``, ``validate``.
 """
 from __future__ import annotations
@@ -59,6 +59,14 @@ def cmd_train(args) -> int:
                     address=args.address, endpoint_url=args.endpoint_url)
     print(json.dumps(out))
     return 0 if out["status"] == "finished" else 1
+
+
+def cmd_sweep(args) -> int:
+    from pipelines.sweep import run_sweep
+
+    out = run_sweep(args.file, args.overrides, address=args.address)
+    print(json.dumps(out))
+    return 0
 
 
 def cmd_leaderboard(args) -> int:
@@ -151,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray for this job)")
     p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for --resume of an s3:// run (else from env)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="an ablation sweep (grid or random search) as one Ray Tune experiment")
+    p.add_argument("file", help="sweep YAML (see configs/sweeps/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of every trial's run config, e.g. --set storage.uri=s3://b/sweeps")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray for this job)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("leaderboard", help="table / plot / JSON of the scores of a run or of every run below a URI")
     p.add_argument("uri", help="a run folder, or a folder of runs (a sweep, a storage root); local or s3://")

@@ -64,8 +64,8 @@ def _commands():
 
 def test_every_command_is_listed():
     assert sorted(" ".join(c) for c in _commands() if c) == [
-        "demo", "distill", "evaluate", "leaderboard", "teacher", "teacher sample", "teacher train", "train",
-        "validate"]
+        "demo", "distill", "evaluate", "leaderboard", "sweep", "teacher", "teacher sample", "teacher train",
+        "train", "validate"]
 
 
 @pytest.mark.parametrize("command", _commands(), ids=lambda c: " ".join(c) or "sida")
