@@ -1,6 +1,7 @@
 """``sida``: the one console script. Configs are validated here, once; errors print as one line.
 
-Subcommands: ``demo``, ``train`` (Ray), ``sweep`` (Ray Tune), ``leaderboard``, ``evaluate``, ``distill`` (one process), ``teacher train``,
+Subcommands: ``demo``, ``train`` (Ray), ``sweep`` (Ray Tune), ``pipeline`` (staged Tune
+experiments), ``report``, ``leaderboard``, ``evaluate``, ``distill`` (one process), ``teacher train``,
 ``teacher sample``, ``validate``.
 """
 from __future__ import annotations
@@ -18,10 +19,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from sida_core.checkpoint import CheckpointError
     from sida_core.data import DataError
     from sida_core.distill import NonFiniteError
+    from pipelines.pipeline import PipelineError
     from pipelines.train import TrainingError
     from ray_jobs.storage import StorageError
 
-    return ConfigError, CheckpointError, DataError, NonFiniteError, FileNotFoundError, StorageError, TrainingError
+    return (ConfigError, CheckpointError, DataError, NonFiniteError, FileNotFoundError, StorageError, TrainingError,
+            PipelineError)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -65,6 +68,14 @@ def cmd_sweep(args) -> int:
     from pipelines.sweep import run_sweep
 
     out = run_sweep(args.file, args.overrides, address=args.address)
+    print(json.dumps(out))
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from pipelines.pipeline import run_pipeline
+
+    out = run_pipeline(args.file, args.overrides, stop_after=args.stop_after, address=args.address)
     print(json.dumps(out))
     return 0
 
@@ -166,6 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a field of every trial's run config, e.g. --set storage.uri=s3://b/sweeps")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray for this job)")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("pipeline", help="staged pipeline, e.g. SiD then SiD²A from its best generator; resumable")
+    p.add_argument("file", help="pipeline YAML (see configs/pipelines/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of every trial's run config (a stage's own `set` still wins)")
+    p.add_argument("--stop-after", default=None, metavar="STAGE", help="end after this stage (continue later by "
+                   "running the same command again)")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray for this job)")
+    p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("leaderboard", help="table / plot / JSON of the scores of a run or of every run below a URI")
     p.add_argument("uri", help="a run folder, or a folder of runs (a sweep, a storage root); local or s3://")

@@ -162,7 +162,7 @@ def run_sweep(path: str, overrides: Sequence[str] = (), *, address: Optional[str
     root = storage_root(base, [sweep.set, ov])
     root.check()
     exp_root = root.child(sweep.name)
-    plans = plan_trials(sweep, base, source=str(path), storage_uri=exp_root.uri, overrides=ov)
+    plans = plan_trials(sweep, base, source=str(path), storage_uri=exp_root.uri, layers=[sweep.set, ov])
     record = {"kind": "sweep", "name": sweep.name, "file": str(path), "sweep": sweep.model_dump(mode="json"),
               "trials": [{"name": p.name, "axes": p.axes} for p in plans], "time": time.time()}
     exp_root.write_json("sweep.json", record)

@@ -15,7 +15,7 @@ import math
 import random
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
@@ -274,12 +274,14 @@ def _set_path(data: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def plan_trials(search: SearchConfig, base: dict, *, source: str, storage_uri: str, overrides: dict[str, Any] = {},
-                method: Optional[str] = None, init_generator: Optional[str] = None) -> list[TrialPlan]:
+def plan_trials(search: SearchConfig, base: dict, *, source: str, storage_uri: str,
+                layers: Sequence[dict[str, Any]] = (), method: Optional[str] = None,
+                init_generator: Optional[str] = None) -> list[TrialPlan]:
     """Every trial of ``search`` over the run config ``base`` (a dict), validated as a RunConfig.
 
-    Precedence, lowest first: ``base``, ``search.set``, ``overrides`` (the command line's --set), ``method`` (a
-    pipeline stage's), the axis values. Trials live at ``storage_uri/<trial name>``. A point that does not
+    Precedence, lowest first: ``base``, the dotted overrides in ``layers`` in order (a sweep: its ``set``, then the
+    command line's ``--set``; a pipeline stage: the pipeline's ``set``, ``--set``, the stage's ``set``), ``method``
+    (a pipeline stage's), the axis values. Trials live at ``storage_uri/<trial name>``. A point that does not
     validate raises ConfigError naming the trial's axis values and the problem, before anything starts.
     """
     import copy
@@ -293,7 +295,7 @@ def plan_trials(search: SearchConfig, base: dict, *, source: str, storage_uri: s
         data = copy.deepcopy(base)
         desc = ", ".join(f"{k}={_fmt(v)}" for k, v in point.items())
         try:
-            for key, value in [*search.set.items(), *overrides.items()]:
+            for key, value in [kv for layer in layers for kv in layer.items()]:
                 _set_path(data, key, value)
             if method is not None:
                 data["method"] = method

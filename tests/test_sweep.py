@@ -114,3 +114,75 @@ def bad_file_error(tmp_path, capsys, kind: str, data: dict) -> str:
 def test_bad_sweep_files_get_one_line_errors(tmp_path, capsys, change, expected):
     err = bad_file_error(tmp_path, capsys, "sweep", {**GRID, "points": [], **change})
     assert err.startswith("error: invalid sweep") and all(e in err for e in expected), err
+
+
+STAGED = {"name": "staged", "base": str(CONFIG), "stages": [
+    {"name": "sid", "method": "sid", "axes": {"alpha": [1.0]}},
+    # a checkpoint after the first step, which only trains f_psi: its generator is exactly where theta started
+    {"name": "sid2a", "method": "sid2a", "init_from": "sid", "axes": {"alpha": [1.0, 1.2]},
+     "set": {"checkpoint_every_kimg": 0.032}, "max_concurrent_trials": 2}]}
+
+
+@pytest.fixture(scope="module")
+def staged(ray_cluster, tmp_path_factory):
+    """SiD -> SiD²A on local storage, stopped after stage 1 (where a kill between stages leaves it: pipeline.json
+    records stage 1 done), then the same command again; returns (pipeline Storage, pipeline.json after the stop,
+    stage 1's event files after the stop, the temp folder)."""
+    tmp = tmp_path_factory.mktemp("staged")
+    argv = ["pipeline", write_yaml(tmp / "staged.yaml", STAGED), *sets(TINY_TUNE + [f"storage.uri={tmp / 'pipes'}"])]
+    pipe = Storage(str(tmp / "pipes")).child("staged")
+    assert main(argv + ["--stop-after", "sid"]) == 0
+    events_before = sorted(pipe.child("sid", "t00_alpha=1").listdir("events"))
+    state_before = pipe.read_json("pipeline.json")
+    assert main(argv) == 0
+    return pipe, state_before, events_before, tmp
+
+
+def test_pipeline_stops_between_stages_and_resumes_at_the_next(staged):
+    pipe, state_before, events_before, _ = staged
+    assert state_before["stages"]["sid"]["state"] == "done" and "sid2a" not in state_before["stages"]
+    state = pipe.read_json("pipeline.json")
+    assert state["current"] is None and [state["stages"][s]["state"] for s in ("sid", "sid2a")] == ["done", "done"]
+    assert state["stages"]["sid"] == state_before["stages"]["sid"]  # stage 1 was not re-run ...
+    assert sorted(pipe.child("sid", "t00_alpha=1").listdir("events")) == events_before  # ... no new start, no new end
+    assert [t["state"] for t in state["stages"]["sid2a"]["outcomes"]] == ["finished", "finished"]
+
+
+def test_sid2a_starts_from_the_best_sid_checkpoint(staged):
+    import torch
+
+    pipe, state_before, _, _ = staged
+    best = state_before["stages"]["sid"]["best"]
+    sid_run = RunStore(pipe.child("sid").child("t00_alpha=1"))
+    live = [r for r in sid_run.read_rows() if r["kind"] == "live"]
+    assert best["checkpoint"] == min(live, key=lambda r: r["value"])["checkpoint"]  # the leaderboard's lowest
+    assert best["uri"] == sid_run.storage.uri_of(f"pinned/{best['checkpoint']}")
+    src_state, src_manifest = sid_run.load_checkpoint(f"pinned/{best['checkpoint']}")
+    for trial in ("t00_alpha=1", "t01_alpha=1.2"):
+        run = RunStore(pipe.child("sid2a").child(trial))
+        lineage = run.lineage()
+        assert lineage["content_hash"] == src_manifest["content_hash"] == best["checkpoint_hash"]
+        assert lineage["uri"] == best["uri"] and lineage["source_run"] == sid_run.uri and lineage["stage"] == "sid"
+        assert run.read_config()["init_generator"] == best["uri"]
+        rows = run.read_rows()
+        assert rows and all(r["init_generator"] == best["uri"] and r["method"] == "sid2a" for r in rows)
+        start = next(e for e in run.events() if e["kind"] == "start")
+        assert start["init_generator_hash"] == src_manifest["content_hash"]
+        first, _ = run.load_checkpoint("ckpt-000000000032")  # after step 1 (f_psi only): theta untouched
+        for name, w in src_state["generator_ema"].items():
+            assert torch.equal(first["generator"][name], w), name
+
+
+@pytest.mark.parametrize("stages,expected", [
+    ([{"name": "sid", "method": "sid"}, {"name": "b", "method": "sid2a", "init_from": "sdi"}],
+     ["stages[1] (b).init_from: 'sdi' is no stage", "expected one of the stages before it: sid"]),
+    ([{"name": "b", "method": "sid2a", "init_from": "sid"}, {"name": "sid", "method": "sid"}],
+     ["init_from: 'sid' is a later stage"]),
+    ([{"name": "sid", "method": "sid"}, {"name": "b", "method": "sid2a"}], ["method 'sid2a' and init_from go together"]),
+    ([{"name": "sid", "method": "sid"}, {"name": "sid", "method": "sida"}], ["'sid' is used twice"]),
+    ([{"name": "sid", "method": "sid", "axes": {"alpha": []}}], ["stages.0.axes.alpha: empty grid"]),
+    ([], ["stages: give at least one stage"]),
+])
+def test_bad_pipeline_files_get_one_line_errors(tmp_path, capsys, stages, expected):
+    err = bad_file_error(tmp_path, capsys, "pipeline", {**STAGED, "stages": stages})
+    assert err.startswith("error: invalid pipeline") and all(e in err for e in expected), err
