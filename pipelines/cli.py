@@ -80,6 +80,14 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from pipelines.report import run_report
+
+    out = run_report(args.uri, args.out, endpoint_url=args.endpoint_url, upload=not args.no_upload)
+    print(json.dumps(out))
+    return 0
+
+
 def cmd_leaderboard(args) -> int:
     from pipelines.leaderboard import collect_rows, plot_curves, print_table, rank
 
@@ -186,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "running the same command again)")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray for this job)")
     p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("report", help="markdown summary + PNG plots of a sweep, a pipeline or a folder of runs")
+    p.add_argument("uri", help="a sweep or pipeline folder (or any folder of runs); local or s3://")
+    p.add_argument("--out", required=True, metavar="DIR", help="local folder for report.md and the PNGs")
+    p.add_argument("--no-upload", action="store_true", help="do not also store the report under URI/report/")
+    p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for s3:// URIs (else from env)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("leaderboard", help="table / plot / JSON of the scores of a run or of every run below a URI")
     p.add_argument("uri", help="a run folder, or a folder of runs (a sweep, a storage root); local or s3://")

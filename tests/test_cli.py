@@ -64,7 +64,7 @@ def _commands():
 
 def test_every_command_is_listed():
     assert sorted(" ".join(c) for c in _commands() if c) == [
-        "demo", "distill", "evaluate", "leaderboard", "pipeline", "sweep", "teacher", "teacher sample", "teacher train",
+        "demo", "distill", "evaluate", "leaderboard", "pipeline", "report", "sweep", "teacher", "teacher sample", "teacher train",
         "train", "validate"]
 
 

@@ -94,6 +94,16 @@ def test_grid_sweep_stops_the_diverging_trial_and_finishes_the_others(where, ray
     ranked = json.loads(capsys.readouterr().out)
     assert {r["run"] for r in ranked} >= set(trials)
 
+    # the report: markdown + plots locally, and a copy in storage next to the trials
+    ep = ["--endpoint-url", endpoint] if endpoint else []
+    rep = run_cli(capsys, ["report", sweep.uri, "--out", str(tmp_path / "report"), *ep])
+    assert rep["kind"] == "sweep" and rep["runs"] == 3 and rep["best"]["value"] == pytest.approx(out["best"]["value"])
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "loss_psi blew up" in md and "t00_alpha=0.5" in md and "alpha=1.2, lr=1000" in md
+    for png in ("fd_vs_kimg.png", "best_per_trial.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 10_000
+        assert sweep.read_bytes(f"report/{png}") == (tmp_path / "report" / png).read_bytes()
+
 
 def bad_file_error(tmp_path, capsys, kind: str, data: dict) -> str:
     assert main([kind, write_yaml(tmp_path / f"{kind}.yaml", data)]) == 2
@@ -146,6 +156,15 @@ def test_pipeline_stops_between_stages_and_resumes_at_the_next(staged):
     assert state["stages"]["sid"] == state_before["stages"]["sid"]  # stage 1 was not re-run ...
     assert sorted(pipe.child("sid", "t00_alpha=1").listdir("events")) == events_before  # ... no new start, no new end
     assert [t["state"] for t in state["stages"]["sid2a"]["outcomes"]] == ["finished", "finished"]
+
+
+def test_pipeline_report_compares_the_methods(staged, capsys):
+    pipe, _, _, tmp = staged
+    rep = run_cli(capsys, ["report", pipe.uri, "--out", str(tmp / "report")])
+    assert rep["kind"] == "pipeline" and rep["runs"] == 3 and "methods.png" in rep["files"]
+    md = (tmp / "report" / "report.md").read_text()
+    assert "## Stages" in md and "SiD²A" in md and "lineage" in md and "sid2a/t01_alpha=1.2" in md
+    assert (tmp / "report" / "methods.png").stat().st_size > 10_000 and pipe.exists("report/methods.png")
 
 
 def test_sid2a_starts_from_the_best_sid_checkpoint(staged):
