@@ -82,9 +82,10 @@ def trial_main(config: dict[str, Any]) -> None:
     except Exception as exc:
         from pipelines.train import _root_cause
 
-        reason = _root_cause(exc)
-        store.write_status(STATE_FAILED, reason=reason)
-        store.log_event(STATE_FAILED, reason=reason)
+        if (store.read_status() or {}).get("state") not in TERMINAL:  # stopped by the stopper: Tune ending the
+            reason = _root_cause(exc)                                 # trial is what breaks fit(); keep its reason
+            store.write_status(STATE_FAILED, reason=reason)
+            store.log_event(STATE_FAILED, reason=reason)
         raise
     finally:
         if scoring is not None:
