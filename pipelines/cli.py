@@ -1,8 +1,9 @@
 """``sida``: the one console script. Configs are validated here, once; errors print as one line.
 
-Subcommands: ``demo``, ``train`` (Ray), ``leaderboard``, ``evaluate``, ``distill`` (one process), ``teacher train``,
-``teacher sample``, ``validate``, ``submit`` / ``jobs status|logs|stop`` (Ray Jobs API), ``cluster validate``
-(cluster-launcher YAMLs), ``fid-stats`` (reference statistics).
+Subcommands: ``demo``, ``train`` (Ray), ``sweep`` (Ray Tune), ``pipeline`` (staged Tune experiments), ``report``,
+``leaderboard``, ``evaluate``, ``distill`` (one process), ``teacher train``, ``teacher sample``, ``validate``,
+``submit`` / ``jobs status|logs|stop`` (Ray Jobs API), ``cluster validate`` (cluster-launcher YAMLs), ``fid-stats``
+(reference statistics).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from sida_core.checkpoint import CheckpointError
     from sida_core.data import DataError
     from sida_core.distill import NonFiniteError
+    from pipelines.pipeline import PipelineError
     from pipelines.train import TrainingError
     from ray_jobs.jobs import JobError
     from ray_jobs.reference import ReferenceStatsError
@@ -27,7 +29,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from sida_core.metrics.reference import ReferenceMismatch
 
     return (ConfigError, CheckpointError, DataError, NonFiniteError, FileNotFoundError, StorageError, TrainingError,
-            JobError, ReferenceStatsError, InceptionWeightsError, ReferenceMismatch)
+            JobError, ReferenceStatsError, InceptionWeightsError, ReferenceMismatch, PipelineError)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -65,6 +67,30 @@ def cmd_train(args) -> int:
                     address=args.address, endpoint_url=args.endpoint_url)
     print(json.dumps(out))
     return 0 if out["status"] == "finished" else 1
+
+
+def cmd_sweep(args) -> int:
+    from pipelines.sweep import run_sweep
+
+    out = run_sweep(args.file, args.overrides, address=args.address)
+    print(json.dumps(out))
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from pipelines.pipeline import run_pipeline
+
+    out = run_pipeline(args.file, args.overrides, stop_after=args.stop_after, address=args.address)
+    print(json.dumps(out))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pipelines.report import run_report
+
+    out = run_report(args.uri, args.out, endpoint_url=args.endpoint_url, upload=not args.no_upload)
+    print(json.dumps(out))
+    return 0
 
 
 def cmd_leaderboard(args) -> int:
@@ -222,6 +248,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray for this job)")
     p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for --resume of an s3:// run (else from env)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="an ablation sweep (grid or random search) as one Ray Tune experiment")
+    p.add_argument("file", help="sweep YAML (see configs/sweeps/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of every trial's run config, e.g. --set storage.uri=s3://b/sweeps")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray for this job)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("pipeline", help="staged pipeline, e.g. SiD then SiD²A from its best generator; resumable")
+    p.add_argument("file", help="pipeline YAML (see configs/pipelines/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of every trial's run config (a stage's own `set` still wins)")
+    p.add_argument("--stop-after", default=None, metavar="STAGE", help="end after this stage (continue later by "
+                   "running the same command again)")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray for this job)")
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("report", help="markdown summary + PNG plots of a sweep, a pipeline or a folder of runs")
+    p.add_argument("uri", help="a sweep or pipeline folder (or any folder of runs); local or s3://")
+    p.add_argument("--out", required=True, metavar="DIR", help="local folder for report.md and the PNGs")
+    p.add_argument("--no-upload", action="store_true", help="do not also store the report under URI/report/")
+    p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for s3:// URIs (else from env)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("leaderboard", help="table / plot / JSON of the scores of a run or of every run below a URI")
     p.add_argument("uri", help="a run folder, or a folder of runs (a sweep, a storage root); local or s3://")

@@ -1,9 +1,9 @@
 """``sida submit``: a job file in, a Ray job out. Validate everything first (spec, the config it names, what
 the cluster advertises), stage the config into a small ``working_dir``, submit through the Jobs API.
 
-The uploaded ``working_dir`` holds the config file only (not the repository, not the venv): the cluster
-runs the project installed by its setup commands, and the job's command reads the config from its
-working directory, with the job's overrides passed as ``--set``.
+The uploaded ``working_dir`` holds the config file only (a sweep or pipeline file: with its base run config),
+not the repository or the venv: the cluster runs the project installed by its setup commands, and the job's
+command reads the config from its working directory, with the job's overrides passed as ``--set``.
 """
 from __future__ import annotations
 
@@ -65,7 +65,10 @@ def submit_job(job_file: str, address: Optional[str] = None, *, allow_autoscale:
                 **({"sida_run_uri": job.run_uri} if job.run_uri else {}), **spec.tags}
     staged = Path(tempfile.mkdtemp(prefix="sida-job-")) if job.config_path else None
     try:
-        if staged is not None:
+        if staged is not None and job.staged:  # e.g. a sweep file and its base run config
+            for name, text in job.staged.items():
+                (staged / name).write_text(text)
+        elif staged is not None:
             shutil.copy2(job.config_path, staged / job.config_path.name)
         entrypoint = job.entrypoint()
         job_id = jobs.submit(c, entrypoint=entrypoint, runtime_env=runtime_env_for(job, staged), metadata=metadata,

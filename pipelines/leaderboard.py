@@ -96,27 +96,34 @@ def print_table(ranked: list[dict], title: str) -> None:
     Console(width=None if sys.stdout.isatty() else 240).print(table)  # piped: never cut a checkpoint name
 
 
-def plot_curves(rows: list[dict], path: Path, title: str = "", hlines: Optional[dict[str, float]] = None) -> Path:
+def plot_curves(rows: list[dict], path: Path, title: str = "", hlines: Optional[dict[str, float]] = None,
+                label: Optional[Callable[[dict], str]] = None, kimg_offset: Optional[dict[str, float]] = None) -> Path:
     """Value vs kimg (log-scale x), one curve per run and metric, like the paper's Figures 2-5; the final
     re-evaluations (mean ± std) as error bars at their checkpoints; ``hlines``: labelled reference levels
-    (e.g. the teacher's score, the real-vs-real floor)."""
+    (e.g. the teacher's score, the real-vs-real floor). ``label(first row of a curve)``: the legend text (default
+    "run (method, alpha)"); ``kimg_offset``: {run_uri: kimg} added to a run's x values (e.g. a SiD²A run drawn
+    after the SiD images its generator already saw)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import math
+
+    offset = kimg_offset or {}
+    rows = [{**r, "kimg": r["kimg"] + offset.get(r["run_uri"], 0.0)} for r in rows if math.isfinite(r["value"])]
     live = [r for r in rows if r["kind"] == "live"]
     if not live:
         raise ConfigError("nothing to plot yet: no scored checkpoint")
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     curves: dict[tuple, list[dict]] = {}
     for r in live:
-        curves.setdefault((r["run"], r["metric"]), []).append(r)
-    for (run, metric), pts in sorted(curves.items()):
+        curves.setdefault((r["run_uri"], r["metric"]), []).append(r)
+    for (run_uri, metric), pts in sorted(curves.items()):
         pts.sort(key=lambda r: r["kimg"])
         line, = ax.plot([p["kimg"] for p in pts], [p["value"] for p in pts], "o-", ms=3,
-                        label=f"{run} ({pts[0]['method']}, alpha={pts[0]['alpha']:g})")
-        finals = [r for r in rows if r["kind"] == "final" and r["run"] == run and r["metric"] == metric]
+                        label=label(pts[0]) if label else f"{pts[0]['run']} ({pts[0]['method']}, alpha={pts[0]['alpha']:g})")
+        finals = [r for r in rows if r["kind"] == "final" and r["run_uri"] == run_uri and r["metric"] == metric]
         for ck in sorted({r["checkpoint"] for r in finals}):
             vals = [r["value"] for r in finals if r["checkpoint"] == ck]
             kimg = next(r["kimg"] for r in finals if r["checkpoint"] == ck)

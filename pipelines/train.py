@@ -78,6 +78,8 @@ def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, wo
         train_set, _ = load_dataset(cfg.data)
         _, teacher_path = get_teacher(cfg, train_set, torch.device("cpu"), log)
         store.ensure_teacher(teacher_path)
+    if cfg.method == "sid2a":  # the workers read theta's start from the run folder (local or S3), verified
+        store.ensure_init_generator(cfg.init_generator)
     store.write_config(public_config(cfg))
     log(f"run {store.uri}: {cfg.method}, {cfg.scaling.num_workers} worker(s) x {cfg.batch.per_worker} images x "
         f"{cfg.rounds} round(s) = batch {cfg.batch.total}, to {cfg.total_kimg} kimg")

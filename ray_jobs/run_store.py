@@ -14,7 +14,9 @@
       leaderboard/<key>.parquet   one scored checkpoint per file (schemas.leaderboard.LeaderboardRow), key =
                                   checkpoint-metric-kind-seed: a retried or repeated score replaces its file
       scoring/skipped/<ckpt>.json checkpoints the scorers skipped (behind, deleted by rotation, failing), and why
-      status.json                 how the run ended: finished / diverged (with the reason)
+      status.json                 how the run ended: finished / diverged / stopped (with the reason)
+      init_generator/             SiD²A: a verified copy of the generator checkpoint theta starts from
+      lineage.json                SiD²A: where that copy came from (source run, checkpoint, URI, content hash)
       events/<time>-<kind>.json   the run's history: each start and resume of the workers, and the end
 
 Atomicity: every file is written whole (:class:`Storage` renames locally, single PUT on S3); a checkpoint
@@ -189,6 +191,23 @@ class RunStore:
         names = [n for n in self.storage.listdir("scoring/skipped") if n.endswith(".json")]
         return {n.removesuffix(".json"): self.storage.read_json(f"scoring/skipped/{n}")["reason"] for n in names}
 
+    def live_scores(self, metric: str, seed: int, seen: Optional[dict[str, tuple[float, float]]] = None
+                    ) -> dict[str, tuple[float, float]]:
+        """{row key: (kimg, value)} of the live scores of ``metric``/``seed``; ``seen`` (a previous answer) is
+        reused, so a poll costs one listing plus the new rows."""
+        import pyarrow.parquet as pq
+
+        out = dict(seen or {})
+        suffix = f"-{metric}-live-s{seed}"
+        for key in sorted(self.row_keys() - set(out)):
+            if key.endswith(suffix):
+                try:
+                    row = pq.read_table(pa.BufferReader(self.storage.read_bytes(f"leaderboard/{key}.parquet"))).to_pylist()[0]
+                except FileNotFoundError:
+                    continue
+                out[key] = (float(row["kimg"]), float(row["value"]))
+        return out
+
     # ----------------------------------------------------------------- teacher
     def ensure_teacher(self, local_teacher: Path) -> None:
         """Copy the teacher into the run unless a verified copy is there already (a resumed run keeps its own)."""
@@ -200,3 +219,46 @@ class RunStore:
                 pass
         self.storage.delete("teacher")
         self.upload_checkpoint(Path(local_teacher), "teacher")
+
+    # ----------------------------------------------------------------- SiD²A: the generator theta starts from
+    def ensure_init_generator(self, source_uri: str, *, endpoint_url: Optional[str] = None,
+                              lineage: Optional[dict] = None) -> dict:
+        """Copy the checkpoint at ``source_uri`` (a local folder or ``s3://`` URI) into ``init_generator/``,
+        verified, and record ``lineage.json`` (source URI, content hash, plus ``lineage``). A run that already
+        holds a verified copy of the same content keeps it. Returns the lineage record."""
+        src = Storage(source_uri, endpoint_url=endpoint_url or self.storage.endpoint_url)
+        known = self.lineage()
+        with tempfile.TemporaryDirectory(prefix="sida-init-") as scratch:
+            if known is not None and known.get("uri") == src.uri:  # resumed: keep the copy if it still verifies
+                try:
+                    have = self.fetch_checkpoint("init_generator", Path(scratch) / "have")
+                    if ckpt.verify_checkpoint(have)["content_hash"] == known["content_hash"]:
+                        return known
+                except ckpt.CheckpointError:
+                    pass
+            if src.is_s3:
+                local = Path(scratch) / "src"
+                src.download_dir("", local)
+                if not (local / ckpt.MANIFEST_FILE).exists():
+                    raise ckpt.CheckpointError(f"{src.uri}: no checkpoint there (no {ckpt.MANIFEST_FILE})")
+            else:
+                local = Path(src.root)
+            manifest = ckpt.verify_checkpoint(local)
+            record = {"uri": src.uri, "content_hash": manifest["content_hash"], "kimg": manifest.get("kimg"),
+                      "cur_nimg": manifest.get("cur_nimg"), **(lineage or {})}
+            try:
+                have = self.fetch_checkpoint("init_generator", Path(scratch) / "have")
+                same = ckpt.verify_checkpoint(have)["content_hash"] == manifest["content_hash"]
+            except ckpt.CheckpointError:
+                same = False
+            if not same:
+                self.storage.delete("init_generator")
+                self.upload_checkpoint(local, "init_generator")
+        self.storage.write_json("lineage.json", record)
+        return record
+
+    def lineage(self) -> Optional[dict]:
+        try:
+            return self.storage.read_json("lineage.json")
+        except FileNotFoundError:
+            return None

@@ -40,6 +40,29 @@ def metrics_row(stats: dict, *, images_per_s: float, num_workers: int) -> dict:
     return row
 
 
+class LiveScores:
+    """Rank 0's view of the run's asynchronous scores (written by the scorer actors, not by the workers), added to
+    each report so that Tune sees the leaderboard metric with kimg: ``fid`` (the newest score), ``fid_kimg`` (the
+    kimg of the checkpoint it scored) and ``best_fid`` (the lowest so far; +inf until the first score). The names say
+    "fid" whatever ``metric.name`` is (``fid_metric`` names it). One listing per report, plus the new rows."""
+
+    def __init__(self, store: RunStore, metric):
+        self.store, self.metric = store, metric
+        self.seen: dict[str, tuple[float, float]] = {}
+
+    def fields(self) -> dict:
+        try:
+            self.seen = self.store.live_scores(self.metric.name, self.metric.seed, self.seen)
+        except Exception as exc:  # noqa: BLE001 -- a storage hiccup must not end training; the next report retries
+            print(f"live scores unavailable this report: {exc}", flush=True)
+        out = {"run": self.store.uri.rstrip("/").rsplit("/", 1)[-1], "fid_metric": self.metric.name,
+               "best_fid": float("inf")}
+        if self.seen:
+            kimg, value = max(self.seen.values())
+            out.update(fid=value, fid_kimg=kimg, best_fid=min(v for _, v in self.seen.values()))
+        return out
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; ``config``: {"run": public_config(cfg), "run_name": str, "threads": int}."""
     import ray.train
@@ -62,9 +85,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_set, _ = load_dataset(cfg.data)
     with tempfile.TemporaryDirectory(prefix="sida-teacher-") as scratch:
         teacher, _ = load_network(store.fetch_checkpoint("teacher", Path(scratch)), "net", device)
-    spec = network_spec(cfg, train_set)
-    distiller = build_distiller(cfg, teacher, train_set, device, rank=rank, world_size=world,
-                                wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
+        # SiD²A: theta starts from the run's own verified copy of the SiD generator (see RunStore.ensure_init_generator)
+        init = store.fetch_checkpoint("init_generator", Path(scratch)) if cfg.method == "sid2a" else None
+        spec = network_spec(cfg, train_set)
+        distiller = build_distiller(cfg, teacher, train_set, device, rank=rank, world_size=world, init_generator=init,
+                                    wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
 
     registered = ray.train.get_checkpoint()
     loaded = store.load_latest_valid(map_location=device, prefer=Path(registered.path).name if registered else None)
@@ -74,8 +99,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"resumed from {store.storage.uri_of(name)} at kimg {distiller.cur_nimg / 1000:.3f}", flush=True)
     if rank == 0:
+        lineage = store.lineage() if cfg.method == "sid2a" else None
         store.log_event("resume" if loaded else "start", cur_nimg=distiller.cur_nimg, workers=world,
-                        checkpoint=loaded[2] if loaded else None)
+                        checkpoint=loaded[2] if loaded else None,
+                        init_generator_hash=lineage["content_hash"] if lineage else None)
+    scores = LiveScores(store, cfg.metric) if rank == 0 and cfg.metric.enabled else None
 
     def upload(checkpoint, dir_name):
         store.upload_checkpoint(Path(checkpoint.path), dir_name)
@@ -95,7 +123,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 store.write_status(STATE_DIVERGED, reason=str(exc), kimg=distiller.cur_nimg / 1000)
                 store.log_event(STATE_DIVERGED, cur_nimg=distiller.cur_nimg, reason=str(exc))
-            ray.train.report({"diverged": 1.0, "kimg": distiller.cur_nimg / 1000, "reason": str(exc)})
+            ray.train.report({"diverged": 1.0, "kimg": distiller.cur_nimg / 1000, "reason": str(exc),
+                              **(scores.fields() if scores else {})})
             return
         if bar is not None:
             bar.update(cfg.batch.total)
@@ -107,8 +136,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         row = metrics_row(stats, images_per_s=(distiller.cur_nimg - n0) / max(time.time() - t0, 1e-9), num_workers=world)
         if rank == 0:
             store.append_metrics(row)
+        report = {**row, **(scores.fields() if scores else {})}  # what Tune sees (TuneReportCallback: rank 0's)
         if not save:
-            ray.train.report(row)
+            ray.train.report(report)
             continue
         next_ckpt = next_boundary(distiller.cur_nimg, cfg.checkpoint_every_kimg)
         name = ckpt.checkpoint_name(distiller.cur_nimg)
@@ -118,7 +148,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 path = save_distill_checkpoint(distiller, Path(tmp), cfg, spec, config=public_config(cfg),
                                                run=config["run_name"])
                 checkpoint = ray.train.Checkpoint.from_directory(str(path))
-            ray.train.report({**row, "checkpoint": name}, checkpoint=checkpoint, checkpoint_dir_name=name,
+            ray.train.report({**report, "checkpoint": name}, checkpoint=checkpoint, checkpoint_dir_name=name,
                              checkpoint_upload_fn=upload)
     if bar is not None:
         bar.close()
@@ -127,8 +157,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         store.log_event(STATE_FINISHED, cur_nimg=distiller.cur_nimg)
 
 
-def build_trainer(cfg, run_name: str, storage: Storage, *, threads: Optional[int] = None):
-    """A TorchTrainer for ``cfg`` whose experiment folder is ``storage/run_name`` (= the RunStore)."""
+def build_trainer(cfg, run_name: str, storage: Storage, *, threads: Optional[int] = None, callbacks: Optional[list] = None):
+    """A TorchTrainer for ``cfg`` whose experiment folder is ``storage/run_name`` (= the RunStore).
+
+    ``callbacks``: Ray Train user callbacks, e.g. ``TuneReportCallback()`` when the trainer runs inside a Tune trial."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -143,7 +175,7 @@ def build_trainer(cfg, run_name: str, storage: Storage, *, threads: Optional[int
         train_loop_config={"run": public_config(cfg), "run_name": run_name, "threads": threads},
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=storage_path, storage_filesystem=fs,
+            name=run_name, storage_path=storage_path, storage_filesystem=fs, callbacks=callbacks or None,
             worker_runtime_env={"env_vars": worker_env(cfg.storage)},
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             # keep-last-K by Ray; pinned checkpoints (best FID) are copies under pinned/, outside the rotation

@@ -2,8 +2,8 @@
 
 A job is one ``sida`` command run on the cluster: ``train`` (a run config), ``sweep`` / ``pipeline`` (their
 own config files) or ``evaluate`` (a run in storage). The referenced config is validated here, before
-submission, by the validator registered for the job's kind in :data:`CONFIG_VALIDATORS`: the one place a
-later ``SweepConfig`` / ``PipelineConfig`` plugs in. No Ray here.
+submission, by the validator registered for the job's kind in :data:`CONFIG_VALIDATORS` (RunConfig for
+``train``, SweepConfig / PipelineConfig with every trial planned for ``sweep`` / ``pipeline``). No Ray here.
 """
 from __future__ import annotations
 
@@ -147,6 +147,7 @@ class CheckedJob:
     storage_uri: Optional[str] = None
     config: Optional[BaseModel] = None  # the validated config, when its kind has a validator
     warnings: list[str] = field(default_factory=list)
+    staged: dict[str, str] = field(default_factory=dict)  # file name -> text for the working_dir (default: the config)
 
     def entrypoint(self, config_arg: Optional[str] = None) -> str:
         """The shell command run on the cluster; ``config_arg``: the config's path there (default: its name)."""
@@ -185,7 +186,16 @@ def _check_train(job: CheckedJob) -> None:
     job.request = Request(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, 1.0 if cfg.scaling.use_gpu else 0.0,
                           r.driver_cpus, scorer_cpus=m.num_scorers * m.cpus_per_scorer if m.enabled else 0.0,
                           scorer_gpus=m.num_scorers * m.gpus_per_scorer if m.enabled else 0.0)
-    uri = cfg.storage.uri
+    _check_cluster_paths(job, cfg, cfg.storage.uri)
+    if not job.name:
+        import time
+
+        job.name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _check_cluster_paths(job: CheckedJob, cfg, uri: str) -> None:
+    """Refuse what cannot work on a cluster: a relative storage URI or a relative path to a teacher, data,
+    init generator or reference (only the config travels); warn about local storage on a cluster."""
     if not is_remote(uri) and not os.path.isabs(uri.removeprefix("file://")):
         raise ConfigError(f"storage.uri {uri!r} is a relative local path: a job runs in a temporary folder on the "
                           f"cluster; use s3://BUCKET/PREFIX (or, on a single-node cluster, an absolute path)")
@@ -199,16 +209,44 @@ def _check_train(job: CheckedJob) -> None:
         if node is not None and not is_remote(str(node)) and not os.path.isabs(str(node).removeprefix("file://")):
             raise ConfigError(f"{dotted} {str(node)!r} is a relative local path: on the cluster only the config "
                               f"file is uploaded; use an absolute path present on every node")
-    if not job.name:
-        import time
-
-        job.name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-# The one place a kind's config validator plugs in (sweep: SweepConfig, pipeline: PipelineConfig, later).
-# A validator fills job.overrides / job.request / job.config (and may add warnings); without one, the file
+def _check_search(job: CheckedJob) -> None:
+    """A sweep or pipeline file, validated as ``sida sweep`` / ``sida pipeline`` will (every trial of every
+    stage a valid RunConfig); its base run config is staged beside it and the staged copy's ``base`` names it.
+    The request is one trial: its driver CPUs, workers and scorers (Tune runs more in parallel if they fit)."""
+    import yaml
+
+    from schemas.sweep import load_pipeline, load_sweep, plan_trials, storage_config
+
+    sweep = job.spec.kind == "sweep"
+    cfg, base, base_path = (load_sweep if sweep else load_pipeline)(job.config_path)
+    searches = [(cfg, [cfg.set], None)] if sweep else [(st, [cfg.set, st.set], st.method) for st in cfg.stages]
+    plans = [p for search, layers, method in searches
+             for p in plan_trials(search, base, source=str(job.config_path), storage_uri="s3://submit-check/runs",
+                                  layers=layers, method=method)]
+    uri = storage_config(base, [cfg.set]).uri
+    for p in plans:
+        _check_cluster_paths(job, p.cfg, uri)
+    job.warnings = list(dict.fromkeys(job.warnings))  # one warning per kind, not per trial
+    c, r = plans[0].cfg, job.spec.resources
+    m = c.metric
+    job.request = Request(c.scaling.num_workers, c.scaling.cpus_per_worker, 1.0 if c.scaling.use_gpu else 0.0,
+                          max(r.driver_cpus, cfg.trial_cpus),
+                          scorer_cpus=m.num_scorers * m.cpus_per_scorer if m.enabled else 0.0,
+                          scorer_gpus=m.num_scorers * m.gpus_per_scorer if m.enabled else 0.0)
+    job.storage_uri = uri
+    base_name = Path(base_path).name
+    if base_name == job.config_path.name:
+        base_name = f"base-{base_name}"
+    staged = dict(read_yaml(job.config_path), base=base_name)
+    job.staged = {job.config_path.name: yaml.safe_dump(staged, sort_keys=False), base_name: Path(base_path).read_text()}
+
+
+# The one place a kind's config validator plugs in. A validator fills job.overrides / job.request / job.config (and may add warnings); without one, the file
 # is only checked to be a YAML mapping and the request comes from the spec's ``resources``.
-CONFIG_VALIDATORS: dict[str, Callable[[CheckedJob], None]] = {"train": _check_train}
+CONFIG_VALIDATORS: dict[str, Callable[[CheckedJob], None]] = {"train": _check_train, "sweep": _check_search,
+                                                              "pipeline": _check_search}
 
 
 def _resolve(path: str, base: Path) -> Path:

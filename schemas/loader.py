@@ -50,7 +50,12 @@ def _describe(err: dict, model: type | None = None) -> str:
         return f"{loc}: expected a mapping of keys to values (a section), got {type(got).__name__}"
     if kind in ("value_error", "assertion_error"):
         # Cross-field checks already name their fields; don't repeat the section in front.
-        return msg if not loc or msg.startswith(f"{loc}.") or msg.startswith(f"{loc} ") else f"{loc}: {msg}"
+        if not loc or msg.startswith(f"{loc}.") or msg.startswith(f"{loc} "):
+            return msg
+        last = str(loc_parts[-1])
+        if msg.startswith((f"{last}.", f"{last} ")):  # e.g. stages.0 + "axes.alpha: ..." -> stages.0.axes.alpha: ...
+            return ".".join([*map(str, loc_parts[:-1]), msg])
+        return f"{loc}: {msg}"
     shown = f" (got {got!r})" if not isinstance(got, (dict, list)) else f" (got a {type(got).__name__})"
     return f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}"
 

@@ -99,14 +99,16 @@ def get_teacher(cfg, train_set: ImageDataset, device, log: Callable[[str], None]
 
 
 def build_distiller(cfg, teacher: nn.Module, train_set: ImageDataset, device, *, rank: int = 0, world_size: int = 1,
-                    wrap: Optional[Callable[[nn.Module], nn.Module]] = None) -> Distiller:
+                    wrap: Optional[Callable[[nn.Module], nn.Module]] = None, init_generator=None) -> Distiller:
     """Initialise G_theta and f_psi (SPEC: theta, psi <- phi; SiD²A: theta <- SiD generator) and the Distiller.
 
     ``wrap`` (e.g. DDP) is applied to the trainable nets; the Ray workers use it, the engine does not.
+    ``init_generator``: a local checkpoint folder to take SiD²A's theta from instead of ``cfg.init_generator``
+    (the Ray path passes the run's own fetched copy; ``cfg.init_generator`` may then be a remote URI).
     """
     sid_generator = None
     if cfg.method == "sid2a":
-        sid_generator, _ = load_network(cfg.init_generator, "generator_ema", device)
+        sid_generator, _ = load_network(init_generator or cfg.init_generator, "generator_ema", device)
     generator, fake_score = init_networks(teacher, sid_generator)
     generator, fake_score = generator.to(device), fake_score.to(device)
     if wrap is not None:

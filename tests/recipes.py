@@ -15,3 +15,10 @@ TINY_DISTILL = TINY_TEACHER + TINY_STEPS + ["total_kimg=0.128", "checkpoint_ever
 # Ray Train runs whose tests are about training: the asynchronous scorers stay off.
 TINY_RAY = TINY_TEACHER + TINY_STEPS + ["scaling.cpus_per_worker=1", "optimizer.lr_psi=1e-3",
                                         "optimizer.lr_theta=1e-3", "metric.enabled=false"]
+# Ray Tune sweeps: one worker per trial, fractional CPUs so that a trial (driver 1 + worker 0.5 + scorer 0.5 = 2
+# logical CPUs) fits twice or more in a test Ray started with more logical CPUs than cores; 6 steps, 3 checkpoints,
+# each scored on 400 images.
+TINY_TUNE = TINY_TEACHER + TINY_STEPS + [
+    "scaling.num_workers=1", "scaling.cpus_per_worker=0.5", "metric.cpus_per_scorer=0.5", "metric.num_images=400",
+    "metric.batch_size=200", "metric.max_backlog=10", "optimizer.lr_psi=1e-3", "optimizer.lr_theta=1e-3",
+    "total_kimg=0.192", "checkpoint_every_kimg=0.064", "keep_checkpoints=10"]

@@ -65,7 +65,8 @@ def _commands():
 def test_every_command_is_listed():
     assert sorted(" ".join(c) for c in _commands() if c) == [
         "cluster", "cluster validate", "demo", "distill", "evaluate", "fid-stats", "jobs", "jobs logs", "jobs status",
-        "jobs stop", "leaderboard", "submit", "teacher", "teacher sample", "teacher train", "train", "validate"]
+        "jobs stop", "leaderboard", "pipeline", "report", "submit", "sweep", "teacher", "teacher sample",
+        "teacher train", "train", "validate"]
 
 
 @pytest.mark.parametrize("command", _commands(), ids=lambda c: " ".join(c) or "sida")

@@ -235,19 +235,33 @@ def _spec(**fields) -> JobSpec:
 
 def test_entrypoints_of_every_kind(tmp_path):
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text("search: {}\n")
+    sweep.write_text(f"name: s\nbase: {CONFIG}\naxes: {{alpha: [0.5, 1.0]}}\nset: {{storage.uri: s3://b/sweeps}}\n")
     train = check_job(_spec(name="r1", overrides=["loss.alpha=1.2", "teacher.network.kwargs={a: 1}"],
                             storage={"uri": "s3://b/runs"}, resources={"num_workers": 2}))
     assert train.entrypoint() == ("sida train digits.yaml --name r1 --set loss.alpha=1.2 --set "
                                   "'teacher.network.kwargs={a: 1}' --set scaling.num_workers=2 --set storage.uri=s3://b/runs")
     assert train.run_uri == "s3://b/runs/r1" and train.request == Request(2, 1.0, 0.0, 0.0, scorer_cpus=1.0)  # + 1 scorer
     assert check_job(_spec(kind="sweep", config=str(sweep))).entrypoint() == "sida sweep sweep.yaml"
-    assert check_job(_spec(kind="pipeline", config=str(sweep), args=["--dry-run"])).entrypoint() == \
-        "sida pipeline sweep.yaml --dry-run"
+    pipe = tmp_path / "pipe.yaml"
+    pipe.write_text(f"name: p\nbase: {CONFIG}\nset: {{storage.uri: s3://b/p}}\nstages: [{{name: sid, method: sid}}]\n")
+    assert check_job(_spec(kind="pipeline", config=str(pipe), args=["--dry-run"])).entrypoint() == \
+        "sida pipeline pipe.yaml --dry-run"
     ev = check_job(_spec(kind="evaluate", config=None, run_uri="s3://b/runs/r1", args=["--best", "--repeats", "3"],
                          resources={"num_workers": 1, "use_gpu": True}))
     assert ev.entrypoint() == "sida evaluate s3://b/runs/r1 --best --repeats 3"
     assert ev.request == Request(1, 1.0, 1.0, 0.0)
+    # a sweep / pipeline file is validated like `sida sweep` does it and travels with its base run config
+    sw = check_job(_spec(kind="sweep", config=str(sweep)))
+    assert sorted(sw.staged) == ["digits.yaml", "sweep.yaml"] and sw.storage_uri == "s3://b/sweeps"
+    assert yaml.safe_load(sw.staged["sweep.yaml"])["base"] == "digits.yaml"
+    assert sw.staged["digits.yaml"] == CONFIG.read_text()
+    assert sw.request == Request(2, 1.0, 0.0, 1.0, scorer_cpus=1.0)  # one trial: driver + 2 workers + scorer
+    sweep.write_text(f"name: s\nbase: {CONFIG}\naxes: {{alpha: [0.5, 1.0]}}\n")  # the base's storage: runs
+    with pytest.raises(ConfigError, match="storage.uri 'runs' is a relative local path"):
+        check_job(_spec(kind="sweep", config=str(sweep)))
+    sweep.write_text(f"name: s\nbase: {CONFIG}\naxes: {{alpha: [0.5, abc]}}\nset: {{storage.uri: s3://b/x}}\n")
+    with pytest.raises(ConfigError, match="alpha"):
+        check_job(_spec(kind="sweep", config=str(sweep)))
     # a train job without a name gets CONFIG_NAME-TIMESTAMP, decided at submission (so it can be printed)
     assert check_job(_spec(storage={"uri": "s3://b/runs"})).name.startswith("digits-")
 
