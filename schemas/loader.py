@@ -92,24 +92,32 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def set_path(data: dict, dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested dict, creating sections as needed; ValueError if a part is not a section."""
+    parts = [p for p in dotted.strip().split(".") if p]
+    if not parts:
+        raise ValueError("empty key")
+    node = data
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ValueError(f"{p} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
 def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
     """Apply ``key.sub=value`` overrides (``--set``) to a nested dict, creating sections as needed."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set loss.alpha=1.2")
         key, _, raw = item.partition("=")
-        parts = [p for p in key.strip().split(".") if p]
-        if not parts:
-            raise ConfigError(f"--set {item!r}: empty key")
-        node = data
-        for p in parts[:-1]:
-            nxt = node.get(p)
-            if nxt is None:
-                nxt = node[p] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {item!r}: {p} is not a section")
-            node = nxt
-        node[parts[-1]] = parse_value(raw)
+        try:
+            set_path(data, key, parse_value(raw))
+        except ValueError as exc:
+            raise ConfigError(f"--set {item!r}: {exc}") from None
     return data
 
 

@@ -262,16 +262,12 @@ def trial_name(index: int, point: dict[str, Any]) -> str:
 
 
 def _set_path(data: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = data
-    for p in parts[:-1]:
-        nxt = node.get(p)
-        if nxt is None:
-            nxt = node[p] = {}
-        if not isinstance(nxt, dict):
-            raise ValueError(f"{dotted}: {p} is not a section")
-        node = nxt
-    node[parts[-1]] = value
+    from schemas.loader import set_path
+
+    try:
+        set_path(data, dotted, value)
+    except ValueError as exc:
+        raise ValueError(f"{dotted}: {exc}") from None
 
 
 def plan_trials(search: SearchConfig, base: dict, *, source: str, storage_uri: str,
