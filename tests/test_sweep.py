@@ -211,3 +211,54 @@ def test_sid2a_starts_from_the_best_sid_checkpoint(staged):
 def test_bad_pipeline_files_get_one_line_errors(tmp_path, capsys, stages, expected):
     err = bad_file_error(tmp_path, capsys, "pipeline", {**STAGED, "stages": stages})
     assert err.startswith("error: invalid pipeline") and all(e in err for e in expected), err
+
+
+def test_pipeline_killed_between_stages_resumes_at_the_stage_it_was_in(ray_cluster, tmp_path):
+    """A real kill: `sida pipeline` runs as its own process (joined to this module's Ray), is SIGKILLed as soon as
+    pipeline.json records stage 1 done (so while stage 2 starts), and the same command run again finishes stage 2
+    without re-running stage 1."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+
+    argv = ["pipeline", write_yaml(tmp_path / "staged.yaml", STAGED), *sets(TINY_TUNE + [f"storage.uri={tmp_path / 'p'}"])]
+    pipe = Storage(str(tmp_path / "p")).child("staged")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_AUTH_MODE="token", SIDA_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    address = ray.get_runtime_context().gcs_address
+    log = open(tmp_path / "pipeline.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *argv, "--address", address], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline, state = time.time() + 400, None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                state = pipe.read_json("pipeline.json")
+            except FileNotFoundError:
+                state = None
+            if state and state["stages"].get("sid", {}).get("state") == "done":
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(60)
+        log.close()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "pipeline.log").read_text()[-3000:]
+    killed = pipe.read_json("pipeline.json")
+    assert killed["stages"]["sid"]["state"] == "done" and "sid2a" not in killed["stages"]
+    events_before = sorted(pipe.child("sid", "t00_alpha=1").listdir("events"))
+
+    assert main(argv) == 0  # the same command again
+    state = pipe.read_json("pipeline.json")
+    assert state["current"] is None and [state["stages"][s]["state"] for s in ("sid", "sid2a")] == ["done", "done"]
+    assert state["stages"]["sid"] == killed["stages"]["sid"]  # stage 1 was not re-run ...
+    assert sorted(pipe.child("sid", "t00_alpha=1").listdir("events")) == events_before  # ... nothing new in it
+    assert [t["state"] for t in state["stages"]["sid2a"]["outcomes"]] == ["finished", "finished"]
+    for trial in ("t00_alpha=1", "t01_alpha=1.2"):
+        assert RunStore(pipe.child("sid2a").child(trial)).lineage()["content_hash"] == \
+            killed["stages"]["sid"]["best"]["checkpoint_hash"]
