@@ -266,17 +266,17 @@ def test_entrypoints_of_every_kind(tmp_path):
     assert check_job(_spec(storage={"uri": "s3://b/runs"})).name.startswith("digits-")
 
 
-def test_config_validators_are_the_one_plug_in_point(tmp_path):
+def test_config_validators_are_the_one_plug_in_point(tmp_path, monkeypatch):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("trials: 4\n")
-    job = check_job(_spec(kind="sweep", config=str(sweep)))
-    assert any("not validated" in w for w in job.warnings)
+    with pytest.raises(ConfigError) as info:  # the registered SweepConfig validator refuses it, in one line
+        check_job(_spec(kind="sweep", config=str(sweep)))
+    assert "invalid sweep" in str(info.value) and "trials" in str(info.value) and "\n" not in str(info.value)
+    monkeypatch.delitem(CONFIG_VALIDATORS, "sweep")  # a kind without a validator: checked as YAML, with a warning
+    assert any("not validated" in w for w in check_job(_spec(kind="sweep", config=str(sweep))).warnings)
     seen = []
-    CONFIG_VALIDATORS["sweep"] = lambda j: seen.append(j.config_path.name)
-    try:
-        job = check_job(_spec(kind="sweep", config=str(sweep)))
-    finally:
-        del CONFIG_VALIDATORS["sweep"]
+    monkeypatch.setitem(CONFIG_VALIDATORS, "sweep", lambda j: seen.append(j.config_path.name))
+    job = check_job(_spec(kind="sweep", config=str(sweep)))
     assert seen == ["sweep.yaml"] and not job.warnings
 
 
