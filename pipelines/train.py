@@ -61,7 +61,7 @@ def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, wo
     from ray_jobs.run_store import RunStore
     from ray_jobs.scoring import ScoringCoordinator, check_reference, make_scorers
     from ray_jobs.storage import StorageError
-    from ray_jobs.train import build_trainer, public_config
+    from ray_jobs.train import build_trainer, public_config, root_cause
     from sida_core.data import load_dataset
     from sida_core.training_loop import get_teacher
 
@@ -94,7 +94,7 @@ def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, wo
         result = build_trainer(cfg, run_name, root).fit()
         scores = scoring.finish() if scoring is not None else None
     except Exception as exc:  # Ray wraps worker errors; surface the root cause as one line
-        cause = _root_cause(exc)
+        cause = root_cause(exc)
         if root.is_s3 and "object store" not in cause:
             try:  # Ray's own storage I/O fails with raw pyarrow errors: say so if the store is the culprit
                 root.check()
@@ -119,22 +119,3 @@ def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, wo
 
 class TrainingError(RuntimeError):
     """The Ray run failed after its retries; the message names the run and the root cause in one line."""
-
-
-def _root_cause(exc: BaseException) -> str:
-    """The innermost meaningful message of a (Ray-wrapped) exception chain, on one line."""
-    from ray_jobs.storage import StorageError
-
-    seen, cur, best = set(), exc, exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, StorageError):
-            return " ".join(str(cur).split())
-        best = cur
-        cur = cur.__cause__ or cur.__context__
-    text = str(exc)
-    for marker in ("StorageError: ", "CheckpointError: ", "DataError: "):
-        if marker in text:
-            return " ".join(text.split(marker, 1)[1].strip().splitlines()[0].split())
-    last = [line for line in str(best).strip().splitlines() if line.strip()]
-    return " ".join((last[-1] if last else type(best).__name__).split())

@@ -56,6 +56,11 @@ class RunStore:
     def uri(self) -> str:
         return self.storage.uri
 
+    @property
+    def name(self) -> str:
+        """The run's name: its folder's last path component."""
+        return self.storage.uri.rstrip("/").rsplit("/", 1)[-1]
+
     # ----------------------------------------------------------------- config / status
     def write_config(self, config: dict) -> None:
         self.storage.write_json("config.json", config)

@@ -124,7 +124,7 @@ class CheckpointScorer:
                                 label_dim=net["label_dim"], batch_size=m.batch_size, device=self._device())
         l, o = cfg.loss, cfg.optimizer
         row = LeaderboardRow(
-            run=storage.uri.rstrip("/").rsplit("/", 1)[-1], run_uri=storage.uri, trial=trial,
+            run=store.name, run_uri=storage.uri, trial=trial,
             config_summary=config_summary(cfg), method=cfg.method, alpha=l.alpha, lambda_sid=l.lambda_sid,
             lambda_adv_theta=l.lambda_adv_theta, lambda_adv_psi=l.lambda_adv_psi, lr_theta=o.lr_theta, lr_psi=o.lr_psi,
             init_generator=cfg.init_generator, checkpoint=name, checkpoint_uri=storage.uri_of(source),

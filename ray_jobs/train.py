@@ -55,7 +55,7 @@ class LiveScores:
             self.seen = self.store.live_scores(self.metric.name, self.metric.seed, self.seen)
         except Exception as exc:  # noqa: BLE001 -- a storage hiccup must not end training; the next report retries
             print(f"live scores unavailable this report: {exc}", flush=True)
-        out = {"run": self.store.uri.rstrip("/").rsplit("/", 1)[-1], "fid_metric": self.metric.name,
+        out = {"run": self.store.name, "fid_metric": self.metric.name,
                "best_fid": float("inf")}
         if self.seen:
             kimg, value = max(self.seen.values())
@@ -181,3 +181,22 @@ def build_trainer(cfg, run_name: str, storage: Storage, *, threads: Optional[int
             # keep-last-K by Ray; pinned checkpoints (best FID) are copies under pinned/, outside the rotation
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
     )
+
+
+def root_cause(exc: BaseException) -> str:
+    """The innermost meaningful message of a (Ray-wrapped) exception chain, on one line."""
+    from ray_jobs.storage import StorageError
+
+    seen, cur, best = set(), exc, exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, StorageError):
+            return " ".join(str(cur).split())
+        best = cur
+        cur = cur.__cause__ or cur.__context__
+    text = str(exc)
+    for marker in ("StorageError: ", "CheckpointError: ", "DataError: "):
+        if marker in text:
+            return " ".join(text.split(marker, 1)[1].strip().splitlines()[0].split())
+    last = [line for line in str(best).strip().splitlines() if line.strip()]
+    return " ".join((last[-1] if last else type(best).__name__).split())

@@ -40,7 +40,7 @@ def final_metrics(store: RunStore, cfg) -> dict:
     rows = [r for r in store.read_rows() if r["kind"] == "live" and r["metric"] == cfg.metric.name]
     best = min(rows, key=lambda r: r["value"], default=None)
     newest = max(rows, key=lambda r: r["cur_nimg"], default=None)
-    out = {"run": store.storage.uri.rstrip("/").rsplit("/", 1)[-1], "final": 1.0, "state": status.get("state", "unknown"), "kimg": float(status.get("kimg") or 0.0),
+    out = {"run": store.name, "final": 1.0, "state": status.get("state", "unknown"), "kimg": float(status.get("kimg") or 0.0),
            "fid_metric": cfg.metric.name, "best_fid": best["value"] if best else float("inf")}
     if best:
         out.update(best_checkpoint=best["checkpoint"], best_fid_kimg=best["kimg"], fid=newest["value"],
@@ -80,10 +80,10 @@ def trial_main(config: dict[str, Any]) -> None:
         if scoring is not None:
             scoring.finish()
     except Exception as exc:
-        from pipelines.train import _root_cause
+        from ray_jobs.train import root_cause
 
         if (store.read_status() or {}).get("state") not in TERMINAL:  # stopped by the stopper: Tune ending the
-            reason = _root_cause(exc)                                 # trial is what breaks fit(); keep its reason
+            reason = root_cause(exc)                                  # trial is what breaks fit(); keep its reason
             store.write_status(STATE_FAILED, reason=reason)
             store.log_event(STATE_FAILED, reason=reason)
         raise
