@@ -20,6 +20,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from sida_core.checkpoint import CheckpointError
     from sida_core.data import DataError
     from sida_core.distill import NonFiniteError
+    from sida_core.importer import ImportError_
     from pipelines.pipeline import PipelineError
     from pipelines.train import TrainingError
     from ray_jobs.jobs import JobError
@@ -29,7 +30,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from sida_core.metrics.reference import ReferenceMismatch
 
     return (ConfigError, CheckpointError, DataError, NonFiniteError, FileNotFoundError, StorageError, TrainingError,
-            JobError, ReferenceStatsError, InceptionWeightsError, ReferenceMismatch, PipelineError)
+            JobError, ReferenceStatsError, InceptionWeightsError, ReferenceMismatch, PipelineError, ImportError_)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -134,6 +135,18 @@ def cmd_teacher_train(args) -> int:
     _, path = get_teacher(cfg, train_set, resolve_device(cfg.device), log=lambda m: print(m, file=sys.stderr),
                           progress_factory=lambda total, desc: tqdm(total=total, desc=desc, unit="img", unit_scale=True))
     print(json.dumps({"teacher": str(path)}))
+    return 0
+
+
+def cmd_teacher_import(args) -> int:
+    from pipelines.teacher_import import run_teacher_import
+
+    out = run_teacher_import(args.src, args.out, key=args.key, config=args.config, overrides=args.overrides,
+                             endpoint_url=args.endpoint_url)
+    print(f"imported {args.src}: {out['class_name'] or out['format']} -> {out['arch']}/{out['precond']} "
+          f"{out['img_resolution']}x{out['img_resolution']}x{out['img_channels']}, "
+          f"{out['label_dim'] or 'no'} classes, {out['num_params']:,} parameters -> {out['out']}", file=sys.stderr)
+    print(json.dumps(out))
     return 0
 
 
@@ -352,6 +365,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = t.add_parser("train", help="train (or reuse) the EDM teacher a config describes (built-in data: on the CPU)")
     _add_config_args(p)
     p.set_defaults(func=cmd_teacher_train)
+    p = t.add_parser("import", help="convert a published EDM / EDM2 / SiD .pkl (or a .pt / .safetensors state dict) "
+                                    "into a verified project checkpoint; never runs code from the file")
+    p.add_argument("src", help="the file: .pkl (EDM / EDM2 / SiD), .pt / .pth or .safetensors (a state dict)")
+    p.add_argument("--out", required=True, help="checkpoint folder to create: local path or s3://bucket/prefix")
+    p.add_argument("--key", default=None, help="which network in the file (pickles: 'ema' by default)")
+    p.add_argument("--config", default=None, help="run config giving the architecture of a state dict")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of --config (repeatable)")
+    p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for an s3:// --out (else from env)")
+    p.set_defaults(func=cmd_teacher_import)
     p = t.add_parser("sample", help="sample a grid PNG from a checkpoint with EDM's Heun sampler")
     p.add_argument("checkpoint", help="checkpoint directory")
     p.add_argument("--key", default="net", help="weights inside the checkpoint: net (teacher) or generator_ema")

@@ -73,7 +73,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from sida_core import checkpoint as ckpt
     from sida_core.data import load_dataset
     from sida_core.distill import NonFiniteError
-    from sida_core.training_loop import build_distiller, load_network, network_spec, next_boundary, save_distill_checkpoint
+    from sida_core.training_loop import build_distiller, load_network, next_boundary, save_distill_checkpoint
 
     torch.set_num_threads(int(config.get("threads", 1)))
     cfg = RunConfig.model_validate(config["run"])
@@ -84,10 +84,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     train_set, _ = load_dataset(cfg.data)
     with tempfile.TemporaryDirectory(prefix="sida-teacher-") as scratch:
-        teacher, _ = load_network(store.fetch_checkpoint("teacher", Path(scratch)), "net", device)
+        teacher, teacher_manifest = load_network(store.fetch_checkpoint("teacher", Path(scratch)), "net", device)
         # SiD²A: theta starts from the run's own verified copy of the SiD generator (see RunStore.ensure_init_generator)
         init = store.fetch_checkpoint("init_generator", Path(scratch)) if cfg.method == "sid2a" else None
-        spec = network_spec(cfg, train_set)
+        spec = teacher_manifest["network"]  # G_theta and f_psi are copies of f_phi (imported teachers bring theirs)
         distiller = build_distiller(cfg, teacher, train_set, device, rank=rank, world_size=world, init_generator=init,
                                     wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
 

@@ -19,10 +19,15 @@ class Strict(BaseModel):
 
 
 class NetworkConfig(Strict):
-    """Denoiser architecture: ``arch`` plus backbone keyword arguments (e.g. SongUNet's model_channels)."""
+    """Denoiser architecture: ``arch`` plus backbone keyword arguments in EDM's names (e.g. SongUNet's
+    model_channels). ``songunet`` = EDM's DDPM++ / NCSN++, ``adm`` = EDM's DhariwalUNet, ``edm2`` = EDM2's U-Net
+    with its own preconditioning; ``precond`` chooses EDM's EDMPrecond / VPPrecond / VEPrecond for the others.
+    A teacher imported from an EDM / EDM2 / SiD ``.pkl`` brings its own architecture (leave this out)."""
 
-    arch: Literal["songunet", "mlp"] = "songunet"
+    arch: Literal["songunet", "adm", "edm2", "mlp"] = "songunet"
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    precond: Literal["edm", "vp", "ve"] = "edm"
+    precond_kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
 class DataConfig(Strict):
@@ -63,9 +68,12 @@ class TeacherTrainConfig(Strict):
 
 
 class TeacherConfig(Strict):
-    """The frozen teacher f_phi: a checkpoint of this project's format (``path``), or trained from ``train``."""
+    """The frozen teacher f_phi: ``path`` names a checkpoint folder of this project's format, or a published file
+    imported safely on first use (EDM / EDM2 / SiD ``.pkl``: architecture from the file; ``.pt`` / ``.pth`` /
+    ``.safetensors`` state dict: architecture from ``network``); without ``path`` it is trained from ``train``."""
 
     path: Optional[str] = None
+    key: Optional[str] = None  # which network in the file (EDM / EDM2 / SiD pickles: "ema" by default)
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     p_mean: float = -1.2
     p_std: PositiveFloat = 1.2

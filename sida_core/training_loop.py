@@ -18,7 +18,7 @@ from torch import nn
 from sida_core import checkpoint as ckpt
 from sida_core.data import ImageDataset, load_dataset
 from sida_core.distill import Distiller, hyper_from_config, init_networks
-from sida_core.networks import build_denoiser
+from sida_core.importer import ImportError_, build_network, cached_import, is_importable
 from sida_core.teacher import train_teacher
 
 
@@ -35,14 +35,35 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SIDA_CACHE", Path.home() / ".cache" / "sida")).expanduser()
 
 
-def network_spec(cfg, dataset: ImageDataset) -> dict:
-    """The arguments of :func:`build_denoiser` for the teacher described by ``cfg`` on ``dataset``."""
-    return {"arch": cfg.teacher.network.arch, "img_resolution": dataset.resolution, "img_channels": dataset.channels,
-            "label_dim": dataset.label_dim, "kwargs": dict(cfg.teacher.network.kwargs)}
+def network_spec(cfg, dataset: Optional[ImageDataset] = None) -> dict:
+    """The arguments of :func:`build_denoiser` for the teacher described by ``cfg.teacher.network`` on ``dataset``
+    (default: the shape ``cfg.data`` declares). A teacher imported from a ``.pkl`` has its own: see
+    :func:`teacher_spec`."""
+    net, d = cfg.teacher.network, dataset or cfg.data
+    spec = {"arch": net.arch, "img_resolution": d.resolution, "img_channels": d.channels,
+            "label_dim": d.label_dim, "kwargs": dict(net.kwargs)}
+    if net.precond != "edm" or net.precond_kwargs:
+        spec.update(precond=net.precond, precond_kwargs=dict(net.precond_kwargs))
+    return spec
 
 
 def build_from_spec(spec: dict) -> nn.Module:
-    return build_denoiser(spec["arch"], spec["img_resolution"], spec["img_channels"], spec["label_dim"], spec["kwargs"])
+    return build_network(spec)
+
+
+def teacher_spec(teacher_checkpoint) -> dict:
+    """The network spec of a teacher checkpoint folder: what G_theta and f_psi (copies of f_phi) are built from."""
+    return ckpt.verify_checkpoint(teacher_checkpoint, hashes=False)["network"]
+
+
+def check_teacher_fits(spec: dict, dataset: ImageDataset, where: str) -> None:
+    """The teacher's input shape and classes must be the data's (one line naming both)."""
+    t = (spec["img_resolution"], spec["img_channels"], spec.get("label_dim", 0))
+    d = (dataset.resolution, dataset.channels, dataset.label_dim)
+    if t != d:
+        fmt = lambda r, c, k: f"{r}x{r}x{c}, " + (f"{k} classes" if k else "unconditional")  # noqa: E731
+        raise ImportError_(f"teacher {where} takes {fmt(*t)} but the data is {fmt(*d)} (data.resolution / "
+                           f"data.channels / data.cond + data.num_classes)")
 
 
 def load_network(path, key: str, device="cpu") -> tuple[nn.Module, dict]:
@@ -56,6 +77,19 @@ def load_network(path, key: str, device="cpu") -> tuple[nn.Module, dict]:
     return net.to(device), manifest
 
 
+def imported_teacher_path(cfg, dataset: ImageDataset, log: Callable[[str], None] = print) -> Path:
+    """``teacher.path`` as a project checkpoint folder: itself, or its cached import (see sida_core.importer)."""
+    src = Path(cfg.teacher.path).expanduser()
+    if not is_importable(src):
+        return src
+    # A pickle brings its architecture (teacher.network left at its default); a state dict needs one.
+    explicit = cfg.teacher.network.model_dump() != type(cfg.teacher.network)().model_dump()
+    spec = network_spec(cfg, dataset) if explicit or src.suffix.lower() != ".pkl" else None
+    path = cached_import(src, cache_dir(), spec=spec, key=cfg.teacher.key)
+    log(f"teacher: {src} imported as {path}")
+    return path
+
+
 def builtin_teacher_path(cfg) -> Path:
     """Cache location of the built-in teacher, keyed by everything that determines its weights."""
     recipe = {"teacher": cfg.teacher.model_dump(mode="json", exclude={"path", "sampler_steps"}),
@@ -66,10 +100,14 @@ def builtin_teacher_path(cfg) -> Path:
 
 def get_teacher(cfg, train_set: ImageDataset, device, log: Callable[[str], None] = print,
                 progress_factory=None) -> tuple[nn.Module, Path]:
-    """The frozen teacher f_phi: ``teacher.path`` if given, else the built-in one (trained once, then cached)."""
+    """The frozen teacher f_phi and its checkpoint folder: ``teacher.path`` (a project checkpoint, or a published
+    ``.pkl`` / ``.pt`` / ``.safetensors`` imported safely once and cached by content), else the built-in one
+    (trained once, then cached)."""
     if cfg.teacher.path:
-        net, _ = load_network(cfg.teacher.path, "net", device)
-        return net.eval().requires_grad_(False), Path(cfg.teacher.path)
+        path = imported_teacher_path(cfg, train_set, log)
+        net, manifest = load_network(path, "net", device)
+        check_teacher_fits(manifest["network"], train_set, cfg.teacher.path)
+        return net.eval().requires_grad_(False), path
     path = builtin_teacher_path(cfg)
     if path.exists():
         try:
@@ -163,8 +201,8 @@ def run_distillation(cfg, run_dir, *, device=None, log: Callable[[str], None] = 
     if teacher is None:
         teacher, teacher_path = get_teacher(cfg, train_set, device, log, bar_factory)
     else:
-        teacher_path = Path(cfg.teacher.path) if cfg.teacher.path else builtin_teacher_path(cfg)
-    spec = network_spec(cfg, train_set)
+        teacher_path = imported_teacher_path(cfg, train_set, log) if cfg.teacher.path else builtin_teacher_path(cfg)
+    spec = teacher_spec(teacher_path)
     distiller = build_distiller(cfg, teacher, train_set, device)
     last_ckpt = None
     if resume:

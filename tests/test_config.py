@@ -181,7 +181,7 @@ BAD = [
     ("channels_2", "data:\n  channels: 2\n", [], ["data.channels", "1 or 3", "2"]),
     ("cond_without_classes", "data:\n  cond: true\n  num_classes: 0\n", [], ["data.num_classes", ">= 2", "data.cond"]),
     ("unknown_metric", "metric:\n  name: is50k\n", [], ["metric.name", "'fd_digits' or 'fid_inception'"]),
-    ("unknown_arch", "teacher:\n  network:\n    arch: adm\n", [], ["teacher.network.arch", "'songunet' or 'mlp'"]),
+    ("unknown_arch", "teacher:\n  network:\n    arch: unet9\n", [], ["teacher.network.arch", "'songunet', 'adm', 'edm2' or 'mlp'"]),
     ("section_not_mapping", "loss: 3\n", [], ["loss", "mapping"]),
     ("two_errors", "loss:\n  alpha: abc\n  t_max: 2000\n", [], ["loss.alpha", "; loss.t_max"]),
     ("bad_bool_from_set", "name: x\n", ["scaling.use_gpu=maybe"], ["scaling.use_gpu", "valid boolean"]),
