@@ -11,7 +11,9 @@ Differences from EDM2, on purpose:
     forwards of each update (SPEC "EDM2": SiDA's psi step runs f_psi twice before one backward, and an in-place
     weight change between the two makes autograd fail).
   * ``use_fp16`` is accepted and recorded only: the compute precision is the caller's autocast (the run's
-    ``precision``), so the network never casts by itself; master weights stay float32.
+    ``precision``), so the network never casts by itself; master weights stay float32. (Under fp16 autocast the
+    embedding and logvar matmuls run in fp16 too, where EDM2 keeps them in fp32; in fp32 outputs match EDM2's
+    bit for bit.)
   * ``return_flag`` (SiDA): the logit map is the channel mean of the lowest-resolution encoder output, as in the
     authors' SiD code (``sida_training_edm2/sida_networks_edm2.py``, ``UNet_EncoderDecoder``).
 """
