@@ -82,7 +82,12 @@ class TeacherConfig(Strict):
 
 
 class LossConfig(Strict):
-    """SiD / SiDA hyper-parameters (paper eqs. 6, 8, 9-10; Table 6)."""
+    """SiD / SiDA hyper-parameters (paper eqs. 6, 8, 9-10; Table 6).
+
+    ``fake_score_logvar`` (SPEC "EDM2"; EDM2 eq. 21's loss): the psi loss per sample becomes
+    gamma ||f_psi - x_g||^2 / e^u + u with u = u_psi(sigma) the fake-score net's logvar head (adversarial term
+    unchanged). Needs an EDM2 fake-score net; off by default, as in the authors' EDM2 run scripts.
+    """
 
     alpha: float = 1.0
     lambda_sid: PositiveFloat = 100.0
@@ -92,6 +97,7 @@ class LossConfig(Strict):
     t_max: float = Field(800, gt=0, le=1000)
     p_mean: float = -1.2
     p_std: PositiveFloat = 1.2
+    fake_score_logvar: bool = False  # EDM2 logvar head in the psi loss (see the class docstring)
 
 
 class StagesConfig(Strict):

@@ -26,7 +26,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from sida_core.losses import FakeScoreLoss, GeneratorLoss, Stage, generate, generator_weights, stage_at, uses_adversarial_psi
+from sida_core.losses import (FakeScoreLoss, GeneratorLoss, Stage, check_logvar_head, generate, generator_weights,
+                              stage_at, uses_adversarial_psi)
+from sida_core.networks.edm2 import force_weight_norm_
 
 
 class NonFiniteError(FloatingPointError):
@@ -77,6 +79,7 @@ class StepHyper:
     seed: int
     psi_grad_clip: Optional[float]
     max_fp16_skips: int = 20
+    fake_score_logvar: bool = False
 
 
 def hyper_from_config(cfg) -> StepHyper:
@@ -90,7 +93,7 @@ def hyper_from_config(cfg) -> StepHyper:
         betas=(cfg.optimizer.beta1, cfg.optimizer.beta2), eps=cfg.optimizer.eps,
         total_batch=cfg.batch.total, per_worker=cfg.batch.per_worker,
         ema_mimg=cfg.ema.ema_mimg, ema_rampup=cfg.ema.rampup, precision=cfg.precision, seed=cfg.seed,
-        psi_grad_clip=cfg.psi_grad_clip,
+        psi_grad_clip=cfg.psi_grad_clip, fake_score_logvar=cfg.loss.fake_score_logvar,
     )
 
 
@@ -125,7 +128,10 @@ class Distiller:
 
         self.opt_psi = torch.optim.Adam(self.psi.parameters(), lr=h.lr_psi, betas=self.betas, eps=h.eps)
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=h.lr_theta, betas=self.betas, eps=h.eps)
-        self.fake_loss = FakeScoreLoss(lambda_adv_psi=h.lambda_adv_psi, p_mean=h.p_mean, p_std=h.p_std, use_adv=self.use_adv)
+        if h.fake_score_logvar:
+            check_logvar_head(fake_score)
+        self.fake_loss = FakeScoreLoss(lambda_adv_psi=h.lambda_adv_psi, p_mean=h.p_mean, p_std=h.p_std,
+                                       use_adv=self.use_adv, use_logvar=h.fake_score_logvar)
         self.gen_loss = GeneratorLoss(alpha=h.alpha, lambda_sid=h.lambda_sid, lambda_adv_theta=h.lambda_adv_theta, t_max=h.t_max)
 
         if h.precision not in ("fp32", "fp16", "bf16"):
@@ -236,6 +242,7 @@ class Distiller:
                 sums[k] = sums.get(k, 0.0) + float(v) * scale / self.rounds
 
         # psi: fake-score (+ discriminator) update, eqs. 5 / 9-10
+        force_weight_norm_(unwrap(self.psi))  # EDM2 forced weight norm before psi's forwards (no-op for non-EDM2 nets)
         self.opt_psi.zero_grad(set_to_none=True)
         finite = True
         for r in range(self.rounds):
@@ -258,6 +265,7 @@ class Distiller:
             psi_plain = unwrap(self.psi)
             psi_plain.requires_grad_(False)
             try:
+                force_weight_norm_(unwrap(self.G))  # EDM2 forced weight normalisation, before theta's forwards
                 self.opt_G.zero_grad(set_to_none=True)
                 finite = True
                 for r in range(self.rounds):

@@ -69,6 +69,14 @@ def _bce_logits(logits: torch.Tensor, target: float) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), torch.full_like(logits.float(), target))
 
 
+def check_logvar_head(net) -> None:
+    """Refuse (one-line ValueError) a fake-score net without EDM2's logvar head u(sigma) (``logvar_linear``)."""
+    plain = getattr(net, "module", net)  # under a DDP wrapper
+    if not hasattr(plain, "logvar_linear"):
+        raise ValueError(f"loss.fake_score_logvar=true needs a fake-score net with a logvar head (network.arch edm2), "
+                         f"got {type(plain).__name__}")
+
+
 @dataclass
 class FakeScoreLoss:
     """Fake-score loss, eqs. 5 and 9-10.
@@ -77,6 +85,9 @@ class FakeScoreLoss:
                               + lambda_adv_psi * (BCE(D(x_real + n), 1) + BCE(D(x_g + n), 0)) / 2 ]
     with n = sigma * eps shared by the fake and the real batch, sigma ~ exp(N(P_mean, P_std^2)), and each BCE
     the mean over the micro-batch and the logit map. ``use_adv=False`` gives SiD's eq. 5.
+
+    ``use_logvar`` (SPEC "EDM2"; EDM2 eq. 21): the denoising term becomes gamma ||f_psi - x_g||^2 / e^u + u, with
+    u = u_psi(sigma_i) the fake-score net's logvar head (``return_logvar=True``); the adversarial term is unchanged.
     """
 
     lambda_adv_psi: float = 1.0
@@ -84,25 +95,43 @@ class FakeScoreLoss:
     p_std: float = 1.2
     sigma_data: float = edm.SIGMA_DATA
     use_adv: bool = True
+    use_logvar: bool = False
 
     def __call__(self, fake_score, x_g, labels=None, x_real=None, real_labels=None, generator=None):
         x_g = x_g.detach()
         sigma = edm.sample_training_sigma(x_g.shape[0], self.p_mean, self.p_std, device=x_g.device, generator=generator)
         n = edm.expand_sigma(sigma, x_g) * torch.randn(x_g.shape, device=x_g.device, generator=generator, dtype=x_g.dtype)
         weight = edm.gamma_weight(sigma, self.sigma_data)
+        if self.use_logvar:
+            check_logvar_head(fake_score)
         if not self.use_adv:
+            if self.use_logvar:
+                y_fake, u = fake_score(x_g + n, sigma, labels, return_logvar=True)
+                return self._logvar_denoise(weight, y_fake, x_g, u), {"logvar": u.detach().mean()}
             y_fake = fake_score(x_g + n, sigma, labels)
             return weight * (y_fake.float() - x_g.float()).square().flatten(1).sum(1), {}
         if x_real is None:
             raise ValueError("FakeScoreLoss with use_adv=True needs a real batch (x_real)")
         if x_real.shape != x_g.shape:
             raise ValueError(f"real batch shape {tuple(x_real.shape)} must equal fake batch shape {tuple(x_g.shape)}")
-        y_fake, l_fake = fake_score(x_g + n, sigma, labels, return_flag="encoder_decoder")
+        if self.use_logvar:
+            y_fake, l_fake, u = fake_score(x_g + n, sigma, labels, return_flag="encoder_decoder", return_logvar=True)
+        else:
+            y_fake, l_fake = fake_score(x_g + n, sigma, labels, return_flag="encoder_decoder")
         l_real = fake_score(x_real + n, sigma, real_labels, return_flag="encoder")
         adv = (_bce_logits(l_real, 1.0) + _bce_logits(l_fake, 0.0)) / 2
-        denoise = (y_fake.float() - x_g.float()).square().flatten(1).sum(1)
         stats = {"d_real": l_real.detach().mean(), "d_fake": l_fake.detach().mean(), "loss_adv_psi": adv.detach()}
+        if self.use_logvar:
+            stats["logvar"] = u.detach().mean()
+            return self._logvar_denoise(weight, y_fake, x_g, u) + weight * self.lambda_adv_psi * adv, stats
+        denoise = (y_fake.float() - x_g.float()).square().flatten(1).sum(1)
         return weight * (denoise + self.lambda_adv_psi * adv), stats
+
+    @staticmethod
+    def _logvar_denoise(weight, y_fake, x_g, u):
+        """gamma_i ||y_fake,i - x_g,i||^2 / e^{u_i} + u_i per sample (EDM2 eq. 21's loss, SPEC "EDM2")."""
+        u = u.float().reshape(-1)
+        return weight * (y_fake.float() - x_g.float()).square().flatten(1).sum(1) / u.exp() + u
 
 
 @dataclass
