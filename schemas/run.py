@@ -31,12 +31,13 @@ class NetworkConfig(Strict):
 
 
 class DataConfig(Strict):
-    """Real images: the built-in digits, or user data (image folder, EDM-style zip, .npz, IDX)."""
+    """Real images: the built-in digits, or user data (image folder, EDM-style zip, .npz, IDX), or EDM2's SD-VAE
+    latents (``latents``: an EDM2 ``dataset_tool encode`` zip; ``channels: 4``, ``resolution`` = latent size)."""
 
-    kind: Literal["digits", "folder", "zip", "npz", "idx"] = "digits"
+    kind: Literal["digits", "folder", "zip", "npz", "idx", "latents"] = "digits"
     path: Optional[str] = None
     resolution: PositiveInt = 8
-    channels: Literal[1, 3] = 1
+    channels: Literal[1, 3, 4] = 1
     cond: bool = False
     num_classes: int = Field(0, ge=0)
     holdout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
@@ -47,6 +48,9 @@ class DataConfig(Strict):
     def _check(self):
         if self.kind != "digits" and not self.path:
             raise ValueError(f"data.path is required for data.kind={self.kind!r}")
+        if (self.channels == 4) != (self.kind == "latents"):
+            raise ValueError(f"data.channels must be 4 exactly for data.kind 'latents' (SD-VAE latents) and 1 or 3 for "
+                             f"images; got {self.channels} with data.kind {self.kind!r}")
         if self.cond and self.num_classes < 2:
             raise ValueError("data.num_classes must be >= 2 when data.cond is true")
         return self
@@ -171,7 +175,7 @@ class MetricConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.name == "fid_inception" and not self.reference:
+        if self.name == "fid_inception" and not self.reference and self.enabled:
             raise ValueError("metric.reference is required for metric.name 'fid_inception' (reference statistics: "
                              "a `sida fid-stats` output URI or a .npz with mu and sigma)")
         return self
@@ -257,7 +261,11 @@ class RunConfig(Strict):
             raise ValueError(f"init_generator is only used by method 'sid2a', not {self.method!r}")
         if self.teacher.path is None and self.data.kind != "digits":
             raise ValueError("teacher.path is required unless data.kind is 'digits' (the built-in teacher)")
-        if self.metric.reference is None and self.data.kind != "digits":
+        if self.data.kind == "latents" and self.metric.enabled:
+            raise ValueError("metric.enabled must be false for data.kind 'latents': scoring latents means decoding them "
+                             "with the SD-VAE decoder, which this version cannot load yet (distill, then score "
+                             "exported samples with an external tool)")
+        if self.metric.reference is None and self.data.kind != "digits" and self.metric.enabled:
             raise ValueError("metric.reference is required unless data.kind is 'digits' (FD-digits' default reference "
                              "is the built-in digits' train split; make one with `sida fid-stats`)")
         return self

@@ -52,6 +52,16 @@ class ImageDataset:
     labels: Optional[torch.Tensor] = None
     label_dim: int = 0
     name: str = ""
+    latent_moments: bool = False  # images hold SD-VAE moments (N, 2C, R, R); see sida_core.latents
+
+    @property
+    def real_encode(self):
+        """What turns a stored batch into network inputs with fresh noise (latent moments), or None (images)."""
+        if not self.latent_moments:
+            return None
+        from sida_core.latents import encode_moments
+
+        return encode_moments
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -62,12 +72,13 @@ class ImageDataset:
 
     @property
     def channels(self) -> int:
-        return int(self.images.shape[1])
+        """Channels of a network input (latent moments store mean and std: twice as many)."""
+        return int(self.images.shape[1]) // (2 if self.latent_moments else 1)
 
     def subset(self, indices) -> "ImageDataset":
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
         labels = None if self.labels is None else self.labels[idx]
-        return ImageDataset(self.images[idx], labels, self.label_dim, self.name)
+        return ImageDataset(self.images[idx], labels, self.label_dim, self.name, self.latent_moments)
 
     def one_hot(self, indices) -> Optional[torch.Tensor]:
         """One-hot float32 labels (len(indices), label_dim), or None when label_dim is 0."""
@@ -357,10 +368,14 @@ def split_indices(n: int, labels: Optional[np.ndarray], fraction: float, seed: i
 def load_images(cfg) -> ImageDataset:
     """All images of the source described by ``cfg`` (a DataConfig or anything with its attributes)."""
     res, ch = int(cfg.resolution), int(cfg.channels)
-    if ch not in (1, 3):
-        raise DataError(f"data.channels must be 1 or 3, got {ch}")
     kind = cfg.kind
-    if kind == "digits":
+    if (ch == 4) != (kind == "latents") or ch not in (1, 3, 4):
+        raise DataError(f"data.channels must be 1 or 3 for images and 4 for data.kind 'latents', got {ch} "
+                        f"with data.kind {kind!r}")
+    latent = kind == "latents"
+    if latent:
+        x, labels, name = _latents(cfg, res)
+    elif kind == "digits":
         x, labels = _digits(res, ch)
         name = "digits"
     else:
@@ -371,7 +386,7 @@ def load_images(cfg) -> ImageDataset:
             raise DataError(f"data.path {str(path)!r} does not exist (data.kind={kind!r})")
         readers = {"folder": read_folder, "zip": read_zip, "npz": read_npz, "idx": read_idx_dataset}
         if kind not in readers:
-            raise DataError(f"data.kind must be one of digits|{'|'.join(readers)}, got {kind!r}")
+            raise DataError(f"data.kind must be one of digits|latents|{'|'.join(readers)}, got {kind!r}")
         raw, labels = readers[kind](path)
         x = _convert(raw, str(path), res, ch)
         name = str(path)
@@ -390,7 +405,26 @@ def load_images(cfg) -> ImageDataset:
             raise DataError(f"{name!r}: labels span {lo}..{hi}, expected 0..{(label_dim or hi + 1) - 1} "
                             f"(data.num_classes={cfg.num_classes})")
     lab = None if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    return ImageDataset(x, lab, label_dim, name)
+    return ImageDataset(x, lab, label_dim, name, latent)
+
+
+def _latents(cfg, res: int) -> tuple[torch.Tensor, Optional[np.ndarray], str]:
+    """EDM2 latent zip: VAE moments as stored (no resizing: data.resolution is the latent resolution)."""
+    from sida_core.latents import read_latent_zip
+
+    if not cfg.path:
+        raise DataError("data.path is required for data.kind='latents'")
+    path = Path(cfg.path).expanduser()
+    if not path.is_file():
+        raise DataError(f"data.path {str(path)!r} is not a file (data.kind='latents': an EDM2 latent zip)")
+    moments, names = read_latent_zip(path, error=DataError)
+    if moments.shape[-1] != res or moments.shape[-2] != res:
+        raise DataError(f"{path}: latents are {moments.shape[-2]}x{moments.shape[-1]}, data.resolution is {res} "
+                        f"(for latents it is the latent resolution, e.g. 64 for 512x512 images)")
+    with zipfile.ZipFile(path) as zf:
+        where = f"{path}:dataset.json"
+        table = _read_dataset_json(zf.read("dataset.json"), where) if "dataset.json" in zf.namelist() else None
+    return torch.from_numpy(moments), _match_labels(names, table, where), str(path)
 
 
 def load_dataset(cfg) -> tuple[ImageDataset, ImageDataset]:

@@ -102,7 +102,7 @@ class Distiller:
 
     def __init__(self, hyper: StepHyper, teacher: nn.Module, generator: nn.Module, fake_score: nn.Module,
                  real_images: Optional[torch.Tensor] = None, real_labels: Optional[torch.Tensor] = None,
-                 *, rank: int = 0, world_size: int = 1, device="cpu"):
+                 *, rank: int = 0, world_size: int = 1, device="cpu", real_encode=None):
         h = hyper
         if h.total_batch % (h.per_worker * world_size):
             raise ValueError(f"batch.total ({h.total_batch}) must be divisible by batch.per_worker x workers "
@@ -116,6 +116,7 @@ class Distiller:
             raise ValueError(f"method {h.method!r} needs real images for the discriminator")
         self.real_images = real_images
         self.real_labels = real_labels
+        self.real_encode = real_encode  # e.g. SD-VAE moments -> latents with fresh noise (sida_core.latents)
 
         self.teacher = teacher.eval().requires_grad_(False)
         self.G, self.psi = generator, fake_score
@@ -177,6 +178,8 @@ class Distiller:
         idx = torch.randint(self.real_images.shape[0], (self.h.per_worker,), generator=rng, device=self.device)
         idx = idx.to(self.real_images.device)
         x = self.real_images[idx].to(self.device, non_blocking=True)
+        if self.real_encode is not None:
+            x = self.real_encode(x, rng)
         c = self.real_labels[idx].to(self.device) if self.real_labels is not None else None
         return x, c
 

@@ -153,7 +153,7 @@ def build_distiller(cfg, teacher: nn.Module, train_set: ImageDataset, device, *,
         generator, fake_score = wrap(generator), wrap(fake_score)
     labels = train_set.one_hot(slice(None)) if train_set.label_dim else None
     return Distiller(hyper_from_config(cfg), teacher, generator, fake_score, train_set.images, labels,
-                     rank=rank, world_size=world_size, device=device)
+                     rank=rank, world_size=world_size, device=device, real_encode=train_set.real_encode)
 
 
 def save_distill_checkpoint(distiller: Distiller, folder: Path, cfg, spec: dict, *, config: Optional[dict] = None,
