@@ -1,8 +1,10 @@
 """DDPM++ / NCSN++-style U-Net (the EDM "SongUNet" family) with a SiDA ``return_flag``.
 
-Layout, layer naming and initialisation follow EDM's DDPM++ configuration, so that an EDM CIFAR-10
-teacher (128 channels, mult [2, 2, 2], 4 blocks, attention at 16x16: ~56M parameters) has the same
-shapes; tiny CPU nets use the same code with fewer channels.
+Layout, layer naming and initialisation follow EDM's SongUNet (DDPM++ and NCSN++ configurations), so that
+an EDM teacher's state dict loads with strict=True (e.g. CIFAR-10 DDPM++: 128 channels, mult [2, 2, 2],
+4 blocks, attention at 16x16: 55.73M parameters); tiny CPU nets use the same code with fewer channels.
+The building blocks (Linear, Conv2d, GroupNorm, UNetBlock, PositionalEmbedding, FourierEmbedding) are
+shared with the ADM backbone in ``adm.py``.
 
 ``return_flag`` (SiDA section 4, "Joint score estimation and discrimination"):
   * ``"decoder"``          -> the network output F(x) (B, C, H, W)
@@ -32,8 +34,12 @@ def check_return_flag(return_flag: str) -> None:
 def _init_weight(shape, mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
     if mode == "xavier_uniform":
         return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
+    if mode == "xavier_normal":
+        return math.sqrt(2 / (fan_in + fan_out)) * torch.randn(*shape)
     if mode == "kaiming_uniform":
         return math.sqrt(3 / fan_in) * (torch.rand(*shape) * 2 - 1)
+    if mode == "kaiming_normal":
+        return math.sqrt(1 / fan_in) * torch.randn(*shape)
     raise ValueError(f"unknown init mode {mode!r}")
 
 
@@ -51,14 +57,19 @@ class Linear(nn.Module):
 
 
 class Conv2d(nn.Module):
-    """3x3 / 1x1 convolution with optional FIR up- or down-sampling (EDM's resample filter)."""
+    """3x3 / 1x1 convolution with optional FIR up- or down-sampling (EDM's resample filter).
+
+    ``kernel=0`` gives a weightless resampler. ``fused_resample`` (NCSN++'s ``aux_residual``) convolves at the
+    input resolution and then filters-and-strides (down), or upsamples straight into the padded convolution (up).
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int, bias: bool = True, up: bool = False,
-                 down: bool = False, resample_filter: Sequence[int] = (1, 1), init_mode: str = "xavier_uniform",
-                 init_weight: float = 1.0, init_bias: float = 0.0):
+                 down: bool = False, resample_filter: Sequence[int] = (1, 1), fused_resample: bool = False,
+                 init_mode: str = "xavier_uniform", init_weight: float = 1.0, init_bias: float = 0.0):
         assert not (up and down)
         super().__init__()
         self.in_channels, self.out_channels, self.up, self.down = in_channels, out_channels, up, down
+        self.fused_resample = fused_resample
         fan_in, fan_out = in_channels * kernel * kernel, out_channels * kernel * kernel
         self.weight = nn.Parameter(_init_weight([out_channels, in_channels, kernel, kernel], init_mode, fan_in, fan_out) * init_weight) if kernel else None
         self.bias = nn.Parameter(_init_weight([out_channels], init_mode, fan_in, fan_out) * init_bias) if kernel and bias else None
@@ -72,12 +83,21 @@ class Conv2d(nn.Module):
         f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
         w_pad = w.shape[-1] // 2 if w is not None else 0
         f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
-        if self.up:
-            x = F.conv_transpose2d(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
-        if self.down:
-            x = F.conv2d(x, f.tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
-        if w is not None:
-            x = F.conv2d(x, w, padding=w_pad)
+        if self.fused_resample and self.up and w is not None:
+            x = F.conv_transpose2d(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2,
+                                   padding=w_pad + f_pad)
+            x = F.conv2d(x, w)
+        elif self.fused_resample and self.down and w is not None:
+            x = F.conv2d(x, w, padding=w_pad + f_pad)
+            x = F.conv2d(x, f.tile([self.out_channels, 1, 1, 1]), groups=self.out_channels, stride=2)
+        else:
+            if self.up:
+                x = F.conv_transpose2d(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2,
+                                       padding=f_pad)
+            if self.down:
+                x = F.conv2d(x, f.tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
+            if w is not None:
+                x = F.conv2d(x, w, padding=w_pad)
         if b is not None:
             x = x.add_(b.reshape(1, -1, 1, 1))
         return x
@@ -96,7 +116,12 @@ class GroupNorm(nn.Module):
 
 
 class UNetBlock(nn.Module):
-    """Residual block with timestep-embedding modulation and optional self-attention."""
+    """Residual block with timestep-embedding modulation and optional self-attention.
+
+    DDPM++/NCSN++ use additive modulation (``adaptive_scale=False``), one head and skip_scale sqrt(1/2);
+    ADM uses scale-and-shift, ``out_channels // channels_per_head`` heads (none below 64 channels, as EDM) and
+    skip_scale 1.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, up: bool = False, down: bool = False,
                  attention: bool = False, num_heads: int | None = None, channels_per_head: int = 64, dropout: float = 0.0,
@@ -106,7 +131,7 @@ class UNetBlock(nn.Module):
         init = init or {}
         init_zero = init_zero or dict(init_weight=0)
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.num_heads = 0 if not attention else (num_heads if num_heads is not None else max(1, out_channels // channels_per_head))
+        self.num_heads = 0 if not attention else (num_heads if num_heads is not None else out_channels // channels_per_head)
         self.dropout, self.skip_scale, self.adaptive_scale = dropout, skip_scale, adaptive_scale
 
         self.norm0 = GroupNorm(in_channels, eps=eps)
@@ -170,19 +195,38 @@ class FourierEmbedding(nn.Module):
 
 
 class SongUNet(nn.Module):
-    """EDM's DDPM++ (``embedding_type='positional'``) / NCSN++ (``'fourier'``) backbone.
+    """EDM's SongUNet: DDPM++ (defaults) and NCSN++ (``embedding_type='fourier'``, ``channel_mult_noise=2``,
+    ``encoder_type='residual'``, ``resample_filter=[1, 3, 3, 1]``), with EDM's constructor and parameter names.
 
-    ``forward(x, noise_labels, class_labels, return_flag)``; see the module docstring for the flags.
+    ``encoder_type``: ``'skip'`` adds, at every level below the top, ``aux_down`` (the input image, filtered and
+    downsampled) and ``aux_skip`` (1x1 conv of it) added to the ``_down`` block's output; ``'residual'`` adds
+    ``aux_residual`` (3x3 conv with fused downsampling of the running auxiliary path), averaged with the ``_down``
+    output by 1/sqrt(2) and carried on as the new auxiliary path. ``decoder_type='skip'`` emits an output image
+    (``aux_norm`` -> ``aux_conv``) at every level and sums them, upsampling the running sum with ``aux_up``.
+
+    ``forward(x, noise_labels, class_labels, augment_labels, return_flag)``; see the module docstring for the
+    flags. The logit map is read after the whole encoder, i.e. from the last ``{res}x{res}_block{i}`` at the
+    lowest resolution: the skip/residual auxiliaries of a level are mixed in right after its ``_down`` block,
+    before its blocks. This is where the authors' SiD code (mingyuanzhou/SiD, branch ``sida``,
+    sida_training/sida_networks.py, ``SongUNet_EncoderDecoder.forward``) takes ``x.mean(dim=1, keepdim=True)``.
+    Their ``'encoder'`` path stops recording skips, so with the skip/residual encoders it would fail at the
+    first ``aux_skip``/``aux_residual`` (``skips[-1]`` of an empty list); here the skips are always recorded
+    (references only), so all three flags work for every encoder type and give the same map.
     """
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
                  augment_dim: int = 0, model_channels: int = 128, channel_mult: Sequence[int] = (1, 2, 2, 2),
                  channel_mult_emb: int = 4, num_blocks: int = 4, attn_resolutions: Sequence[int] = (16,),
                  dropout: float = 0.10, label_dropout: float = 0.0, embedding_type: str = "positional",
-                 channel_mult_noise: int = 1, resample_filter: Sequence[int] = (1, 1)):
+                 channel_mult_noise: int = 1, encoder_type: str = "standard", decoder_type: str = "standard",
+                 resample_filter: Sequence[int] = (1, 1)):
         super().__init__()
         if embedding_type not in ("positional", "fourier"):
             raise ValueError(f"embedding_type must be 'positional' or 'fourier', got {embedding_type!r}")
+        if encoder_type not in ("standard", "skip", "residual"):
+            raise ValueError(f"encoder_type must be 'standard', 'skip' or 'residual', got {encoder_type!r}")
+        if decoder_type not in ("standard", "skip"):
+            raise ValueError(f"decoder_type must be 'standard' or 'skip', got {decoder_type!r}")
         if img_resolution % (2 ** (len(channel_mult) - 1)):
             raise ValueError(f"img_resolution {img_resolution} is not divisible by 2^{len(channel_mult) - 1} "
                              f"(channel_mult has {len(channel_mult)} levels)")
@@ -204,7 +248,7 @@ class SongUNet(nn.Module):
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
 
         self.enc = nn.ModuleDict()
-        cout = in_channels
+        cout = caux = in_channels
         for level, mult in enumerate(channel_mult):
             res = img_resolution >> level
             if level == 0:
@@ -212,10 +256,17 @@ class SongUNet(nn.Module):
                 self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, 3, **init)
             else:
                 self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block_kwargs)
+                if encoder_type == "skip":
+                    self.enc[f"{res}x{res}_aux_down"] = Conv2d(caux, caux, 0, down=True, resample_filter=resample_filter)
+                    self.enc[f"{res}x{res}_aux_skip"] = Conv2d(caux, cout, 1, **init)
+                if encoder_type == "residual":
+                    self.enc[f"{res}x{res}_aux_residual"] = Conv2d(caux, cout, 3, down=True, resample_filter=resample_filter,
+                                                                   fused_resample=True, **init)
+                    caux = cout
             for idx in range(num_blocks):
                 cin, cout = cout, model_channels * mult
                 self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=(res in attn_resolutions), **block_kwargs)
-        skips = [block.out_channels for block in self.enc.values()]
+        skips = [block.out_channels for name, block in self.enc.items() if "aux" not in name]
 
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
@@ -229,7 +280,9 @@ class SongUNet(nn.Module):
                 cin, cout = cout + skips.pop(), model_channels * mult
                 attn = idx == num_blocks and res in attn_resolutions
                 self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block_kwargs)
-            if level == 0:
+            if decoder_type == "skip" or level == 0:
+                if decoder_type == "skip" and level < len(channel_mult) - 1:
+                    self.dec[f"{res}x{res}_aux_up"] = Conv2d(out_channels, out_channels, 0, up=True, resample_filter=resample_filter)
                 self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(cout, eps=1e-6)
                 self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, 3, **init_zero)
 
@@ -251,19 +304,29 @@ class SongUNet(nn.Module):
         check_return_flag(return_flag)
         emb = self.embed(noise_labels, class_labels, augment_labels).to(x.dtype)
         skips = []
-        for block in self.enc.values():
-            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
-            skips.append(x)
+        aux = x
+        for name, block in self.enc.items():
+            if "aux_down" in name:
+                aux = block(aux)
+            elif "aux_skip" in name:
+                x = skips[-1] = x + block(aux)
+            elif "aux_residual" in name:
+                x = skips[-1] = aux = (x + block(aux)) / np.sqrt(2)
+            else:
+                x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+                skips.append(x)
         logits = x.float().mean(dim=1, keepdim=True)  # discriminator map: channel mean of the last encoder block
         if return_flag == "encoder":
             return logits
-        aux = None
-        tmp = None
+        aux = tmp = None
         for name, block in self.dec.items():
-            if name.endswith("aux_norm"):
+            if "aux_up" in name:
+                aux = block(aux)
+            elif "aux_norm" in name:
                 tmp = block(x)
-            elif name.endswith("aux_conv"):
-                aux = block(F.silu(tmp))
+            elif "aux_conv" in name:
+                tmp = block(F.silu(tmp))
+                aux = tmp if aux is None else tmp + aux
             else:
                 if x.shape[1] != block.in_channels:
                     x = torch.cat([x, skips.pop()], dim=1)
