@@ -138,6 +138,26 @@ def test_export_latest_and_by_name(run, tmp_path, capsys):
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
 
 
+def test_songunet_export_and_rgb_pngs(tmp_path, capsys):
+    """The U-Net (EDM's parameter names under ``model.``), conditional, 3 channels: both formats round-trip and
+    PNGs are RGB."""
+    unet = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
+    store = make_run(Storage(str(tmp_path / "runs" / "unet")), tmp_path, arch="songunet", kwargs=unet, channels=3,
+                     label_dim=10)
+    source, _ = load_network(store.storage.path_of(f"pinned/{BEST}"), "generator_ema")
+    x, sigma = torch.randn(3, 3, 8, 8), torch.full((3,), 2.0)
+    c = torch.eye(10)[[1, 2, 3]]
+    for fmt in ("pt", "safetensors"):
+        assert main(["export", store.uri, "--out", str(tmp_path / f"u.{fmt}")]) == 0
+        assert any(k.startswith("model.enc.") for k in torch.load(tmp_path / "u.pt", weights_only=True))
+        with torch.no_grad():
+            assert torch.equal(load_exported(tmp_path / f"u.{fmt}")(x, sigma, c), source.eval()(x, sigma, c))
+    assert main(["generate", store.uri, "--seeds", "5-7", "--class-labels", "4", "--out", str(tmp_path / "png")]) == 0
+    with Image.open(tmp_path / "png" / "000000" / "000006.png") as im:
+        assert im.mode == "RGB" and im.size == (8, 8)
+    capsys.readouterr()
+
+
 def test_safetensors_of_shared_and_strided_tensors(tmp_path):
     net = build_denoiser("mlp", 8, 1, 0, MLP)
     sd = dict(net.state_dict())
