@@ -11,6 +11,7 @@ temp file renamed over the target.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -78,9 +79,18 @@ def fetch_generator(run_uri: str, checkpoint: str, scratch: Path, *, key: str = 
     return net.eval(), manifest, info
 
 
+def _write_error(out, exc: OSError) -> ExportError:
+    return ExportError(f"--out {out}: cannot write ({exc.strerror or type(exc).__name__}"
+                       f"{': ' + str(exc.filename) if exc.filename else ''})")
+
+
 def _check_writable(out: Path, what: str) -> None:
     """Raise ExportError (one line, naming ``what``) unless ``out`` can be created: its nearest existing ancestor
     must be a writable folder. Nothing is created here (the missing folders are made when the output is written)."""
+    try:
+        out.exists()  # raises for a name the OS refuses (e.g. too long)
+    except OSError as exc:
+        raise _write_error(out, exc) from None
     parent = out.absolute().parent
     while not parent.exists():
         parent = parent.parent
@@ -97,16 +107,19 @@ def run_export(run_uri: str, out: str, *, checkpoint: str = "best", key: str = "
 
     out_path = Path(out)
     fmt = format_of(out_path, fmt)
+    _check_writable(out_path, "--out")
     if out_path.is_dir():
         raise ExportError(f"--out {out}: is a folder; expected a file name such as generator.{fmt}")
-    _check_writable(out_path, "--out")
     with tempfile.TemporaryDirectory(prefix="sida-export-") as scratch:
         net, manifest, info = fetch_generator(run_uri, checkpoint, Path(scratch), key=key, endpoint_url=endpoint_url)
     source = {k: info[k] for k in ("run_uri", "checkpoint", "source", "key", "kind", "method", "kimg", "cur_nimg",
                                    "content_hash")}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    meta = export_generator(net.state_dict(), out_path, network=manifest["network"], sigma_init=info["sigma_init"],
-                            fmt=fmt, source=source, score=info["score"])
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        meta = export_generator(net.state_dict(), out_path, network=manifest["network"], sigma_init=info["sigma_init"],
+                                fmt=fmt, source=source, score=info["score"])
+    except OSError as exc:
+        raise _write_error(out, exc) from None
     return {"out": str(out_path), "metadata": str(metadata_path(out_path)), "format": fmt,
             "checkpoint": info["checkpoint"], "kimg": info["kimg"], "tensors": meta["tensors"],
             "parameters": meta["parameters"], "score": info["score"]}
@@ -119,7 +132,9 @@ def _device(name: str):
         raise ExportError(f"--device: expected auto, cpu or cuda, got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
         raise ExportError("--device cuda: no CUDA device is available here (use auto or cpu)")
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
 
 
 def _positive(text, what: str) -> int:
@@ -151,11 +166,11 @@ def run_generate(run_uri: str, out: str, *, num: Optional[str] = None, seeds: Op
     as_npz = out_path.suffix.lower() == ".npz"
     if not as_npz and out_path.suffix:
         raise ExportError(f"--out {out}: expected a folder for PNGs or a FILE.npz")
+    _check_writable(out_path, "--out")
     if as_npz and out_path.is_dir():
         raise ExportError(f"--out {out}: is a folder; expected a FILE.npz")
     if not as_npz and (out_path.is_file() or (out_path.is_dir() and any(out_path.iterdir()))):
         raise ExportError(f"--out {out}: exists and is not an empty folder; give a new folder (or FILE.npz)")
-    _check_writable(out_path, "--out")
     with tempfile.TemporaryDirectory(prefix="sida-generate-") as scratch:
         net, manifest, info = fetch_generator(run_uri, checkpoint, Path(scratch), endpoint_url=endpoint_url)
     labels_mode = parse_class_labels(class_labels, net.label_dim)
@@ -169,36 +184,38 @@ def run_generate(run_uri: str, out: str, *, num: Optional[str] = None, seeds: Op
         raise ExportError(f"--out {out}: PNGs need 1 or 3 channels, the generator has {net.img_channels}; give FILE.npz")
     net.to(dev)
     t0 = time.time()
-    bar = tqdm(total=len(seed_list), desc=f"generate {info['checkpoint']}", unit="img", disable=not progress)
     tmp_dir = None if as_npz else out_path.parent / f".{out_path.name}.tmp-{uuid.uuid4().hex[:8]}"
     arrays, labels = [], []
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as stack:  # the temp file / folder exists before any work is done
+            f = stack.enter_context(atomic_file(out_path)) if as_npz else None
+            if tmp_dir is not None:
+                tmp_dir.mkdir()
+            bar = stack.enter_context(tqdm(total=len(seed_list), desc=f"generate {info['checkpoint']}", unit="img",
+                                           disable=not progress))
+            for chunk, x, lab in sample_seeds(net, seed_list, sigma_init=info["sigma_init"], batch=batch,
+                                              class_labels=labels_mode, device=dev):
+                labels.append(lab.numpy())
+                if latent:
+                    arrays.append(x.half().numpy())
+                elif as_npz:
+                    arrays.append(to_uint8(x))
+                else:
+                    _write_pngs(tmp_dir, chunk, to_uint8(x))
+                bar.update(len(chunk))
+            bar.close()
+            if f is not None:
+                _savez(f, {"latents" if latent else "arr_0": np.concatenate(arrays),
+                           "seeds": np.asarray(seed_list, dtype=np.int64), "labels": np.concatenate(labels)})
         if tmp_dir is not None:
-            tmp_dir.mkdir()
-        for chunk, x, lab in sample_seeds(net, seed_list, sigma_init=info["sigma_init"], batch=batch,
-                                          class_labels=labels_mode, device=dev):
-            labels.append(lab.numpy())
-            if latent:
-                arrays.append(x.half().numpy())
-            elif as_npz:
-                arrays.append(to_uint8(x))
-            else:
-                _write_pngs(tmp_dir, chunk, to_uint8(x))
-            bar.update(len(chunk))
-        bar.close()
-        if as_npz:
-            data = {"latents" if latent else "arr_0": np.concatenate(arrays),
-                    "seeds": np.asarray(seed_list, dtype=np.int64), "labels": np.concatenate(labels)}
-            with atomic_file(out_path) as f:
-                _savez(f, data)
-        else:
             if out_path.is_dir():
                 out_path.rmdir()  # empty (checked above)
             os.rename(tmp_dir, out_path)
             tmp_dir = None
+    except OSError as exc:
+        raise _write_error(out, exc) from None
     finally:
-        bar.close()
         if tmp_dir is not None:
             shutil.rmtree(tmp_dir, ignore_errors=True)
     return {"out": str(out_path), "format": "npz" if as_npz else "png", "images": len(seed_list),

@@ -281,6 +281,13 @@ def test_latent_generator_writes_float16_latents(tmp_path, capsys):
     (["export", "{run}", "--out", "{tmp}/o.bin"], ["--format", "pt, safetensors"]),
     (["export", "{run}", "--format", "pt", "--out", "{tmp}/o.safetensors"], ["--out", "says safetensors"]),
     (["export", "{run}", "--out", "{tmp}/afile/g.pt"], ["--out", "is a file, not a folder"]),
+    (["generate", "{run}", "--num", "3", "--out", "{tmp}/" + "x" * 260 + ".npz"], ["--out", "cannot write"]),
+    (["generate", "{run}", "--num", "3", "--out", "{tmp}/" + "x" * 260], ["--out", "cannot write"]),
+    (["export", "{run}", "--out", "{tmp}/" + "x" * 260 + ".pt"], ["--out", "cannot write"]),
+    # names the OS takes, but not their temp files' longer names: the failure comes at writing, after generating
+    (["generate", "{run}", "--num", "3", "--out", "{tmp}/" + "x" * 246 + ".npz"], ["--out", "cannot write"]),
+    (["generate", "{run}", "--num", "3", "--out", "{tmp}/" + "x" * 250], ["--out", "cannot write"]),
+    (["export", "{run}", "--out", "{tmp}/" + "x" * 247 + ".pt"], ["--out", "cannot write"]),
     (["export", "{run}", "--checkpoint", "nope", "--out", "{tmp}/g.pt"], ["nope: no such checkpoint"]),
     (["export", "{run}", "--key", "teacher", "--out", "{tmp}/g.pt"], ["'teacher'", "generator_ema"]),
 ])
