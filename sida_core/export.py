@@ -33,7 +33,7 @@ FORMATS = {"pt": (".pt", ".pth"), "safetensors": (".safetensors",)}
 
 
 class ExportError(ValueError):
-    """Bad export input or a missing / mismatched exported file; ``str(err)`` is one line."""
+    """Bad input to ``sida export`` / ``sida generate``, or a missing / mismatched exported file; one line."""
 
 
 @contextlib.contextmanager

@@ -156,6 +156,8 @@ def test_songunet_export_and_rgb_pngs(tmp_path, capsys):
     with Image.open(tmp_path / "png" / "000000" / "000006.png") as im:
         assert im.mode == "RGB" and im.size == (8, 8)
     capsys.readouterr()
+    whole, split = (npz(store, tmp_path / f"{b}.npz", capsys, "--num", 40, "--batch", b) for b in (40, 3))
+    assert whole["arr_0"].shape == (40, 8, 8, 3) and np.array_equal(whole["arr_0"], split["arr_0"])
 
 
 def test_safetensors_of_shared_and_strided_tensors(tmp_path):
