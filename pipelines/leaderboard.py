@@ -156,7 +156,10 @@ def open_run(run_uri: str, endpoint_url: Optional[str] = None):
     from ray_jobs.run_store import RunStore
     from ray_jobs.storage import Storage
 
-    store = RunStore(Storage(run_uri, endpoint_url=endpoint_url))
+    try:
+        store = RunStore(Storage(run_uri, endpoint_url=endpoint_url))
+    except ValueError as exc:  # a URI scheme or endpoint Storage cannot use
+        raise ConfigError(f"RUN_URI {run_uri}: {exc}") from None
     if not store.exists():
         raise ConfigError(f"{store.uri}: not a run folder (no config.json); `sida leaderboard {run_uri} --by run` "
                           f"lists the runs below it")

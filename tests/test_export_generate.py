@@ -279,6 +279,7 @@ def test_latent_generator_writes_float16_latents(tmp_path, capsys):
     (["generate", "{run}", "--num", "3", "--checkpoint", "ckpt-000000000999", "--out", "{tmp}/o.npz"],
      ["ckpt-000000000999: no such checkpoint", BEST]),
     (["generate", "{tmp}/no-run", "--num", "3", "--out", "{tmp}/o.npz"], ["not a run folder"]),
+    (["export", "gs://bucket/run", "--out", "{tmp}/g.pt"], ["RUN_URI gs://bucket/run", "s3://BUCKET/PREFIX"]),
     (["export", "{run}", "--format", "onnx", "--out", "{tmp}/o.onnx"], ["--format", "pt, safetensors", "'onnx'"]),
     (["export", "{run}", "--out", "{tmp}/o.bin"], ["--format", "pt, safetensors"]),
     (["export", "{run}", "--format", "pt", "--out", "{tmp}/o.safetensors"], ["--out", "says safetensors"]),
