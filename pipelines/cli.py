@@ -1,7 +1,7 @@
 """``sida``: the one console script. Configs are validated here, once; errors print as one line.
 
 Subcommands: ``demo``, ``train`` (Ray), ``sweep`` (Ray Tune), ``pipeline`` (staged Tune experiments), ``report``,
-``leaderboard``, ``evaluate``, ``distill`` (one process), ``teacher train``, ``teacher sample``, ``validate``,
+``leaderboard``, ``evaluate``, ``export`` / ``generate`` (a run's one-step generator as weights or images), ``distill`` (one process), ``teacher train``, ``teacher sample``, ``validate``,
 ``submit`` / ``jobs status|logs|stop`` (Ray Jobs API), ``cluster validate`` (cluster-launcher YAMLs), ``fid-stats``
 (reference statistics).
 """
@@ -20,6 +20,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from sida_core.checkpoint import CheckpointError
     from sida_core.data import DataError
     from sida_core.distill import NonFiniteError
+    from sida_core.export import ExportError
     from sida_core.importer import ImportError_
     from pipelines.pipeline import PipelineError
     from pipelines.train import TrainingError
@@ -30,7 +31,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from sida_core.metrics.reference import ReferenceMismatch
 
     return (ConfigError, CheckpointError, DataError, NonFiniteError, FileNotFoundError, StorageError, TrainingError,
-            JobError, ReferenceStatsError, InceptionWeightsError, ReferenceMismatch, PipelineError, ImportError_)
+            JobError, ReferenceStatsError, InceptionWeightsError, ReferenceMismatch, PipelineError, ImportError_,
+            ExportError)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -121,6 +123,26 @@ def cmd_evaluate(args) -> int:
     print(f"{out['metric']} of {out['checkpoint']} ({out['kimg']:.1f} kimg, {out['num_images']} images, "
           f"{out['repeats']} seeds): {out['mean']:.4f} ± {out['std']:.4f}", file=sys.stderr)
     print(json.dumps(out))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pipelines.export import run_export
+
+    out = run_export(args.run_uri, args.out, checkpoint=args.checkpoint, key=args.key, fmt=args.format,
+                     endpoint_url=args.endpoint_url)
+    print(f"exported {out['checkpoint']} ({out['kimg']:.1f} kimg, {out['parameters']:,} parameters) to {out['out']} "
+          f"+ {out['metadata']}", file=sys.stderr)
+    print(json.dumps(out))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from pipelines.export import run_generate
+
+    print(json.dumps(run_generate(args.run_uri, args.out, num=args.num, seeds=args.seeds, checkpoint=args.checkpoint,
+                                  batch=args.batch, class_labels=args.class_labels, device=args.device,
+                                  endpoint_url=args.endpoint_url, progress=not args.quiet)))
     return 0
 
 
@@ -304,6 +326,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=None, help="images per score (default: the run's metric.num_images)")
     p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for s3:// URIs (else from env)")
     p.set_defaults(func=cmd_evaluate)
+
+    ck_help = "best (the lowest live score, its pinned copy; default), latest (the newest valid one) or a name"
+    p = sub.add_parser("export", help="a run's one-step generator (EMA weights) as .pt or .safetensors + FILE.json")
+    p.add_argument("run_uri", help="the run folder (local or s3://)")
+    p.add_argument("--checkpoint", default="best", metavar="best|latest|NAME", help=ck_help)
+    p.add_argument("--key", default="generator_ema", help="weights inside the checkpoint (default generator_ema)")
+    p.add_argument("--format", default=None, metavar="pt|safetensors",
+                   help="torch.save state dict or safetensors (default: from the --out suffix)")
+    p.add_argument("--out", required=True, metavar="FILE", help="weights file; the metadata goes to FILE.json")
+    p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for s3:// URIs (else from env)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="one-step samples of a run's generator, one per seed: PNG folder or .npz")
+    p.add_argument("run_uri", help="the run folder (local or s3://)")
+    p.add_argument("--checkpoint", default="best", metavar="best|latest|NAME", help=ck_help)
+    p.add_argument("--num", default=None, metavar="N", help="number of images: seeds 0..N-1 (or check --seeds' count)")
+    p.add_argument("--seeds", default=None, metavar="LIST", help="seeds, e.g. 0-49999 or 0,5,7-9 (one image each)")
+    p.add_argument("--out", required=True, metavar="DIR|FILE.npz",
+                   help="a new folder for PNGs (DIR/000000/000000.png, 1000 per subfolder) or FILE.npz (arr_0, seeds, labels)")
+    p.add_argument("--batch", default="256", metavar="B", help="images per forward pass (default 256; no effect on the images)")
+    p.add_argument("--class-labels", default="random", metavar="random|K|none",
+                   help="conditional generators: a random class per seed (default), class K, or no label")
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda", help="where the generator runs (default auto)")
+    p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for s3:// URIs (else from env)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("distill", help="run one distillation in this process (no Ray): the debugging engine")
     _add_config_args(p)

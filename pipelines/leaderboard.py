@@ -151,6 +151,39 @@ def plot_curves(rows: list[dict], path: Path, title: str = "", hlines: Optional[
     return Path(path)
 
 
+def open_run(run_uri: str, endpoint_url: Optional[str] = None):
+    """The RunStore of the run folder ``run_uri``; ConfigError (one line) if it is not one."""
+    from ray_jobs.run_store import RunStore
+    from ray_jobs.storage import Storage
+
+    try:
+        store = RunStore(Storage(run_uri, endpoint_url=endpoint_url))
+    except ValueError as exc:  # a URI scheme or endpoint Storage cannot use
+        raise ConfigError(f"RUN_URI {run_uri}: {exc}") from None
+    if not store.exists():
+        raise ConfigError(f"{store.uri}: not a run folder (no config.json); `sida leaderboard {run_uri} --by run` "
+                          f"lists the runs below it")
+    return store
+
+
+def best_live_row(store, rows: Optional[list[dict]] = None, hint: str = "--checkpoint") -> dict:
+    """The run's best checkpoint: its live leaderboard row of lowest value (the scorers pin that checkpoint).
+    ``rows``: the run's rows if already read; ``hint``: the option to name when there are no scores yet."""
+    live = [r for r in (store.read_rows() if rows is None else rows) if r["kind"] == "live"]
+    if not live:
+        raise ConfigError(f"{store.uri}: no scored checkpoint yet; wait for the scorers or give {hint}")
+    return min(live, key=lambda r: r["value"])
+
+
+def checkpoint_source(store, name: str) -> str:
+    """Where checkpoint ``name`` of the run is read from (its pinned copy if any); ConfigError if it is not there."""
+    source = store.checkpoint_ref(name)
+    if not store.storage.exists(f"{source}/manifest.json"):
+        raise ConfigError(f"{store.storage.uri_of(name)}: no such checkpoint (kept: "
+                          f"{', '.join(store.checkpoint_names()) or 'none'}; pinned: {', '.join(store.pinned()) or 'none'})")
+    return source
+
+
 def run_evaluate(run_uri: str, *, checkpoint: Optional[str] = None, repeats: int = 10,
                  num_images: Optional[int] = None, endpoint_url: Optional[str] = None,
                  log: Callable[[str], None] = _log) -> dict:
@@ -159,29 +192,19 @@ def run_evaluate(run_uri: str, *, checkpoint: Optional[str] = None, repeats: int
     interrupted evaluation continues instead of repeating work. Returns mean and sample std (ddof 1)."""
     from tqdm.auto import tqdm
 
-    from ray_jobs.run_store import RunStore
     from ray_jobs.scoring import CheckpointScorer
-    from ray_jobs.storage import Storage
 
     if repeats < 1:
         raise ConfigError(f"--repeats must be >= 1, got {repeats}")
-    store = RunStore(Storage(run_uri, endpoint_url=endpoint_url))
-    if not store.exists():
-        raise ConfigError(f"{store.uri}: not a run folder (no config.json); `sida leaderboard {run_uri} --by run` "
-                          f"lists the runs below it")
+    store = open_run(run_uri, endpoint_url)
     rows = store.read_rows()
     live = [r for r in rows if r["kind"] == "live"]
     if checkpoint is None:
-        if not live:
-            raise ConfigError(f"{store.uri}: no scored checkpoint yet; wait for the scorers or give --checkpoint")
-        best = min(live, key=lambda r: r["value"])
+        best = best_live_row(store, rows, hint="--checkpoint")
         checkpoint, metric_name = best["checkpoint"], best["metric"]
     else:
         metric_name = None
-    source = store.checkpoint_ref(checkpoint)
-    if not store.storage.exists(f"{source}/manifest.json"):
-        raise ConfigError(f"{store.storage.uri_of(checkpoint)}: no such checkpoint (kept: "
-                          f"{', '.join(store.checkpoint_names()) or 'none'}; pinned: {', '.join(store.pinned()) or 'none'})")
+    source = checkpoint_source(store, checkpoint)
     overrides = {k: v for k, v in (("name", metric_name), ("num_images", num_images)) if v is not None}
     scorer = CheckpointScorer(threads=1)
     done = {(r["seed"], r["num_images"]): r["value"] for r in rows

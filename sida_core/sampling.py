@@ -1,0 +1,101 @@
+"""One-step samples by seed (``sida generate``), with randomness assigned as in EDM's generate.py (no Ray).
+
+Each image has its own seed: its latent z, then (for ``random`` class labels) its class, come from a
+``torch.Generator`` seeded with that seed. The generators run on the CPU whatever the device, so an image
+depends only on its seed, not on the batch size, the batch it falls in or the device (up to the network's own
+arithmetic). Labels: ``"random"`` (drawn per seed, after z), a fixed class index K, or ``None`` (no label: a
+conditional net then gets zeros, as :class:`EDMPrecond` does). Images become uint8 as EDM writes them:
+(x * 127.5 + 128) clipped to [0, 255] and truncated.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from sida_core.export import ExportError
+from sida_core.losses import generate
+
+MAX_SEED = 2 ** 32 - 1  # EDM takes seeds modulo 2^32; larger ones are refused instead of aliased
+ClassLabels = Union[str, int, None]  # "random", a class index, or None
+_SEEDS_RE = re.compile(r"^\d+(-\d+)?$")
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0-49999"`` or ``"0,5,7-9"`` (inclusive ranges) -> the seeds in the order given; no duplicates."""
+    seeds: list[int] = []
+    for part in str(text).replace(" ", "").split(","):
+        if not _SEEDS_RE.match(part):
+            raise ExportError(f"--seeds: expected a list such as 0-49999 or 0,5,7-9 (integers and inclusive ranges "
+                              f"A-B), got {text!r}")
+        a, _, b = part.partition("-")
+        lo, hi = int(a), int(b or a)
+        if lo > hi or hi > MAX_SEED:
+            raise ExportError(f"--seeds: range {part} must run upwards within 0-{MAX_SEED}")
+        seeds.extend(range(lo, hi + 1))
+    if len(set(seeds)) != len(seeds):
+        raise ExportError(f"--seeds: {text!r} names some seed twice (each seed is one image)")
+    return seeds
+
+
+def resolve_seeds(num: Optional[int], seeds: Optional[str]) -> list[int]:
+    """The seeds of ``--num N`` (0..N-1) and/or ``--seeds`` (both: they must agree on the count)."""
+    if num is not None and num < 1:
+        raise ExportError(f"--num: expected a positive number of images, got {num}")
+    if seeds is None:
+        if num is None:
+            raise ExportError("--num / --seeds: say how many images: --num N (seeds 0..N-1) or --seeds 0-49999")
+        return list(range(num))
+    out = parse_seeds(seeds)
+    if num is not None and num != len(out):
+        raise ExportError(f"--num {num} disagrees with --seeds {seeds} ({len(out)} seeds); give one of them, or both "
+                          f"with the same count")
+    return out
+
+
+def parse_class_labels(text: str, label_dim: int) -> ClassLabels:
+    """``--class-labels``: ``random`` | ``none`` | class index K in [0, label_dim) (conditional generators only)."""
+    t = str(text).strip().lower()
+    if t in ("random", "none"):
+        return None if t == "none" else "random"
+    if not t.isdigit():
+        raise ExportError(f"--class-labels: expected random, none or a class index, got {text!r}")
+    if not label_dim:
+        raise ExportError(f"--class-labels {text}: the generator is unconditional (label_dim 0); use random or none")
+    if int(t) >= label_dim:
+        raise ExportError(f"--class-labels: expected a class index in 0..{label_dim - 1}, got {text}")
+    return int(t)
+
+
+def seed_inputs(seeds: Sequence[int], img_shape: tuple[int, int, int], label_dim: int = 0,
+                class_labels: ClassLabels = "random") -> tuple[torch.Tensor, torch.Tensor]:
+    """(z of shape (N, *img_shape), class index per image, -1 for none) for ``seeds``, on the CPU."""
+    z = torch.empty(len(seeds), *img_shape)
+    labels = torch.full((len(seeds),), -1, dtype=torch.int64)
+    for i, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(int(seed))
+        z[i] = torch.randn(img_shape, generator=g)
+        if label_dim and class_labels == "random":
+            labels[i] = torch.randint(label_dim, (), generator=g)
+        elif label_dim and class_labels is not None:
+            labels[i] = int(class_labels)
+    return z, labels
+
+
+@torch.no_grad()
+def sample_seeds(net: torch.nn.Module, seeds: Sequence[int], *, sigma_init: float, batch: int = 256,
+                 class_labels: ClassLabels = "random", device="cpu") -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """(seeds, x_g = G(sigma_init z, c) as float32 on the CPU, class indices) batch by batch, in seed order."""
+    shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    for k in range(0, len(seeds), batch):
+        chunk = list(seeds[k: k + batch])
+        z, labels = seed_inputs(chunk, shape, net.label_dim, class_labels)
+        c = torch.nn.functional.one_hot(labels, net.label_dim).float().to(device) if (labels >= 0).any() else None
+        yield chunk, generate(net, z.to(device), c, sigma_init).float().cpu(), labels
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, as EDM's generate.py converts."""
+    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
