@@ -335,11 +335,34 @@ class Distiller:
         self.cur_nimg = int(state["progress"]["cur_nimg"])
 
 
-def init_networks(teacher: nn.Module, sid_generator: Optional[nn.Module] = None):
-    """Initialisation (SPEC.md): psi <- phi; theta <- phi (SiD, SiDA) or theta <- a SiD generator (SiD²A)."""
-    fake_score = copy.deepcopy(teacher).train().requires_grad_(True)
-    generator = copy.deepcopy(sid_generator if sid_generator is not None else teacher).train().requires_grad_(True)
+def init_networks(teacher: nn.Module, sid_generator: Optional[nn.Module] = None, *, use_logvar: bool = False):
+    """Initialisation (SPEC.md): psi <- phi; theta <- phi (SiD, SiDA) or theta <- a SiD generator (SiD²A).
+
+    Parameters no loss reaches stay frozen (:func:`freeze_unused`): G never uses EDM2's logvar head, f_psi only with
+    ``use_logvar`` (``loss.fake_score_logvar``)."""
+    fake_score = freeze_unused(copy.deepcopy(teacher).train().requires_grad_(True), use_logvar=use_logvar)
+    source = sid_generator if sid_generator is not None else teacher
+    generator = freeze_unused(copy.deepcopy(source).train().requires_grad_(True), use_logvar=False)
     return generator, fake_score
+
+
+#: Submodules of published teachers that no SiD / SiDA loss uses: EDM's augmentation-label embedding (EDM trained its
+#: nets with an augment pipe; distillation feeds no augment labels) and EDM2's logvar head (see ``use_logvar``).
+AUGMENT_MODULES = ("map_augment",)
+LOGVAR_MODULES = ("logvar_fourier", "logvar_linear")
+
+
+def freeze_unused(net: nn.Module, *, use_logvar: bool = False) -> nn.Module:
+    """Freeze the parameters of ``net`` that take no part in the distillation losses, in place; returns ``net``.
+
+    Numerically a no-op (they would get no gradient and Adam skips them), but DDP requires every trainable parameter
+    to receive a gradient in each backward: without this a 2-worker run of a published EDM teacher (augment_dim 9)
+    fails at its second step ("Expected to have finished reduction in the prior iteration")."""
+    frozen = AUGMENT_MODULES + (() if use_logvar else LOGVAR_MODULES)
+    for name, module in net.named_modules():
+        if name.rsplit(".", 1)[-1] in frozen:
+            module.requires_grad_(False)
+    return net
 
 
 def ema_beta(total_batch: int, ema_mimg: float, cur_nimg: int, rampup: Optional[float]) -> float:
@@ -350,5 +373,6 @@ def ema_beta(total_batch: int, ema_mimg: float, cur_nimg: int, rampup: Optional[
     return 0.5 ** (total_batch / h) if h > 0 else 0.0
 
 
-__all__ = ["Distiller", "NonFiniteError", "StepHyper", "derive_seed", "ema_beta", "hyper_from_config", "init_networks",
+__all__ = ["Distiller", "NonFiniteError", "StepHyper", "derive_seed", "ema_beta", "freeze_unused", "hyper_from_config",
+           "init_networks",
            "make_generator", "unwrap"]

@@ -85,9 +85,12 @@ def plain_tensors(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def edm_names(network: Mapping[str, Any]) -> Optional[dict]:
-    """EDM-style constructor names for ``network`` (``"edm"`` in the JSON): the place to map this project's
-    ``build_denoiser`` arguments onto EDM's ``networks.EDMPrecond(...)`` keyword arguments. Not done yet: null."""
-    return None
+    """EDM-style constructor of ``network`` (``"edm"`` in the JSON): ``{"class_name", "init_kwargs"}`` as EDM / EDM2
+    record them, so EDM / SiD code can rebuild the net and load the exported state dict (sida_core.importer owns the
+    mapping both ways)."""
+    from sida_core.importer import edm_constructor
+
+    return edm_constructor(network)
 
 
 def export_generator(state_dict: Mapping[str, Any], out: str | os.PathLike, *, network: Mapping[str, Any],

@@ -271,6 +271,8 @@ def spec_from_stub(stub: PersistentStub, where: str = "network") -> dict:
              "label_dim": int(kw.pop("label_dim", 0))}
     if name in EDM2_PRECONDS:
         kw.pop("use_fp16", None)  # compute precision is the run's `precision`, master weights float32
+        if _children(stub.state).get("logvar_linear") is None:  # SiD's EDM_2_Precond_Generator: no logvar head
+            kw["logvar_channels"] = 0
         return {"arch": "edm2", **iface, "kwargs": kw, "precond": "edm2", "precond_kwargs": {}}
     if name not in PRECONDS:
         known = ", ".join([*PRECONDS, *EDM2_PRECONDS[:1]])

@@ -72,7 +72,7 @@ def _bce_logits(logits: torch.Tensor, target: float) -> torch.Tensor:
 def check_logvar_head(net) -> None:
     """Refuse (one-line ValueError) a fake-score net without EDM2's logvar head u(sigma) (``logvar_linear``)."""
     plain = getattr(net, "module", net)  # under a DDP wrapper
-    if not hasattr(plain, "logvar_linear"):
+    if getattr(plain, "logvar_linear", None) is None:
         raise ValueError(f"loss.fake_score_logvar=true needs a fake-score net with a logvar head (network.arch edm2), "
                          f"got {type(plain).__name__}")
 

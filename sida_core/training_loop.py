@@ -147,7 +147,7 @@ def build_distiller(cfg, teacher: nn.Module, train_set: ImageDataset, device, *,
     sid_generator = None
     if cfg.method == "sid2a":
         sid_generator, _ = load_network(init_generator or cfg.init_generator, "generator_ema", device)
-    generator, fake_score = init_networks(teacher, sid_generator)
+    generator, fake_score = init_networks(teacher, sid_generator, use_logvar=cfg.loss.fake_score_logvar)
     generator, fake_score = generator.to(device), fake_score.to(device)
     if wrap is not None:
         generator, fake_score = wrap(generator), wrap(fake_score)

@@ -85,16 +85,18 @@ class _Container:
         return copyreg.__newobj__, (self.cls,), self.state
 
 
-def _mirror(module: nn.Module, fn, src: str, kwargs_of: Mapping[int, dict], dtype: Optional[torch.dtype]):
+def _mirror(module: nn.Module, fn, src: str, kwargs_of: Mapping[int, dict], dtype: Optional[torch.dtype],
+            names: Optional[Mapping[int, str]] = None):
     state = dict(vars(module))
     state["_parameters"] = {k: (None if v is None else _cast(v, dtype, param=True)) for k, v in module._parameters.items()}
     state["_buffers"] = {k: (None if v is None else _cast(v, dtype)) for k, v in module._buffers.items()}
-    state["_modules"] = {k: (None if v is None else _mirror(v, fn, src, kwargs_of, dtype)) for k, v in module._modules.items()}
+    state["_modules"] = {k: (None if v is None else _mirror(v, fn, src, kwargs_of, dtype, names))
+                         for k, v in module._modules.items()}
     if type(module).__module__.startswith("torch.nn"):
         return _Container(type(module), state)
     state["_init_args"] = ()
     state["_init_kwargs"] = dict(kwargs_of.get(id(module), {}))
-    name = EDM_NAMES.get(type(module).__name__, type(module).__name__)
+    name = (names or {}).get(id(module)) or EDM_NAMES.get(type(module).__name__, type(module).__name__)
     return _Persistent(fn, dict(type="class", version=6, module_src=src, class_name=name, state=state))
 
 
@@ -120,14 +122,15 @@ def edm_init_kwargs(net: nn.Module, spec: Mapping[str, Any], fp16: bool = False)
 
 def write_edm_pickle(path: Path, net: nn.Module, spec: Mapping[str, Any], *, marker: Path, key: str = "ema",
                      edm2: bool = False, extra: Optional[dict] = None, extra_nets: Optional[dict] = None,
-                     protocol: int = pickle.DEFAULT_PROTOCOL) -> Path:
+                     protocol: int = pickle.DEFAULT_PROTOCOL, class_name: Optional[str] = None) -> Path:
     """Write ``net`` as EDM (dict, float32) or EDM2 (EasyDict, ``ema`` in float16) would; returns ``path``.
-    ``extra_nets``: more networks under other keys, ``{key: (net, spec)}`` (SiD's snapshots hold several)."""
+    ``extra_nets``: more networks under other keys, ``{key: (net, spec)}`` (SiD's snapshots hold several).
+    ``class_name``: the top network's recorded class (default: EDM's name for the project class)."""
     with _fake_modules() as (pers, util):
         fn = pers._reconstruct_persistent_obj
         src = poison_source(marker)
         dtype = torch.float16 if edm2 else None
-        top = _mirror(net, fn, src, edm_init_kwargs(net, spec), dtype)
+        top = _mirror(net, fn, src, edm_init_kwargs(net, spec), dtype, {id(net): class_name} if class_name else None)
         extra = {**(extra or {}), **{k: _mirror(n, fn, src, edm_init_kwargs(n, s), dtype)
                                      for k, (n, s) in (extra_nets or {}).items()}}
         if edm2:

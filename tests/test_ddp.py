@@ -32,7 +32,7 @@ WORLD = 2
 STEPS = 4
 LR = 1e-3            # lr_psi = lr_theta: one Adam step moves a weight by up to about LR
 TIMEOUT_S = 240       # for the whole spawned run (it takes a few seconds)
-UNET_KW = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+UNET_KW = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [], "dropout": 0.0, "augment_dim": 9}
 LABEL_DIM = 10
 STATE_KEYS = ("generator", "generator_ema", "fake_score")
 

@@ -108,6 +108,49 @@ def test_sid_pickle_with_several_networks_picks_by_key(tmp_path):
             assert torch.equal(a, b)
 
 
+EDM2_TINY = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [4],
+             "channels_per_head": 8}
+
+
+@pytest.mark.parametrize("logvar", [True, False], ids=["edm2-precond", "sid-edm2-generator"])
+def test_edm2_network_pickle(tmp_path, logvar):
+    """EDM2's Precond (float16 in the file), and the SiD authors' EDM2 generator class, which has no logvar head."""
+    spec = {"arch": "edm2", "img_resolution": 8, "img_channels": 4, "label_dim": 10,
+            "kwargs": {**EDM2_TINY, **({} if logvar else {"logvar_channels": 0})}}
+    net = make_net(spec, seed=9)
+    path = write_edm_pickle(tmp_path / "edm2-img512-tiny.pkl", net, spec, marker=tmp_path / "EXECUTED", edm2=True,
+                            class_name=None if logvar else "EDM_2_Precond_Generator")
+    imported = import_network(path)
+    assert not (tmp_path / "EXECUTED").exists()
+    assert imported.spec["arch"] == "edm2" and imported.spec["kwargs"] == spec["kwargs"]
+    assert imported.provenance["format"] == "edm2-pkl" and imported.provenance["source_dtypes"] == ["float16"]
+    half = make_net(spec, seed=9)
+    half.load_state_dict({k: v.half().float() for k, v in net.state_dict().items()})
+    g = torch.Generator().manual_seed(2)
+    x, sigma, c = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([0.1, 1.0, 10.0]), torch.eye(10)[:3]
+    with torch.no_grad():
+        assert torch.equal(imported.net(x, sigma, c), half(x, sigma, c))
+        if logvar:
+            assert torch.equal(imported.net(x, sigma, c, return_logvar=True)[1], half(x, sigma, c, return_logvar=True)[1])
+    assert hasattr(imported.net, "logvar_linear") and (imported.net.logvar_linear is None) is not logvar
+
+
+def test_edm_constructor_is_what_edm_records(tmp_path):
+    """sida export's "edm" field: the class and constructor arguments EDM's pickles record for the same network."""
+    from edm_pickles import edm_init_kwargs
+    from sida_core.importer import edm_constructor
+
+    for spec in (spec_of(), {**spec_of(label_dim=0), "kwargs": {**TINY, "augment_dim": 0}},
+                 {"arch": "edm2", "img_resolution": 8, "img_channels": 4, "label_dim": 10, "kwargs": EDM2_TINY}):
+        net = make_net(spec)
+        recorded = edm_init_kwargs(net, spec)[id(net)]
+        recorded.pop("use_fp16")
+        out = edm_constructor({**spec, "precond": "edm2" if spec["arch"] == "edm2" else "edm", "precond_kwargs": {}})
+        assert out["init_kwargs"] == recorded
+        assert out["class_name"] == ("training.networks_edm2.Precond" if spec["arch"] == "edm2"
+                                     else "training.networks.EDMPrecond")
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_state_dicts_need_an_architecture_and_load_strictly(tmp_path, suffix):
     spec = spec_of()

@@ -273,8 +273,9 @@ class EDM2Precond(nn.Module):
         self.use_fp16 = use_fp16
         self.sigma_data = sigma_data
         self.unet = UNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, **unet_kwargs)
-        self.logvar_fourier = MPFourier(logvar_channels)
-        self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
+        # logvar_channels=0: no head (the SiD authors' EDM2 generators, EDM_2_Precond_Generator, have none)
+        self.logvar_fourier = MPFourier(logvar_channels) if logvar_channels else None
+        self.logvar_linear = MPConv(logvar_channels, 1, kernel=[]) if logvar_channels else None
 
     def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None, return_flag: str = "decoder",
                 return_logvar: bool = False):
@@ -304,6 +305,8 @@ class EDM2Precond(nn.Module):
 
     def logvar(self, c_noise: torch.Tensor) -> torch.Tensor:
         """u(sigma) of EDM2 eq. 21 as B x 1 x 1 x 1 float32, from c_noise = ln(sigma)/4."""
+        if self.logvar_linear is None:
+            raise ValueError("this EDM2 net has no logvar head (built with logvar_channels=0)")
         return self.logvar_linear(self.logvar_fourier(c_noise)).float().reshape(-1, 1, 1, 1)
 
 
