@@ -65,7 +65,7 @@ _RESERVED = {"format", "version", "kind", "kimg", "cur_nimg", "config", "network
              "created", "torch", "manifest_sha256"}
 _LEAF_TYPES = (torch.Tensor, str, int, float, bool, type(None))
 
-__all__ = ["CheckpointError", "FORMAT", "VERSION", "checkpoint_name", "find_latest_valid", "load_checkpoint",
+__all__ = ["CheckpointError", "FORMAT", "VERSION", "checkpoint_name", "find_latest_valid", "load_checkpoint", "sha256_file",
            "save_checkpoint", "verify_checkpoint"]
 
 
@@ -78,7 +78,7 @@ def checkpoint_name(cur_nimg: int) -> str:
     return f"ckpt-{int(cur_nimg):012d}"
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -150,7 +150,7 @@ def save_checkpoint(directory: str | os.PathLike, state: dict, *, kind: str, kim
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        files = {STATE_FILE: {"sha256": _sha256_file(tmp / STATE_FILE), "bytes": (tmp / STATE_FILE).stat().st_size}}
+        files = {STATE_FILE: {"sha256": sha256_file(tmp / STATE_FILE), "bytes": (tmp / STATE_FILE).stat().st_size}}
         manifest = {"format": FORMAT, "version": VERSION, "kind": str(kind), "kimg": float(kimg),
                     "cur_nimg": int(cur_nimg), "config": _jsonable(config), "network": _jsonable(network),
                     "files": files, "content_hash": _content_hash(files),
@@ -214,7 +214,7 @@ def verify_checkpoint(directory: str | os.PathLike, *, hashes: bool = True) -> d
         size = path.stat().st_size
         if size != info.get("bytes"):
             raise CheckpointError(f"{path}: size {size} bytes, manifest says {info.get('bytes')} (truncated or modified)")
-        if hashes and _sha256_file(path) != info.get("sha256"):
+        if hashes and sha256_file(path) != info.get("sha256"):
             raise CheckpointError(f"{path}: sha256 mismatch with the manifest (corrupt or modified)")
     return manifest
 

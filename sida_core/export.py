@@ -25,7 +25,7 @@ from typing import IO, Any, Iterator, Mapping, Optional
 import torch
 from torch import nn
 
-from sida_core.checkpoint import _sha256_file
+from sida_core.checkpoint import sha256_file
 
 FORMAT = "sida-generator"
 VERSION = 1
@@ -90,7 +90,7 @@ def edm_names(network: Mapping[str, Any]) -> Optional[dict]:
     mapping both ways)."""
     from sida_core.importer import edm_constructor
 
-    return edm_constructor(network)
+    return edm_constructor(network) if network.get("arch") else None
 
 
 def export_generator(state_dict: Mapping[str, Any], out: str | os.PathLike, *, network: Mapping[str, Any],
@@ -110,7 +110,7 @@ def export_generator(state_dict: Mapping[str, Any], out: str | os.PathLike, *, n
 
             f.write(save(tensors))
     meta = {"format": FORMAT, "version": VERSION, "weights": out.name, "weights_format": fmt,
-            "weights_sha256": _sha256_file(out), "tensors": len(tensors),
+            "weights_sha256": sha256_file(out), "tensors": len(tensors),
             "parameters": int(sum(t.numel() for t in tensors.values())),
             "network": dict(network), "sigma_init": float(sigma_init),
             "generator": "x = D(sigma_init * z; sigma_init, c), z ~ N(0, I): sida_core.losses.generate",
@@ -142,7 +142,7 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     weights, meta = read_metadata(path)
     if not weights.is_file():
         raise ExportError(f"{weights}: missing (its metadata {metadata_path(weights).name} is there)")
-    if _sha256_file(weights) != meta.get("weights_sha256"):
+    if sha256_file(weights) != meta.get("weights_sha256"):
         raise ExportError(f"{weights}: sha256 does not match {metadata_path(weights).name} (modified or half-written)")
     if meta["weights_format"] == "safetensors":
         from safetensors.torch import load_file

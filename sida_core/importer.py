@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from sida_core.checkpoint import sha256_file
+
 __all__ = ["ALLOWED", "ImportError_", "ImportedNetwork", "PersistentStub", "SafeUnpickler", "build_network",
            "edm_constructor", "import_network", "read_pickle", "sha256_file", "spec_from_stub"]
 
@@ -157,14 +159,6 @@ class SafeUnpickler(pickle.Unpickler):
     def persistent_load(self, pid):
         raise ImportError_(f"refusing to load {self.name}: it uses pickle persistent ids ({str(pid)[:60]}); "
                            f"a torch.save zip file should be named .pt / .pth")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _one_line(exc: BaseException) -> str:

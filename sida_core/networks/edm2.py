@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 from sida_core import edm
 from sida_core.networks.songunet import check_return_flag
+from sida_core.networks.precond import precond_inputs
 
 
 # ----------------------------------------------------------------------------------------------- MP primitives
@@ -281,14 +282,8 @@ class EDM2Precond(nn.Module):
                 return_logvar: bool = False):
         check_return_flag(return_flag)
         x = x.float()
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
-        if sigma.numel() == 1 and x.shape[0] != 1:
-            sigma = sigma.expand(x.shape[0])
-        if self.label_dim == 0:
-            class_labels = None
-        elif class_labels is None:
-            class_labels = torch.zeros(x.shape[0], self.label_dim, device=x.device)
-        else:
+        sigma, class_labels = precond_inputs(x, sigma, class_labels, self.label_dim)
+        if class_labels is not None:
             class_labels = class_labels.float().reshape(-1, self.label_dim)
         c_skip, c_out, c_in, c_noise = edm.precond_coefficients(sigma, self.sigma_data)
         s = lambda v: edm.expand_sigma(v, x)  # noqa: E731 - broadcast (B,) against x

@@ -15,6 +15,19 @@ from sida_core import edm
 from sida_core.networks.songunet import check_return_flag
 
 
+def precond_inputs(x: torch.Tensor, sigma, class_labels: torch.Tensor | None, label_dim: int):
+    """The calling convention every preconditioned denoiser shares: sigma as a (B,) float32 tensor (a scalar is
+    broadcast), no labels for an unconditional net, zero labels when a conditional one gets none."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
+    if sigma.numel() == 1 and x.shape[0] != 1:
+        sigma = sigma.expand(x.shape[0])
+    if label_dim == 0:
+        class_labels = None
+    elif class_labels is None:
+        class_labels = torch.zeros(x.shape[0], label_dim, device=x.device)
+    return sigma, class_labels
+
+
 class _Precond(nn.Module):
     """Shared forward; subclasses define ``coefficients(sigma) -> (c_skip, c_out, c_in, c_noise)`` for sigma (B,)."""
 
@@ -29,13 +42,7 @@ class _Precond(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None,
                 return_flag: str = "decoder"):
         check_return_flag(return_flag)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
-        if sigma.numel() == 1 and x.shape[0] != 1:
-            sigma = sigma.expand(x.shape[0])
-        if self.label_dim == 0:
-            class_labels = None
-        elif class_labels is None:
-            class_labels = torch.zeros(x.shape[0], self.label_dim, device=x.device)
+        sigma, class_labels = precond_inputs(x, sigma, class_labels, self.label_dim)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         s = lambda v: edm.expand_sigma(v, x)  # noqa: E731 - broadcast (B,) against x
         out = self.model(x * s(c_in), c_noise.flatten(), class_labels, return_flag=return_flag)
