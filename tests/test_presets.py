@@ -177,6 +177,12 @@ def test_preset_starts_from_its_published_teacher_format(preset, ray_local, refe
         assert teacher_manifest["imported"]["class_name"] in ("EDMPrecond", "Precond")
         assert teacher_manifest["network"]["kwargs"] == imported["kwargs"]
         assert not (tmp_path / "EXECUTED").exists()
-        # G_theta after two steps (one SiD, one SiDA update) moved away from the imported teacher's weights
-        phi, _ = store.load_checkpoint("teacher")
+    # Two steps: fake-score + SiD, then fake-score + SiDA. An fp16 preset's loss scaler may skip both overflowing first
+    # updates (GradScaler starts at 2^16 and halves per overflow); an update that was taken moved G_theta.
+    rows = store.read_metrics().to_pylist()
+    assert [r["stage"] for r in rows] == ["sid", "sida"], rows
+    phi, _ = store.load_checkpoint("teacher")
+    updated = any(r["G_updated"] == 1.0 for r in rows)
+    assert updated or raw.precision == "fp16", rows
+    if updated:
         assert any(not torch.equal(state["generator"][k], v) for k, v in phi["net"].items())
