@@ -95,12 +95,14 @@ def ray_local(tmp_path_factory):
 
     from ray_jobs.cluster import worker_env
 
-    cache = tmp_path_factory.mktemp("cache")
-    os.environ["SIDA_CACHE"] = str(cache)
+    saved = os.environ.get("SIDA_CACHE")
+    os.environ["SIDA_CACHE"] = str(tmp_path_factory.mktemp("cache"))  # imported teachers of this module only
     ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
              runtime_env={"env_vars": worker_env()})
     yield
     ray.shutdown()
+    if saved is not None:
+        os.environ["SIDA_CACHE"] = saved
 
 
 @pytest.fixture(scope="module")
