@@ -196,9 +196,11 @@ def _children(state: Mapping) -> Mapping:
     return mods if isinstance(mods, Mapping) else {}
 
 
-def stub_state_dict(stub, prefix: str = "", out: Optional[dict] = None) -> dict:
+def stub_state_dict(stub, prefix: str = "", out: Optional[dict] = None, _path: tuple = ()) -> dict:
     """Flatten a stub tree into a state dict (parameters and persistent buffers), as ``nn.Module.state_dict``."""
     out = {} if out is None else out
+    if id(stub) in _path or len(_path) > 64:  # pickle memos can build cycles; real networks are shallow trees
+        raise ImportError_(f"{prefix or 'network'}: module tree is cyclic or deeper than 64 levels")
     state = stub.state if isinstance(stub, PersistentStub) else getattr(stub, "__dict__", {})
     non_persistent = state.get("_non_persistent_buffers_set") or set()
     for group in ("_parameters", "_buffers"):
@@ -216,7 +218,7 @@ def stub_state_dict(stub, prefix: str = "", out: Optional[dict] = None) -> dict:
             continue
         if not isinstance(child, (PersistentStub, _InertModule)):
             raise ImportError_(f"{prefix}{name}: unexpected module object {type(child).__name__}")
-        stub_state_dict(child, f"{prefix}{name}.", out)
+        stub_state_dict(child, f"{prefix}{name}.", out, (*_path, id(stub)))
     return out
 
 
@@ -410,6 +412,15 @@ def import_network(path, *, spec: Optional[Mapping[str, Any]] = None, key: Optio
     override is an error); for state dicts ``spec`` is required. Weights are cast to float32 and loaded strictly.
     """
     path = Path(path)
+    try:
+        return _import_network(path, spec, key)
+    except ImportError_:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an untrusted file must never end in a traceback
+        raise ImportError_(f"{path}: unexpected content ({_one_line(exc)})") from None
+
+
+def _import_network(path: Path, spec: Optional[Mapping[str, Any]], key: Optional[str]) -> ImportedNetwork:
     if not path.is_file():
         raise ImportError_(f"{path}: no such file")
     fmt = _file_format(path)

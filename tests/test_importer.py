@@ -365,3 +365,29 @@ def test_cli_teacher_import(tmp_path, edm_file):
     torch.save(net.state_dict(), tmp_path / "w.pt")
     proc = _sida(["teacher", "import", tmp_path / "w.pt", "--out", tmp_path / "w-out"], tmp_path)
     assert proc.returncode == 2 and "pass --config" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cyclic_or_malformed_module_trees_are_one_line_errors(tmp_path):
+    """Hand-made streams with the allowed globals only: a ModuleDict that contains itself, bad constructor values."""
+    import collections
+
+    from edm_pickles import _Container, _fake_modules, _Persistent
+
+    with _fake_modules() as (pers, _):
+        fn = pers._reconstruct_persistent_obj
+        loop = _Container(torch.nn.ModuleDict, {})
+        loop.state.update(_modules=collections.OrderedDict(self=loop), _parameters={}, _buffers={})
+        kw = {"img_resolution": 8, "img_channels": 3, "label_dim": 0}
+        backbone = dict(type="class", version=6, module_src="", class_name="SongUNet",
+                        state={"_modules": {"enc": loop}, "_parameters": {}, "_buffers": {},
+                               "_init_kwargs": {"img_resolution": 8, "in_channels": 3, "out_channels": 3}})
+        meta = dict(type="class", version=6, module_src="", class_name="EDMPrecond",
+                    state={"_modules": {"model": _Persistent(fn, backbone)}, "_parameters": {}, "_buffers": {},
+                           "_init_kwargs": kw})
+        (tmp_path / "cyclic.pkl").write_bytes(pickle.dumps({"ema": _Persistent(fn, meta)}))
+        meta2 = dict(meta, state={**meta["state"], "_init_kwargs": {**kw, "img_resolution": "huge"}})
+        (tmp_path / "badkw.pkl").write_bytes(pickle.dumps({"ema": _Persistent(fn, meta2)}))
+    for name, needle in (("cyclic.pkl", "module tree is cyclic"), ("badkw.pkl", "unexpected content .*ValueError")):
+        with pytest.raises(ImportError_, match=needle) as err:
+            import_network(tmp_path / name)
+        assert "\n" not in str(err.value)
