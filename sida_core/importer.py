@@ -28,7 +28,6 @@ import hashlib
 import io
 import math
 import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -233,8 +232,6 @@ BACKBONES = {"SongUNet": "songunet", "DhariwalUNet": "adm"}
 EDM2_PRECONDS = ("Precond", "EDM_2_Precond_EncoderDecoder", "EDM_2_Precond_Generator", "EDM2Precond")
 _INTERFACE = ("img_resolution", "img_channels", "label_dim")
 _BACKBONE_INTERFACE = ("img_resolution", "in_channels", "out_channels", "label_dim")
-#: precond constructor kwargs that do not change the function the network computes in this project
-_PRECOND_IGNORED = {"use_fp16", "model_type", "sigma_min", "sigma_max"}
 _PRECOND_KWARGS = {"edm": ("sigma_data",), "vp": ("beta_d", "beta_min", "M", "epsilon_t"),
                    "ve": ("sigma_min", "sigma_max")}
 
@@ -260,7 +257,7 @@ def spec_from_stub(stub: PersistentStub, where: str = "network") -> dict:
     if stub.init_args:
         raise ImportError_(f"{where}: {name} was built with positional arguments; only keyword-built networks "
                            f"(as EDM / EDM2 write them) can be mapped to an architecture")
-    missing = [k for k in _INTERFACE if k not in kw and not (k == "label_dim")]
+    missing = [k for k in ("img_resolution", "img_channels") if k not in kw]  # label_dim defaults to 0
     if missing:
         raise ImportError_(f"{where}: {name}'s constructor arguments lack {', '.join(missing)}")
     iface = {"img_resolution": int(kw.pop("img_resolution")), "img_channels": int(kw.pop("img_channels")),
