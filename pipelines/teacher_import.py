@@ -17,7 +17,7 @@ def run_teacher_import(src: str, out: str, *, key: Optional[str] = None, config:
     """
     from ray_jobs.storage import Storage
     from schemas.loader import ConfigError, load_run_config
-    from sida_core.importer import ImportError_, import_to_checkpoint
+    from sida_core.importer import import_to_checkpoint
     from sida_core.training_loop import network_spec
 
     spec = None
@@ -30,10 +30,7 @@ def run_teacher_import(src: str, out: str, *, key: Optional[str] = None, config:
     if storage.exists("manifest.json"):
         raise ConfigError(f"--out {storage.uri} already holds a checkpoint; pick another folder")
     with tempfile.TemporaryDirectory(prefix="sida-import-") as scratch:
-        try:
-            local, imported = import_to_checkpoint(src, Path(scratch) / "ckpt", spec=spec, key=key)
-        except ImportError_ as exc:
-            raise ConfigError(str(exc)) from None
+        local, imported = import_to_checkpoint(src, Path(scratch) / "ckpt", spec=spec, key=key)  # ImportError_: 1 line
         storage.upload_dir(local, "", last=["manifest.json"])
     prov, net = imported.provenance, imported.spec
     return {"out": storage.uri, "format": prov["format"], "class_name": prov.get("class_name"), "arch": net["arch"],

@@ -481,8 +481,7 @@ def import_to_checkpoint(src, out, *, spec: Optional[Mapping[str, Any]] = None, 
     prov = imported.provenance
     path = ckpt.save_checkpoint(out, {"net": imported.state_dict}, kind=kind, kimg=0.0, cur_nimg=0,
                                 config={"imported_from": prov["source_name"]}, network=imported.spec,
-                                extra={"imported": prov})
-    ckpt.load_checkpoint(path)  # verify what was written before anyone relies on it
+                                extra={"imported": prov})  # hashed from the written file; every load verifies
     return path, imported
 
 
