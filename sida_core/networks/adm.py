@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sida_core.networks.songunet import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock, check_return_flag
+from sida_core.networks.songunet import (Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock, check_return_flag,
+                                         decoder_inputs, run_block)
 
 
 class DhariwalUNet(nn.Module):
@@ -87,19 +88,22 @@ class DhariwalUNet(nn.Module):
             emb = emb + self.map_label(tmp)
         return F.silu(emb)
 
-    def forward(self, x, noise_labels, class_labels=None, augment_labels=None, return_flag: str = "decoder"):
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None, return_flag: str = "decoder",
+                decoder_batch: int | None = None):
         check_return_flag(return_flag)
+        ckpt = getattr(self, "activation_checkpointing", False)
         emb = self.embed(noise_labels, class_labels, augment_labels)  # fp32; each block casts its affine output, as EDM
         skips = []
         for block in self.enc.values():
-            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            x = run_block(block, ckpt, x, emb) if isinstance(block, UNetBlock) else block(x)
             skips.append(x)
         logits = x.float().mean(dim=1, keepdim=True)  # discriminator map: channel mean of the last encoder block
         if return_flag == "encoder":
             return logits
+        x, emb, skips = decoder_inputs(decoder_batch, x, emb, skips)
         for block in self.dec.values():
             if x.shape[1] != block.in_channels:
                 x = torch.cat([x, skips.pop()], dim=1)
-            x = block(x, emb)
+            x = run_block(block, ckpt, x, emb)
         x = self.out_conv(F.silu(self.out_norm(x)))
         return x if return_flag == "decoder" else (x, logits)

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sida_core import edm
-from sida_core.networks.songunet import check_return_flag
+from sida_core.networks.songunet import check_return_flag, decoder_inputs, run_block
 from sida_core.networks.precond import precond_inputs
 
 
@@ -232,8 +232,9 @@ class UNet(nn.Module):
         self.out_conv = MPConv(cout, img_channels, kernel=[3, 3])
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
-                return_flag: str = "decoder"):
+                return_flag: str = "decoder", decoder_batch: int | None = None):
         check_return_flag(return_flag)
+        ckpt = getattr(self, "activation_checkpointing", False)
         emb = self.emb_noise(self.emb_fourier(noise_labels))
         if self.emb_label is not None:
             emb = mp_sum(emb, self.emb_label(class_labels * math.sqrt(class_labels.shape[1])), t=self.label_balance)
@@ -242,16 +243,17 @@ class UNet(nn.Module):
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
         for name, block in self.enc.items():
-            x = block(x) if "conv" in name else block(x, emb)
+            x = block(x) if "conv" in name else run_block(block, ckpt, x, emb)
             skips.append(x)
         logits = x.float().mean(dim=1, keepdim=True)  # discriminator map (SiDA), no extra parameters
         if return_flag == "encoder":
             return logits
 
+        x, emb, skips = decoder_inputs(decoder_batch, x, emb, skips)
         for name, block in self.dec.items():
             if "block" in name:
                 x = mp_cat(x, skips.pop(), t=self.concat_balance)
-            x = block(x, emb)
+            x = run_block(block, ckpt, x, emb)
         x = self.out_conv(x, gain=self.out_gain)
         return x if return_flag == "decoder" else (x, logits)
 
@@ -279,7 +281,7 @@ class EDM2Precond(nn.Module):
         self.logvar_linear = MPConv(logvar_channels, 1, kernel=[]) if logvar_channels else None
 
     def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None, return_flag: str = "decoder",
-                return_logvar: bool = False):
+                return_logvar: bool = False, decoder_batch: int | None = None):
         check_return_flag(return_flag)
         x = x.float()
         sigma, class_labels = precond_inputs(x, sigma, class_labels, self.label_dim)
@@ -287,15 +289,16 @@ class EDM2Precond(nn.Module):
             class_labels = class_labels.float().reshape(-1, self.label_dim)
         c_skip, c_out, c_in, c_noise = edm.precond_coefficients(sigma, self.sigma_data)
         s = lambda v: edm.expand_sigma(v, x)  # noqa: E731 - broadcast (B,) against x
-        out = self.unet(x * s(c_in), c_noise, class_labels, return_flag=return_flag)
+        out = self.unet(x * s(c_in), c_noise, class_labels, return_flag=return_flag, decoder_batch=decoder_batch)
+        n = x.shape[0] if decoder_batch is None else int(decoder_batch)  # decoder output (and u) for the first n only
         if return_flag == "encoder":
             result = (out,)
         else:
             f_x, logits = out if return_flag == "encoder_decoder" else (out, None)
-            d_x = s(c_skip) * x + s(c_out) * f_x.float()
+            d_x = s(c_skip)[:n] * x[:n] + s(c_out)[:n] * f_x.float()
             result = (d_x,) if logits is None else (d_x, logits)
         if return_logvar:
-            result += (self.logvar(c_noise),)
+            result += (self.logvar(c_noise[:n]),)
         return result[0] if len(result) == 1 else result
 
     def logvar(self, c_noise: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sida_core.networks.songunet import PositionalEmbedding, check_return_flag
+from sida_core.networks.songunet import PositionalEmbedding, check_return_flag, decoder_inputs
 
 
 class MLPNet(nn.Module):
@@ -32,7 +32,8 @@ class MLPNet(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x, noise_labels, class_labels=None, augment_labels=None, return_flag: str = "decoder"):
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None, return_flag: str = "decoder",
+                decoder_batch: int | None = None):
         check_return_flag(return_flag)
         b = x.shape[0]
         emb = self.map_noise(noise_labels)
@@ -45,7 +46,8 @@ class MLPNet(nn.Module):
         logits = h.float().mean(dim=1).reshape(b, 1, 1, 1)
         if return_flag == "encoder":
             return logits
-        y = h
+        y, emb, _ = decoder_inputs(decoder_batch, h, emb, [])
+        b = y.shape[0]
         for layer in self.dec:
             y = F.silu(layer(torch.cat([y, emb], dim=1))) + y
         y = self.out(y).reshape(b, self.out_channels, self.img_resolution, self.img_resolution)

@@ -40,19 +40,21 @@ class _Precond(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None,
-                return_flag: str = "decoder"):
+                return_flag: str = "decoder", decoder_batch: int | None = None):
         check_return_flag(return_flag)
         sigma, class_labels = precond_inputs(x, sigma, class_labels, self.label_dim)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         s = lambda v: edm.expand_sigma(v, x)  # noqa: E731 - broadcast (B,) against x
-        out = self.model(x * s(c_in), c_noise.flatten(), class_labels, return_flag=return_flag)
+        split = {} if decoder_batch is None else {"decoder_batch": decoder_batch}  # only backbones that decode a part
+        out = self.model(x * s(c_in), c_noise.flatten(), class_labels, return_flag=return_flag, **split)
         if return_flag == "encoder":
             return out
         if return_flag == "encoder_decoder":
             f_x, logits = out
         else:
             f_x, logits = out, None
-        d_x = s(c_skip) * x + s(c_out) * f_x.to(x.dtype)
+        n = x.shape[0] if decoder_batch is None else int(decoder_batch)  # the decoder ran on the first n samples
+        d_x = s(c_skip)[:n] * x[:n] + s(c_out)[:n] * f_x.to(x.dtype)
         return d_x if return_flag == "decoder" else (d_x, logits)
 
 

@@ -31,6 +31,29 @@ def check_return_flag(return_flag: str) -> None:
         raise ValueError(f"return_flag must be one of {RETURN_FLAGS}, got {return_flag!r}")
 
 
+def decoder_inputs(decoder_batch: int | None, x, emb, skips):
+    """The decoder's inputs restricted to the first ``decoder_batch`` samples (None: all of them).
+
+    SiDA's fake-score step needs f_psi's denoised output for the fake half of its batch only and the logit map for
+    both halves; with ``decoder_batch`` one encoder pass serves the concatenated [fake; real] batch and the decoder
+    runs on the fake half alone (``performance.single_psi_forward``). Exact per sample: every layer of these nets
+    (convolution, GroupNorm, per-sample attention) treats samples independently."""
+    if decoder_batch is None:
+        return x, emb, skips
+    n = int(decoder_batch)
+    return x[:n], emb[:n], [s[:n] for s in skips]
+
+
+def run_block(block: nn.Module, checkpointed: bool, *args):
+    """``block(*args)``, recomputed in the backward pass when ``checkpointed`` and gradients are being recorded
+    (activation checkpointing, ``performance.activation_checkpointing``: less memory, one more forward)."""
+    if checkpointed and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
 def _init_weight(shape, mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
     if mode == "xavier_uniform":
         return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
@@ -300,8 +323,10 @@ class SongUNet(nn.Module):
         emb = F.silu(self.map_layer0(emb))
         return F.silu(self.map_layer1(emb))
 
-    def forward(self, x, noise_labels, class_labels=None, augment_labels=None, return_flag: str = "decoder"):
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None, return_flag: str = "decoder",
+                decoder_batch: int | None = None):
         check_return_flag(return_flag)
+        ckpt = getattr(self, "activation_checkpointing", False)
         emb = self.embed(noise_labels, class_labels, augment_labels).to(x.dtype)
         skips = []
         aux = x
@@ -313,11 +338,12 @@ class SongUNet(nn.Module):
             elif "aux_residual" in name:
                 x = skips[-1] = aux = (x + block(aux)) / np.sqrt(2)
             else:
-                x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+                x = run_block(block, ckpt, x, emb) if isinstance(block, UNetBlock) else block(x)
                 skips.append(x)
         logits = x.float().mean(dim=1, keepdim=True)  # discriminator map: channel mean of the last encoder block
         if return_flag == "encoder":
             return logits
+        x, emb, skips = decoder_inputs(decoder_batch, x, emb, skips)
         aux = tmp = None
         for name, block in self.dec.items():
             if "aux_up" in name:
@@ -330,7 +356,7 @@ class SongUNet(nn.Module):
             else:
                 if x.shape[1] != block.in_channels:
                     x = torch.cat([x, skips.pop()], dim=1)
-                x = block(x, emb)
+                x = run_block(block, ckpt, x, emb)
         if return_flag == "decoder":
             return aux
         return aux, logits
