@@ -73,6 +73,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from sida_core import checkpoint as ckpt
     from sida_core.data import load_dataset
     from sida_core.distill import NonFiniteError
+    from sida_core.performance import Performance
     from sida_core.training_loop import build_distiller, load_network, next_boundary, save_distill_checkpoint
 
     torch.set_num_threads(int(config.get("threads", 1)))
@@ -126,6 +127,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report({"diverged": 1.0, "kimg": distiller.cur_nimg / 1000, "reason": str(exc),
                               **(scores.fields() if scores else {})})
             return
+        report = distiller.performance_report()
+        if rank == 0 and report:
+            print("\n".join(report), flush=True)
+            if distiller.perf != Performance() or len(report) > 1:  # a record of options in force (not for the default)
+                store.log_event("performance", lines=report)
         if bar is not None:
             bar.update(cfg.batch.total)
         done = distiller.cur_nimg >= total

@@ -217,6 +217,35 @@ class StorageConfig(Strict):
         return v
 
 
+class PerformanceConfig(Strict):
+    """Speed options of the step (sida_core.performance; docs/performance.md). None changes the mathematics; the
+    defaults are the plain eager step. ``compile: true`` means all three networks."""
+
+    compile: list[Literal["generator", "fake_score", "teacher"]] = Field(default_factory=list)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    channels_last: bool = False
+    adam: Literal["default", "foreach", "fused"] = "default"
+    single_psi_forward: bool = False
+    tf32: Optional[bool] = None
+    activation_checkpointing: bool = False
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile(cls, v):
+        if v is True:
+            return ["generator", "fake_score", "teacher"]
+        if v is False or v is None:
+            return []
+        if isinstance(v, str):
+            return [v]
+        return v
+
+    @field_validator("compile")
+    @classmethod
+    def _unique(cls, v: list) -> list:
+        return list(dict.fromkeys(v))
+
+
 class RunConfig(Strict):
     """One distillation run."""
 
@@ -230,6 +259,7 @@ class RunConfig(Strict):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     ema: EMAConfig = Field(default_factory=EMAConfig)
     precision: Precision = "fp32"
+    performance: PerformanceConfig = Field(default_factory=PerformanceConfig)
     total_kimg: PositiveFloat = 1000
     seed: int = 0
     checkpoint_every_kimg: PositiveFloat = 50

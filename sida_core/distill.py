@@ -19,16 +19,27 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from sida_core.losses import (FakeScoreLoss, GeneratorLoss, Stage, check_logvar_head, generate, generator_weights,
                               stage_at, uses_adversarial_psi)
 from sida_core.networks.edm2 import force_weight_norm_
+from sida_core.performance import (Performance, adam, check_single_forward, compile_networks, graph_breaks,
+                                   prepare_network, set_tf32, to_memory_format)
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """True if no element of any tensor is NaN or Inf (one host sync: the max-norms of all tensors at once)."""
+    if not tensors:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf")))).all())
 
 
 class NonFiniteError(FloatingPointError):
@@ -80,6 +91,7 @@ class StepHyper:
     psi_grad_clip: Optional[float]
     max_fp16_skips: int = 20
     fake_score_logvar: bool = False
+    performance: Performance = Performance()
 
 
 def hyper_from_config(cfg) -> StepHyper:
@@ -94,7 +106,15 @@ def hyper_from_config(cfg) -> StepHyper:
         total_batch=cfg.batch.total, per_worker=cfg.batch.per_worker,
         ema_mimg=cfg.ema.ema_mimg, ema_rampup=cfg.ema.rampup, precision=cfg.precision, seed=cfg.seed,
         psi_grad_clip=cfg.psi_grad_clip, fake_score_logvar=cfg.loss.fake_score_logvar,
+        performance=performance_from_config(cfg.performance),
     )
+
+
+def performance_from_config(p) -> Performance:
+    """Map a validated ``schemas.run.PerformanceConfig`` onto :class:`~sida_core.performance.Performance`."""
+    return Performance(compile=tuple(p.compile), compile_mode=p.compile_mode, channels_last=p.channels_last,
+                       adam=p.adam, single_psi_forward=p.single_psi_forward, tf32=p.tf32,
+                       activation_checkpointing=p.activation_checkpointing)
 
 
 class Distiller:
@@ -118,6 +138,13 @@ class Distiller:
         self.real_labels = real_labels
         self.real_encode = real_encode  # e.g. SD-VAE moments -> latents with fresh noise (sida_core.latents)
 
+        perf = self.perf = h.performance
+        self.perf_notes: list[str] = []  # what the speed options did (compile fallback, fused Adam missing), to log once
+        set_tf32(perf.tf32)
+        for net in (teacher, unwrap(generator), unwrap(fake_score)):
+            prepare_network(net, perf)  # idempotent; hosts with DDP apply it before wrapping (build_distiller)
+        if perf.single_psi_forward and self.use_adv:
+            check_single_forward(fake_score)
         self.teacher = teacher.eval().requires_grad_(False)
         self.G, self.psi = generator, fake_score
         unwrap(self.G).train()
@@ -127,12 +154,16 @@ class Distiller:
         self.img_shape = (net.img_channels, net.img_resolution, net.img_resolution)
         self.label_dim = net.label_dim
 
-        self.opt_psi = torch.optim.Adam(self.psi.parameters(), lr=h.lr_psi, betas=self.betas, eps=h.eps)
-        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=h.lr_theta, betas=self.betas, eps=h.eps)
+        self.opt_psi = adam(self.psi.parameters(), lr=h.lr_psi, betas=self.betas, eps=h.eps, perf=perf, notes=self.perf_notes)
+        self.opt_G = adam(self.G.parameters(), lr=h.lr_theta, betas=self.betas, eps=h.eps, perf=perf, notes=self.perf_notes)
+        # compiled after G_ema is copied (the EMA net stays eager); nn.Module.compile keeps names and state dicts
+        self.compiled = compile_networks({"generator": self.G, "fake_score": self.psi, "teacher": self.teacher}, perf,
+                                         self.device, self.perf_notes)
         if h.fake_score_logvar:
             check_logvar_head(fake_score)
         self.fake_loss = FakeScoreLoss(lambda_adv_psi=h.lambda_adv_psi, p_mean=h.p_mean, p_std=h.p_std,
-                                       use_adv=self.use_adv, use_logvar=h.fake_score_logvar)
+                                       use_adv=self.use_adv, use_logvar=h.fake_score_logvar,
+                                       single_forward=perf.single_psi_forward)
         self.gen_loss = GeneratorLoss(alpha=h.alpha, lambda_sid=h.lambda_sid, lambda_adv_theta=h.lambda_adv_theta, t_max=h.t_max)
 
         if h.precision not in ("fp32", "fp16", "bf16"):
@@ -147,6 +178,8 @@ class Distiller:
 
         self.step_idx = 0
         self.cur_nimg = 0
+        self._first_step_s: Optional[float] = None  # wall time of this process's first step (compile happens there)
+        self._reported = False
 
     # ------------------------------------------------------------------ helpers
     def stage(self) -> Stage:
@@ -165,7 +198,7 @@ class Distiller:
 
     def _fake_batch(self, rng: torch.Generator):
         n = self.h.per_worker
-        z = torch.randn((n, *self.img_shape), device=self.device, generator=rng)
+        z = to_memory_format(torch.randn((n, *self.img_shape), device=self.device, generator=rng), self.perf)
         labels = None
         if self.label_dim:
             idx = torch.randint(self.label_dim, (n,), device=self.device, generator=rng)
@@ -181,7 +214,7 @@ class Distiller:
         if self.real_encode is not None:
             x = self.real_encode(x, rng)
         c = self.real_labels[idx].to(self.device) if self.real_labels is not None else None
-        return x, c
+        return to_memory_format(x, self.perf), c
 
     def _check_finite(self, loss_vec: torch.Tensor, what: str) -> bool:
         """True if finite; else remember why (the decision is taken in :meth:`_apply`, on all workers at once)."""
@@ -208,7 +241,7 @@ class Distiller:
         """
         scaler.unscale_(opt)
         grads = [p.grad for p in module.parameters() if p.grad is not None]
-        grads_finite = self._all_workers(finite and all(bool(torch.isfinite(g).all()) for g in grads))
+        grads_finite = self._all_workers(finite and all_finite(grads))
         if not grads_finite:
             if self.h.precision != "fp16":
                 reason = self._nonfinite_msg if not finite else None
@@ -222,9 +255,9 @@ class Distiller:
                                      f"at step {self.step_idx}: training diverged")
             for g in grads:
                 g.zero_()
-        elif clip is not None:
-            for g in grads:
-                g.clamp_(-clip, clip)
+        elif clip is not None and grads:
+            torch._foreach_clamp_min_(grads, -clip)  # = g.clamp_(-clip, clip) for each g, in two kernels
+            torch._foreach_clamp_max_(grads, clip)
         scaler.step(opt)  # skipped by the scaler itself when it saw inf (fp16)
         scaler.update()
         if grads_finite:
@@ -234,6 +267,26 @@ class Distiller:
     # ------------------------------------------------------------------ the step
     def step(self) -> dict:
         """One iteration: psi update, then (outside the fake-score-only stage) theta update, then EMA."""
+        if self._first_step_s is None:
+            t0 = time.perf_counter()
+            stats = self._step()
+            self._first_step_s = time.perf_counter() - t0
+            return stats
+        return self._step()
+
+    def performance_report(self) -> list[str]:
+        """Once, after the first step: the speed options in force and what they did (compile fallbacks, graph
+        breaks, the first step's time, which includes compilation); then an empty list. The hosts log it."""
+        if self._reported or self._first_step_s is None:
+            return []
+        self._reported = True
+        lines = [f"performance: {self.perf.describe()}", *self.perf_notes]
+        if self.compiled:
+            lines.append(f"torch.compile: {graph_breaks()} graph break(s) so far; first step took "
+                         f"{self._first_step_s:.1f} s (compilation; later steps reuse the graphs)")
+        return lines
+
+    def _step(self) -> dict:
         h = self.h
         stage = self.stage()
         b_total = h.per_worker * self.rounds  # per-worker total batch (SPEC: loss = sum_i L_i / B_worker_total)
@@ -251,16 +304,20 @@ class Distiller:
         for r in range(self.rounds):
             rng = self._rng(r, "psi")
             z, labels = self._fake_batch(rng)
-            x_real, c_real = self._real_batch(rng) if self.use_adv else (None, None)
-            with torch.no_grad(), self._autocast():
+            with record_function("data: real batch"):
+                x_real, c_real = self._real_batch(rng) if self.use_adv else (None, None)
+            with torch.no_grad(), self._autocast(), record_function("psi step: G forward (no grad)"):
                 x_g = generate(self.G_forward, z, labels, h.sigma_init)
-            with self._sync(self.psi, r == self.rounds - 1), self._autocast():
+            with self._sync(self.psi, r == self.rounds - 1), self._autocast(), record_function("psi step: psi forward"):
                 loss_vec, st = self.fake_loss(self.psi, x_g.float(), labels, x_real, c_real, generator=rng)
             finite &= self._check_finite(loss_vec, "fake-score")
             loss = loss_vec.nan_to_num().sum() / b_total
-            self.scaler_psi.scale(loss).backward()
+            with record_function("psi step: backward (+ DDP sync)"):
+                self.scaler_psi.scale(loss).backward()
             acc({"loss_psi": loss_vec.detach().mean(), **st})
-        stats["psi_updated"] = float(self._apply(self.opt_psi, self.scaler_psi, self.psi, h.psi_grad_clip, "fake-score", finite))
+        with record_function("psi step: optimizer"):
+            stats["psi_updated"] = float(self._apply(self.opt_psi, self.scaler_psi, self.psi, h.psi_grad_clip,
+                                                     "fake-score", finite))
 
         # theta: generator update, eq. 6 (SiD stage) or eq. 8 (SiDA stage)
         w_sid, w_adv = generator_weights(stage)
@@ -275,20 +332,26 @@ class Distiller:
                     rng = self._rng(r, "theta")
                     z, labels = self._fake_batch(rng)
                     with self._sync(self.G, r == self.rounds - 1), self._autocast():
-                        x_g = generate(self.G, z, labels, h.sigma_init)
-                        loss_vec, st = self.gen_loss(self.teacher, psi_plain, x_g.float(), labels, w_sid=w_sid, w_adv=w_adv, generator=rng)
+                        with record_function("theta step: G forward"):
+                            x_g = generate(self.G, z, labels, h.sigma_init)
+                        with record_function("theta step: teacher + psi forwards"):
+                            loss_vec, st = self.gen_loss(self.teacher, psi_plain, x_g.float(), labels, w_sid=w_sid,
+                                                         w_adv=w_adv, generator=rng)
                     finite &= self._check_finite(loss_vec, "generator")
                     loss = loss_vec.nan_to_num().sum() / b_total
-                    self.scaler_G.scale(loss).backward()
+                    with record_function("theta step: backward (+ DDP sync)"):
+                        self.scaler_G.scale(loss).backward()
                     acc({"loss_G": loss_vec.detach().mean(), **st})
-                stats["G_updated"] = float(self._apply(self.opt_G, self.scaler_G, self.G, None, "generator", finite))
+                with record_function("theta step: optimizer"):
+                    stats["G_updated"] = float(self._apply(self.opt_G, self.scaler_G, self.G, None, "generator", finite))
             finally:
                 psi_plain.requires_grad_(True)
                 self.opt_psi.zero_grad(set_to_none=True)
 
         self.step_idx += 1
         self.cur_nimg += h.total_batch
-        self.update_ema()
+        with record_function("EMA"):
+            self.update_ema()
         stats.update(sums)
         stats.update(stage=stage.value, step=self.step_idx, cur_nimg=self.cur_nimg, kimg=self.cur_nimg / 1000)
         return stats
@@ -303,10 +366,11 @@ class Distiller:
         """EMA with half-life ema_mimg * 1e6 images, ramped up as min(h, rampup * cur_nimg) (SPEC.md)."""
         beta = ema_beta(self.h.total_batch, self.h.ema_mimg, self.cur_nimg, self.h.ema_rampup)
         src = unwrap(self.G)
-        for p_ema, p in zip(self.G_ema.parameters(), src.parameters()):
-            p_ema.copy_(p.detach().lerp(p_ema, beta))
-        for b_ema, b in zip(self.G_ema.buffers(), src.buffers()):
-            b_ema.copy_(b)
+        ema, cur = list(self.G_ema.parameters()), [p.detach() for p in src.parameters()]
+        torch._foreach_copy_(ema, torch._foreach_lerp(cur, ema, beta))  # p_ema <- lerp(p, p_ema, beta), all at once
+        ema_b, cur_b = list(self.G_ema.buffers()), list(src.buffers())
+        if ema_b:
+            torch._foreach_copy_(ema_b, cur_b)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

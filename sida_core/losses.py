@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
+from torch.profiler import record_function
 
 from sida_core import edm
 
@@ -88,6 +89,10 @@ class FakeScoreLoss:
 
     ``use_logvar`` (SPEC "EDM2"; EDM2 eq. 21): the denoising term becomes gamma ||f_psi - x_g||^2 / e^u + u, with
     u = u_psi(sigma_i) the fake-score net's logvar head (``return_logvar=True``); the adversarial term is unchanged.
+
+    ``single_forward`` (``performance.single_psi_forward``): the same loss from one pass of f_psi over the
+    concatenated [x_g + n; x_real + n] batch, decoding the fake half only (exact per sample; see
+    ``networks.songunet.decoder_inputs``).
     """
 
     lambda_adv_psi: float = 1.0
@@ -96,6 +101,7 @@ class FakeScoreLoss:
     sigma_data: float = edm.SIGMA_DATA
     use_adv: bool = True
     use_logvar: bool = False
+    single_forward: bool = False
 
     def __call__(self, fake_score, x_g, labels=None, x_real=None, real_labels=None, generator=None):
         x_g = x_g.detach()
@@ -114,11 +120,7 @@ class FakeScoreLoss:
             raise ValueError("FakeScoreLoss with use_adv=True needs a real batch (x_real)")
         if x_real.shape != x_g.shape:
             raise ValueError(f"real batch shape {tuple(x_real.shape)} must equal fake batch shape {tuple(x_g.shape)}")
-        if self.use_logvar:
-            y_fake, l_fake, u = fake_score(x_g + n, sigma, labels, return_flag="encoder_decoder", return_logvar=True)
-        else:
-            y_fake, l_fake = fake_score(x_g + n, sigma, labels, return_flag="encoder_decoder")
-        l_real = fake_score(x_real + n, sigma, real_labels, return_flag="encoder")
+        y_fake, l_fake, l_real, u = self._forward(fake_score, x_g + n, x_real + n, sigma, labels, real_labels)
         adv = (_bce_logits(l_real, 1.0) + _bce_logits(l_fake, 0.0)) / 2
         stats = {"d_real": l_real.detach().mean(), "d_fake": l_fake.detach().mean(), "loss_adv_psi": adv.detach()}
         if self.use_logvar:
@@ -126,6 +128,23 @@ class FakeScoreLoss:
             return self._logvar_denoise(weight, y_fake, x_g, u) + weight * self.lambda_adv_psi * adv, stats
         denoise = (y_fake.float() - x_g.float()).square().flatten(1).sum(1)
         return weight * (denoise + self.lambda_adv_psi * adv), stats
+
+    def _forward(self, fake_score, x_fake, x_real, sigma, labels, real_labels):
+        """(f_psi(x_fake), logits(x_fake), logits(x_real), u(sigma) or None): two forwards, or with
+        ``single_forward`` one encoder pass over [x_fake; x_real] and the decoder over the fake half only."""
+        kw = {"return_logvar": True} if self.use_logvar else {}
+        if not self.single_forward:
+            out = fake_score(x_fake, sigma, labels, return_flag="encoder_decoder", **kw)
+            l_real = fake_score(x_real, sigma, real_labels, return_flag="encoder")
+            return out[0], out[1], l_real, (out[2] if self.use_logvar else None)
+        b = x_fake.shape[0]
+        if (labels is None) != (real_labels is None):  # a conditional net given labels on one side only: zeros
+            labels = torch.zeros_like(real_labels) if labels is None else labels
+            real_labels = torch.zeros_like(labels) if real_labels is None else real_labels
+        both = None if labels is None else torch.cat([labels, real_labels])
+        out = fake_score(torch.cat([x_fake, x_real]), torch.cat([sigma, sigma]), both, return_flag="encoder_decoder",
+                         decoder_batch=b, **kw)
+        return out[0], out[1][:b], out[1][b:], (out[2] if self.use_logvar else None)
 
     @staticmethod
     def _logvar_denoise(weight, y_fake, x_g, u):
@@ -156,13 +175,15 @@ class GeneratorLoss:
     def __call__(self, teacher, fake_score, x_g, labels=None, w_sid: float = 1.0, w_adv: float = 0.0, generator=None):
         sigma = edm.sample_sid_sigma(x_g.shape[0], self.t_max, device=x_g.device, generator=generator)
         x_t = x_g + edm.expand_sigma(sigma, x_g) * torch.randn(x_g.shape, device=x_g.device, generator=generator, dtype=x_g.dtype)
-        y_real = teacher(x_t, sigma, labels).float()
+        with record_function("teacher forward"):
+            y_real = teacher(x_t, sigma, labels).float()
         xg = x_g.float()
         stats = {}
-        if w_adv:
-            y_fake, logits = fake_score(x_t, sigma, labels, return_flag="encoder_decoder")
-        else:
-            y_fake, logits = fake_score(x_t, sigma, labels), None
+        with record_function("psi forward"):
+            if w_adv:
+                y_fake, logits = fake_score(x_t, sigma, labels, return_flag="encoder_decoder")
+            else:
+                y_fake, logits = fake_score(x_t, sigma, labels), None
         y_fake = y_fake.float()
         w = edm.sid_normaliser(xg, y_real)
         s = (y_real - y_fake) * ((y_real - xg) - self.alpha * (y_real - y_fake)) / w

@@ -18,6 +18,7 @@ from torch import nn
 from sida_core import checkpoint as ckpt
 from sida_core.data import ImageDataset, load_dataset
 from sida_core.distill import Distiller, hyper_from_config, init_networks
+from sida_core.performance import prepare_network
 from sida_core.importer import ImportError_, build_network, cached_import, is_importable
 from sida_core.teacher import train_teacher
 
@@ -149,10 +150,13 @@ def build_distiller(cfg, teacher: nn.Module, train_set: ImageDataset, device, *,
         sid_generator, _ = load_network(init_generator or cfg.init_generator, "generator_ema", device)
     generator, fake_score = init_networks(teacher, sid_generator, use_logvar=cfg.loss.fake_score_logvar)
     generator, fake_score = generator.to(device), fake_score.to(device)
+    hyper = hyper_from_config(cfg)
+    for net in (teacher, generator, fake_score):  # memory format etc. before DDP wraps them (it keeps grad layouts)
+        prepare_network(net, hyper.performance)
     if wrap is not None:
         generator, fake_score = wrap(generator), wrap(fake_score)
     labels = train_set.one_hot(slice(None)) if train_set.label_dim else None
-    return Distiller(hyper_from_config(cfg), teacher, generator, fake_score, train_set.images, labels,
+    return Distiller(hyper, teacher, generator, fake_score, train_set.images, labels,
                      rank=rank, world_size=world_size, device=device, real_encode=train_set.real_encode)
 
 
@@ -221,6 +225,8 @@ def run_distillation(cfg, run_dir, *, device=None, log: Callable[[str], None] = 
     t0, n0 = time.time(), distiller.cur_nimg
     while distiller.cur_nimg < total:
         stats = distiller.step()
+        for line in distiller.performance_report():
+            log(line)
         bar.update(cfg.batch.total)
         done = distiller.cur_nimg >= total
         if distiller.cur_nimg >= next_log or done:

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sida_core.distill import Distiller, StepHyper, init_networks
 from sida_core.networks import build_denoiser
+from sida_core.performance import Performance
 
 B = 4                 # per-worker batch
 WORLD = 2
@@ -36,17 +37,20 @@ UNET_KW = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_r
 LABEL_DIM = 10
 STATE_KEYS = ("generator", "generator_ema", "fake_score")
 
-# name -> (method, total batch); every DDP run has per_worker B and 2 workers
-DDP_RUNS = {"sid_r1": ("sid", 2 * B), "sida_r1": ("sida", 2 * B), "sida_r2": ("sida", 4 * B)}
+# the speed options that change how a step runs under DDP: one f_psi forward per micro-batch, fused Adam, NHWC
+FAST = Performance(single_psi_forward=True, adam="fused", channels_last=True)
+# name -> (method, total batch, speed options); every DDP run has per_worker B and 2 workers
+DDP_RUNS = {"sid_r1": ("sid", 2 * B, Performance()), "sida_r1": ("sida", 2 * B, Performance()),
+            "sida_r2": ("sida", 4 * B, Performance()), "sida_r2_fast": ("sida", 4 * B, FAST)}
 
 
-def hyper(method: str, total: int, per_worker: int) -> StepHyper:
+def hyper(method: str, total: int, per_worker: int, perf: Performance = Performance()) -> StepHyper:
     """Stage boundaries at 1 and 2 steps of ``total`` images: steps 0 / 1 / 2-3 = fake-score / SiD / SiDA (sida)."""
     return StepHyper(method=method, alpha=1.0, lambda_sid=100.0, lambda_adv_theta=0.01, lambda_adv_psi=1.0,
                      sigma_init=2.5, t_max=800.0, p_mean=-1.2, p_std=1.2, fake_score_only_kimg=total / 1000,
                      sid_until_kimg=2 * total / 1000, lr_psi=LR, lr_theta=LR, betas=(0.0, 0.999), eps=1e-8,
                      total_batch=total, per_worker=per_worker, ema_mimg=0.01, ema_rampup=0.05, precision="fp32",
-                     seed=3, psi_grad_clip=1.0 if method != "sid" else None)
+                     seed=3, psi_grad_clip=1.0 if method != "sid" else None, performance=perf)
 
 
 def expected_stages(method: str) -> list[str]:
@@ -60,16 +64,18 @@ def build_teacher(state: dict) -> torch.nn.Module:
 
 
 def run_distiller(inputs: dict, method: str, total: int, per_worker: int, *, rank: int = 0, world_size: int = 1,
-                  wrap=None, after_step=None) -> tuple[dict, list[str]]:
+                  wrap=None, after_step=None, perf: Performance = Performance()) -> tuple[dict, list[str]]:
     """STEPS steps from the teacher in ``inputs``; returns (generator / EMA / fake-score weights, stages).
 
     ``wrap(net, role)`` wraps G (role "G") and psi (role "psi"), e.g. in DDP; ``after_step()`` runs after each step.
     """
     teacher = build_teacher(inputs["teacher"])
     G, psi = init_networks(teacher)
+    if perf.channels_last:  # before DDP wraps them, as training_loop.build_distiller does
+        G, psi, teacher = (n.to(memory_format=torch.channels_last) for n in (G, psi, teacher))
     if wrap is not None:
         G, psi = wrap(G, "G"), wrap(psi, "psi")
-    d = Distiller(hyper(method, total, per_worker), teacher, G, psi, inputs["images"], inputs["labels"],
+    d = Distiller(hyper(method, total, per_worker, perf), teacher, G, psi, inputs["images"], inputs["labels"],
                   rank=rank, world_size=world_size)
     stages = []
     for _ in range(STEPS):
@@ -97,7 +103,7 @@ def _worker(rank: int, world_size: int, work_dir: str) -> None:
         try:
             inputs = torch.load(work / "inputs.pt", weights_only=True)
             out = {}
-            for name, (method, total) in DDP_RUNS.items():
+            for name, (method, total, perf) in DDP_RUNS.items():
                 counters = {"G": {"buckets": 0}, "psi": {"buckets": 0}}
                 per_step = []
 
@@ -112,7 +118,7 @@ def _worker(rank: int, world_size: int, work_dir: str) -> None:
                         c["buckets"] = 0
 
                 state, stages = run_distiller(inputs, method, total, B, rank=rank, world_size=world_size, wrap=wrap,
-                                              after_step=after_step)
+                                              after_step=after_step, perf=perf)
                 out[name] = (state, stages, per_step)
             torch.save(out, work / f"rank{rank}.pt")
             dist.barrier()
@@ -191,7 +197,7 @@ TOL_R1 = dict(rtol=1e-6, atol=1e-7)
 # (or cancels across micro-batches) turn that rounding into a visible part of a step: measured up to 2.6e-5
 # (2.6% of one Adam step) over hyper seeds 0-8. Tolerance: a tenth of one Adam step.
 TOL_R2 = dict(rtol=1e-4, atol=0.1 * LR)
-TOLERANCE = {"sid_r1": TOL_R1, "sida_r1": TOL_R1, "sida_r2": TOL_R2}
+TOLERANCE = {"sid_r1": TOL_R1, "sida_r1": TOL_R1, "sida_r2": TOL_R2, "sida_r2_fast": TOL_R2}
 
 
 def test_ddp_replicas_identical_and_gradient_sync_once_per_update(ddp_results):
@@ -220,9 +226,9 @@ def test_ddp_equals_single_process_accumulation(name, inputs, ddp_results):
     """2 workers x rounds R == 1 process x rounds 2R, same total batch, every weight (G, G_ema, psi)."""
     _, data = inputs
     (r0, _), _ = ddp_results
-    method, total = DDP_RUNS[name]
+    method, total, perf = DDP_RUNS[name]
     ddp_state, ddp_stages, _ = r0[name]
-    single_state, single_stages = run_distiller(data, method, total, B)
+    single_state, single_stages = run_distiller(data, method, total, B, perf=perf)
     assert single_stages == ddp_stages == expected_stages(method)
     moved = max_abs_diff(single_state, {"generator": data["teacher"], "generator_ema": data["teacher"],
                                         "fake_score": data["teacher"]})
@@ -245,3 +251,13 @@ def test_different_split_does_not_match(inputs, ddp_results):
     assert diff > 2 * LR
     with pytest.raises(AssertionError):
         assert_weights_close(ddp_state, other_state, **TOL_R2)
+
+
+def test_speed_options_keep_the_ddp_result(ddp_results):
+    """Single psi forward + fused Adam + channels-last under DDP end where the plain DDP run ends (same 2 x rounds 2
+    layout; float reassociation only, hence rounds 2's tolerance)."""
+    (r0, _), _ = ddp_results
+    assert r0["sida_r2_fast"][1] == r0["sida_r2"][1]
+    assert r0["sida_r2_fast"][2] == r0["sida_r2"][2]  # gradient buckets: still one all-reduce per update
+    print(f"fast vs plain DDP: max diff = {max_abs_diff(r0['sida_r2_fast'][0], r0['sida_r2'][0]):.3g}")
+    assert_weights_close(r0["sida_r2_fast"][0], r0["sida_r2"][0], **TOL_R2)
