@@ -14,7 +14,6 @@ recomputes the same operations and is checked tighter.
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 
 import pytest
@@ -188,10 +187,10 @@ def test_config_section_maps_onto_the_step():
 
 @pytest.mark.slow
 @pytest.mark.skipif(compile_unavailable(torch.device("cpu")) is not None, reason="torch.compile unavailable here")
-def test_compile_keeps_losses_and_weights(tmp_path):
+def test_compile_keeps_losses_and_weights(tmp_path, monkeypatch):
     """torch.compile of all three networks (inductor on the CPU) gives the eager step. A small MLP denoiser keeps
     the compile time to about a minute on 2 cores (the U-Nets take minutes: see docs/performance.md)."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # a cold cache: really compiles
     torch.manual_seed(0)
     teacher = build_denoiser("mlp", 8, 1, 0, {"hidden": 32, "enc_layers": 1, "dec_layers": 1, "emb_channels": 8})
     teacher = teacher.eval().requires_grad_(False)

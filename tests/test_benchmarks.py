@@ -1,0 +1,53 @@
+"""The step benchmarks run (small, on the CPU) so that the GPU checks in benchmarks/ do not rot between GPU runs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model-channels", "8", "--channel-mult", "1,2", "--resolution", "8", "--batch", "8", "--threads", "1",
+        "--device", "cpu", "--steps", "2", "--warmup", "1"]
+
+
+def run_json(*cmd: str, timeout: float = 600) -> dict:
+    p = subprocess.run([*cmd], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_step_throughput_matrix_times_every_combination():
+    out = run_json(sys.executable, "benchmarks/step_throughput.py", *TINY, "--matrix")
+    rows = out["matrix"]["combinations"]
+    assert len(rows) == 8  # 3 eager options: every combination, compile not asked for
+    assert {r["options"] for r in rows} >= {"eager (no options)", "channels_last, adam=fused, single_psi_forward"}
+    eager = next(r for r in rows if r["options"] == "eager (no options)")
+    assert eager["sida_speedup_over_eager"] == 1.0
+    assert all(r["sida_images_per_s"] > 0 and r["sid_images_per_s"] > 0 and r["sida_over_sid_time"] > 0 for r in rows)
+    assert out["matrix"]["best"] in {r["options"] for r in rows}
+
+
+def test_step_throughput_options_and_profile():
+    out = run_json(sys.executable, "benchmarks/step_throughput.py", *TINY, "--single-psi-forward", "--fused-adam")
+    assert out["options"] == "adam=fused, single_psi_forward" and out["sida"]["stage"] == "sida"
+    prof = run_json(sys.executable, "benchmarks/step_profile.py", *TINY, "--channels-last")
+    phases = prof["phases_ms_per_step"]
+    for phase in ("psi step: psi forward", "theta step: backward (+ DDP sync)", "teacher forward", "EMA"):
+        assert phases[phase] > 0, phase
+    assert prof["options"] == "channels_last"
+
+
+@pytest.mark.slow
+def test_gpu_suite_runs_small_on_cpu():
+    """benchmarks/gpu_suite.sh --small: every part (option matrix, eager and best step, a 1-worker `sida train` with
+    a scorer) runs and the summary has each part's headline numbers."""
+    out = run_json("bash", "benchmarks/gpu_suite.sh", "--small", timeout=900)
+    assert out["device"] == "cpu" and out["small"] is True
+    assert out["all_ok"], {k: v.get("error") for k, v in out["parts"].items() if not v["ok"]}
+    s = out["summary"]
+    assert set(s) == {"matrix_digits", "step_small_eager", "step_small_best", "sida_train_1worker"}
+    assert s["step_small_best"]["options"] == "channels_last, adam=fused, single_psi_forward"
+    assert s["sida_train_1worker"]["status"] == "finished"
