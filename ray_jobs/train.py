@@ -14,6 +14,7 @@ Ray through ``checkpoint_upload_fn``); every rank calls ``ray.train.report`` at 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -129,7 +130,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             return
         report = distiller.performance_report()
         if rank == 0 and report:
-            print("\n".join(report), flush=True)
+            print("\n".join(report), file=sys.stderr, flush=True)  # the driver's stdout ends with its JSON line
             if distiller.perf != Performance() or len(report) > 1:  # a record of options in force (not for the default)
                 store.log_event("performance", lines=report)
         if bar is not None:
