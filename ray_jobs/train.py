@@ -74,7 +74,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from sida_core import checkpoint as ckpt
     from sida_core.data import load_dataset
     from sida_core.distill import NonFiniteError
-    from sida_core.performance import Performance
     from sida_core.training_loop import build_distiller, load_network, next_boundary, save_distill_checkpoint
 
     torch.set_num_threads(int(config.get("threads", 1)))
@@ -131,8 +130,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         report = distiller.performance_report()
         if rank == 0 and report:
             print("\n".join(report), file=sys.stderr, flush=True)  # the driver's stdout ends with its JSON line
-            if distiller.perf != Performance() or len(report) > 1:  # a record of options in force (not for the default)
-                store.log_event("performance", lines=report)
         if bar is not None:
             bar.update(cfg.batch.total)
         done = distiller.cur_nimg >= total
