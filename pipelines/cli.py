@@ -3,7 +3,7 @@
 Subcommands: ``demo``, ``train`` (Ray), ``sweep`` (Ray Tune), ``pipeline`` (staged Tune experiments), ``report``,
 ``leaderboard``, ``evaluate``, ``export`` / ``generate`` (a run's one-step generator as weights or images), ``distill`` (one process), ``teacher train``, ``teacher sample``, ``validate``,
 ``submit`` / ``jobs status|logs|stop`` (Ray Jobs API), ``cluster validate`` (cluster-launcher YAMLs), ``fid-stats``
-(reference statistics).
+(reference statistics), ``dataset prepare|stage`` (sharded datasets in storage).
 """
 from __future__ import annotations
 
@@ -52,12 +52,15 @@ def cmd_validate(args) -> int:
 
 def cmd_distill(args) -> int:
     from schemas.loader import load_run_config
+    from ray_jobs.datasets import load_run_dataset
     from sida_core.training_loop import run_distillation
 
     cfg = load_run_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or Path(cfg.storage.uri) / cfg.name)
-    out = run_distillation(cfg, run_dir, resume=not args.no_resume, progress=not args.quiet,
-                           log=lambda m: print(m, file=sys.stderr))  # stdout: the one JSON line
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731 (stdout: the one JSON line)
+    train_set, _ = load_run_dataset(cfg, log=log)
+    out = run_distillation(cfg, run_dir, resume=not args.no_resume, progress=not args.quiet, log=log,
+                           train_set=train_set)  # stdout: the one JSON line
     print(json.dumps({"run_dir": out["run_dir"], "checkpoint": out["checkpoint"], "kimg": out["kimg"],
                       "seconds": round(out["seconds"], 1)}))
     return 0
@@ -148,12 +151,12 @@ def cmd_generate(args) -> int:
 
 def cmd_teacher_train(args) -> int:
     from schemas.loader import load_run_config
-    from sida_core.data import load_dataset
+    from ray_jobs.datasets import load_run_dataset
     from sida_core.training_loop import get_teacher, resolve_device
     from tqdm.auto import tqdm
 
     cfg = load_run_config(args.config, args.overrides)
-    train_set, _ = load_dataset(cfg.data)
+    train_set, _ = load_run_dataset(cfg, log=lambda m: print(m, file=sys.stderr))
     _, path = get_teacher(cfg, train_set, resolve_device(cfg.device), log=lambda m: print(m, file=sys.stderr),
                           progress_factory=lambda total, desc: tqdm(total=total, desc=desc, unit="img", unit_scale=True))
     print(json.dumps({"teacher": str(path)}))
@@ -253,6 +256,27 @@ def cmd_fid_stats(args) -> int:
     print(json.dumps(run_fid_stats(args.dataset, args.out, metric=args.metric, kind=args.kind,
                                    resolution=args.resolution, channels=args.channels, max_images=args.max_images,
                                    endpoint_url=args.endpoint_url, device=args.device, progress=not args.quiet)))
+    return 0
+
+
+def cmd_dataset_prepare(args) -> int:
+    from ray_jobs.datasets import prepare_dataset
+
+    print(json.dumps(prepare_dataset(args.src, args.out, kind=args.kind, resolution=args.resolution,
+                                     channels=args.channels, shard_size=args.shard_size, skip_bad=args.skip_bad,
+                                     endpoint_url=args.endpoint_url, progress=not args.quiet,
+                                     log=lambda m: print(m, file=sys.stderr))))
+    return 0
+
+
+def cmd_dataset_stage(args) -> int:
+    from ray_jobs.datasets import stage_dataset
+    from sida_core.shards import read_manifest
+
+    folder = stage_dataset(args.uri, endpoint_url=args.endpoint_url, log=lambda m: print(m, file=sys.stderr))
+    m = read_manifest(folder)
+    print(json.dumps({"uri": args.uri, "local": str(folder), "count": m["count"], "shape": m["shape"],
+                      "kind": m["kind"], "verified": True}))
     return 0
 
 
@@ -399,7 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="URI", help="folder or s3://bucket/prefix for stats.npz + manifest.json")
     p.add_argument("--metric", choices=["fd_digits", "fid_inception"], default=None,
                    help="feature space (default: fd_digits for digits, fid_inception otherwise)")
-    p.add_argument("--kind", choices=["digits", "folder", "zip", "npz", "idx"], default=None, help="data kind (default: from the path)")
+    p.add_argument("--kind", choices=["digits", "folder", "zip", "npz", "idx", "prepared"], default=None,
+                   help="data kind (default: from the path; a folder or s3:// URI of `sida dataset prepare` is prepared)")
     p.add_argument("--resolution", type=_positive_int, default=None,
                    help="resolution the images are loaded at: the scored runs' data.resolution (digits: default 8)")
     p.add_argument("--channels", type=int, choices=[1, 3], default=None, help="1 or 3 (default: 1 for digits, else 3)")
@@ -408,6 +433,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="feature extraction device")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_fid_stats)
+
+    d = sub.add_parser("dataset", help="prepared datasets: sharded, in local or s3:// storage, read on demand").add_subparsers(
+        dest="dataset_command", required=True, metavar="ACTION")
+    p = d.add_parser("prepare", help="convert an image folder / EDM zip / .npz / IDX / EDM2 latent zip once into a "
+                                     "sharded dataset (resumable; use it with data.kind: prepared)")
+    p.add_argument("src", metavar="SRC", help="image folder, EDM dataset_tool zip, .npz, IDX file or folder, EDM2 latent zip")
+    p.add_argument("--out", required=True, metavar="URI", help="folder or s3://bucket/prefix to write the shards to")
+    p.add_argument("--kind", choices=["folder", "zip", "npz", "idx", "latents"], default=None,
+                   help="source kind (default: from the path; a zip of .npy members is an EDM2 latent zip)")
+    p.add_argument("--resolution", type=_positive_int, default=None,
+                   help="resize every image to this (default: keep the size; images of another size are bad members)")
+    p.add_argument("--channels", type=int, choices=[1, 3], default=None, help="1 or 3 (default: the source's)")
+    p.add_argument("--shard-size", type=_positive_int, default=4096, help="items per shard (default 4096)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip members that cannot be decoded or have the wrong size (listed in the manifest) "
+                        "instead of failing")
+    p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for an s3:// --out (else from env)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_dataset_prepare)
+    p = d.add_parser("stage", help="copy a prepared dataset to this node's cache (s3://) or verify it (local), "
+                                   "checking every shard's sha256; training does this itself")
+    p.add_argument("uri", metavar="URI", help="prepared dataset: folder or s3://bucket/prefix")
+    p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for an s3:// URI (else from env)")
+    p.set_defaults(func=cmd_dataset_stage)
 
     t = sub.add_parser("teacher", help="teacher utilities").add_subparsers(dest="teacher_command", required=True, metavar="ACTION")
     p = t.add_parser("train", help="train (or reuse) the EDM teacher a config describes (built-in data: on the CPU)")

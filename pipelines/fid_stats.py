@@ -27,7 +27,8 @@ def infer_kind(path: Path) -> str:
 
 
 def load_reference_images(dataset: str, *, kind: Optional[str] = None, resolution: Optional[int] = None,
-                          channels: Optional[int] = None, max_images: Optional[int] = None):
+                          channels: Optional[int] = None, max_images: Optional[int] = None,
+                          endpoint_url: Optional[str] = None):
     """(images (N, C, R, R) in [-1, 1], description) of ``digits`` (the train split FD-digits' classifier
     was trained on) or of every image under a path (sida_core.data's loaders, no holdout)."""
     from pydantic import ValidationError
@@ -44,6 +45,17 @@ def load_reference_images(dataset: str, *, kind: Optional[str] = None, resolutio
                       holdout_fraction=split["holdout_fraction"], split_seed=split["split_seed"])
         desc = dict(name="digits", kind="digits", split=f"train (holdout_fraction {split['holdout_fraction']}, "
                                                           f"split_seed {split['split_seed']})")
+    elif dataset.startswith("s3://") or (Path(dataset).expanduser() / "manifest.json").is_file() and kind in (None, "prepared"):
+        from ray_jobs.datasets import stage_dataset
+        from sida_core.shards import read_manifest
+
+        folder = stage_dataset(dataset, endpoint_url=endpoint_url)
+        m = read_manifest(folder)
+        if m["kind"] == "latents":
+            raise ReferenceStatsError(f"DATASET {dataset!r} holds latents: reference statistics are taken on images")
+        fields = dict(kind="prepared", path=str(folder), resolution=resolution or m["shape"][-1],
+                      channels=channels or m["shape"][0], holdout_fraction=0.0)
+        desc = dict(name=dataset, kind="prepared", split="all")
     else:
         path = Path(dataset).expanduser()
         if not path.exists():
@@ -63,12 +75,13 @@ def load_reference_images(dataset: str, *, kind: Optional[str] = None, resolutio
         err = e.errors()[0]
         where = ".".join(map(str, err["loc"])) or "data"
         raise ReferenceStatsError(f"invalid data options: {where}: {err['msg']}") from None
-    images = load_dataset(cfg)[0].images
-    total = int(images.shape[0])
+    data = load_dataset(cfg)[0]
+    total = len(data)
     if max_images is not None:
         if max_images < 2:
             raise ReferenceStatsError(f"--max-images must be >= 2 (a covariance needs two images), got {max_images}")
-        images = images[:max_images]
+        data = data.subset(range(min(max_images, total)))
+    images = data.images
     desc.update(total_images=total, max_images=max_images)
     return images, desc
 
@@ -92,7 +105,7 @@ def run_fid_stats(dataset: str, out: str, *, metric: Optional[str] = None, kind:
     except ValueError as e:
         raise ReferenceStatsError(str(e)) from None
     images, desc = load_reference_images(dataset, kind=kind, resolution=resolution, channels=channels,
-                                         max_images=max_images)
+                                         max_images=max_images, endpoint_url=endpoint_url)
     space = feature_space(metric, device=device)
     ref = compute_reference(images, space, dataset_desc=desc, device=device, progress=progress)
     uri = write_reference(ref, out, endpoint_url=endpoint_url)

@@ -47,7 +47,7 @@ def prepare_trials(plans, exp_root, *, lineage: Optional[dict] = None, log: Call
     from ray_jobs.run_store import RunStore
     from ray_jobs.train import public_config
     from ray_jobs.tune import TERMINAL
-    from sida_core.data import load_dataset
+    from ray_jobs.datasets import load_run_dataset
     from sida_core.training_loop import get_teacher
 
     teachers: dict[str, Any] = {}
@@ -59,7 +59,7 @@ def prepare_trials(plans, exp_root, *, lineage: Optional[dict] = None, log: Call
         if not (status and status.get("state") in TERMINAL):
             key = json.dumps([cfg.teacher.model_dump(mode="json"), cfg.data.model_dump(mode="json")], sort_keys=True)
             if key not in teachers:
-                train_set, _ = load_dataset(cfg.data)
+                train_set, _ = load_run_dataset(cfg, log)
                 teachers[key] = get_teacher(cfg, train_set, torch.device("cpu"), log)[1]
             store.ensure_teacher(teachers[key])
             if cfg.method == "sid2a":

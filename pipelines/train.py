@@ -62,7 +62,7 @@ def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, wo
     from ray_jobs.scoring import ScoringCoordinator, check_reference, make_scorers
     from ray_jobs.storage import StorageError
     from ray_jobs.train import build_trainer, public_config, root_cause
-    from sida_core.data import load_dataset
+    from ray_jobs.datasets import load_run_dataset
     from sida_core.training_loop import get_teacher
 
     t0 = time.time()
@@ -75,7 +75,7 @@ def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, wo
         raise ConfigError(f"run {store.uri} already exists: continue it with --resume {store.uri}, "
                           f"or pick another --name")
     if not resumed or not store.storage.exists("teacher/manifest.json"):
-        train_set, _ = load_dataset(cfg.data)
+        train_set, _ = load_run_dataset(cfg, log)
         _, teacher_path = get_teacher(cfg, train_set, torch.device("cpu"), log)
         store.ensure_teacher(teacher_path)
     if cfg.method == "sid2a":  # the workers read theta's start from the run folder (local or S3), verified

@@ -80,9 +80,9 @@ class CheckpointScorer:
                           cfg.storage.endpoint_url], sort_keys=True)
         if key not in self._refs:
             if metric.reference is None:  # FD-digits' default: the built-in train split, as the run sees it
-                from sida_core.data import load_dataset
+                from ray_jobs.datasets import load_run_dataset
 
-                train_set, _ = load_dataset(cfg.data)
+                train_set, _ = load_run_dataset(cfg)
                 desc = f"digits train split ({len(train_set)} images, {cfg.data.resolution}px)"
                 self._refs[key] = (GaussianReference.from_stats(*space.stats(train_set.images, self._device())), desc)
             else:

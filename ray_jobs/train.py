@@ -72,7 +72,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from schemas.run import RunConfig
     from sida_core import checkpoint as ckpt
-    from sida_core.data import load_dataset
+    from ray_jobs.datasets import load_run_dataset
     from sida_core.distill import NonFiniteError
     from sida_core.training_loop import build_distiller, load_network, next_boundary, save_distill_checkpoint
 
@@ -83,7 +83,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     store = RunStore(Storage.from_config(cfg.storage).child(config["run_name"]))
 
-    train_set, _ = load_dataset(cfg.data)
+    train_set, _ = load_run_dataset(cfg, log=lambda m: print(m, file=sys.stderr, flush=True) if rank == 0 else None)
     with tempfile.TemporaryDirectory(prefix="sida-teacher-") as scratch:
         teacher, teacher_manifest = load_network(store.fetch_checkpoint("teacher", Path(scratch)), "net", device)
         # SiD²A: theta starts from the run's own verified copy of the SiD generator (see RunStore.ensure_init_generator)

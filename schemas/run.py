@@ -32,9 +32,11 @@ class NetworkConfig(Strict):
 
 class DataConfig(Strict):
     """Real images: the built-in digits, or user data (image folder, EDM-style zip, .npz, IDX), or EDM2's SD-VAE
-    latents (``latents``: an EDM2 ``dataset_tool encode`` zip; ``channels: 4``, ``resolution`` = latent size)."""
+    latents (``latents``: an EDM2 ``dataset_tool encode`` zip; ``channels: 4``, ``resolution`` = latent size), or
+    a dataset written by ``sida dataset prepare`` (``prepared``: ``path`` a local folder or ``s3://`` URI, staged
+    once per node and read on demand; images or latents, as prepared)."""
 
-    kind: Literal["digits", "folder", "zip", "npz", "idx", "latents"] = "digits"
+    kind: Literal["digits", "folder", "zip", "npz", "idx", "latents", "prepared"] = "digits"
     path: Optional[str] = None
     resolution: PositiveInt = 8
     channels: Literal[1, 3, 4] = 1
@@ -48,7 +50,7 @@ class DataConfig(Strict):
     def _check(self):
         if self.kind != "digits" and not self.path:
             raise ValueError(f"data.path is required for data.kind={self.kind!r}")
-        if (self.channels == 4) != (self.kind == "latents"):
+        if self.kind != "prepared" and (self.channels == 4) != (self.kind == "latents"):
             raise ValueError(f"data.channels must be 4 exactly for data.kind 'latents' (SD-VAE latents) and 1 or 3 for "
                              f"images; got {self.channels} with data.kind {self.kind!r}")
         if self.cond and self.num_classes < 2:

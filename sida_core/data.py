@@ -48,7 +48,7 @@ class ImageDataset:
     ``label_dim`` is the width of the one-hot labels fed to networks (0 for unconditional use).
     """
 
-    images: torch.Tensor
+    images: torch.Tensor  # or a sida_core.shards.ShardedImages (data.kind 'prepared'): same indexing, read on demand
     labels: Optional[torch.Tensor] = None
     label_dim: int = 0
     name: str = ""
@@ -78,7 +78,9 @@ class ImageDataset:
     def subset(self, indices) -> "ImageDataset":
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
         labels = None if self.labels is None else self.labels[idx]
-        return ImageDataset(self.images[idx], labels, self.label_dim, self.name, self.latent_moments)
+        images = self.images.view(idx.numpy()) if hasattr(self.images, "view") and not isinstance(
+            self.images, torch.Tensor) else self.images[idx]  # prepared datasets: a lazy view, nothing is read
+        return ImageDataset(images, labels, self.label_dim, self.name, self.latent_moments)
 
     def one_hot(self, indices) -> Optional[torch.Tensor]:
         """One-hot float32 labels (len(indices), label_dim), or None when label_dim is 0."""
@@ -369,11 +371,13 @@ def load_images(cfg) -> ImageDataset:
     """All images of the source described by ``cfg`` (a DataConfig or anything with its attributes)."""
     res, ch = int(cfg.resolution), int(cfg.channels)
     kind = cfg.kind
-    if (ch == 4) != (kind == "latents") or ch not in (1, 3, 4):
+    if ch not in (1, 3, 4) or (kind != "prepared" and (ch == 4) != (kind == "latents")):
         raise DataError(f"data.channels must be 1 or 3 for images and 4 for data.kind 'latents', got {ch} "
                         f"with data.kind {kind!r}")
     latent = kind == "latents"
-    if latent:
+    if kind == "prepared":
+        x, labels, name, latent = _prepared(cfg, res, ch)
+    elif latent:
         x, labels, name = _latents(cfg, res)
     elif kind == "digits":
         x, labels = _digits(res, ch)
@@ -386,7 +390,7 @@ def load_images(cfg) -> ImageDataset:
             raise DataError(f"data.path {str(path)!r} does not exist (data.kind={kind!r})")
         readers = {"folder": read_folder, "zip": read_zip, "npz": read_npz, "idx": read_idx_dataset}
         if kind not in readers:
-            raise DataError(f"data.kind must be one of digits|latents|{'|'.join(readers)}, got {kind!r}")
+            raise DataError(f"data.kind must be one of digits|latents|prepared|{'|'.join(readers)}, got {kind!r}")
         raw, labels = readers[kind](path)
         x = _convert(raw, str(path), res, ch)
         name = str(path)
@@ -427,6 +431,28 @@ def _latents(cfg, res: int) -> tuple[torch.Tensor, Optional[np.ndarray], str]:
     return torch.from_numpy(moments), _match_labels(names, table, where), str(path)
 
 
+def _prepared(cfg, res: int, ch: int):
+    """A dataset written by ``sida dataset prepare`` (a local folder; ``ray_jobs.datasets.stage`` copies an
+    ``s3://`` one to the node first): read on demand, never resized at load time."""
+    from sida_core.shards import open_prepared
+
+    if not cfg.path:
+        raise DataError("data.path is required for data.kind='prepared'")
+    if "://" in str(cfg.path):
+        raise DataError(f"data.path {cfg.path!r}: a remote prepared dataset must be staged to this node first "
+                        "(sida train / distill / fid-stats do it; in code: ray_jobs.datasets.local_data_config)")
+    images, labels, manifest = open_prepared(Path(cfg.path))
+    latent = manifest["kind"] == "latents"
+    want = (2 * ch, res, res) if latent else (ch, res, res)
+    have = tuple(manifest["shape"])
+    if (ch == 4) != latent or have != want:
+        what = "latent moments" if latent else "images"
+        raise DataError(f"data.path {cfg.path!r}: prepared {what} of shape {have}, but data.channels={ch} and "
+                        f"data.resolution={res} ask for {want if (ch == 4) == latent else 'the other kind'}; "
+                        "prepare again with --resolution/--channels, or set them to match")
+    return images, labels, str(cfg.path), latent
+
+
 def load_dataset(cfg) -> tuple[ImageDataset, ImageDataset]:
     """(train, holdout) split of ``load_images(cfg)``: seeded by ``cfg.split_seed``, stratified when labelled."""
     ds = load_images(cfg)
@@ -438,6 +464,39 @@ def load_dataset(cfg) -> tuple[ImageDataset, ImageDataset]:
 
 
 # ---------------------------------------------------------------------------------------------- sampling
+
+class EpochOrder:
+    """Which real image each position of the endless draw stream gets: position ``p`` falls in epoch
+    ``p // n`` and takes item ``perm_e[p % n]``, ``perm_e`` a permutation seeded by (seed, epoch).
+
+    A pure function of (seed, position): every image appears exactly once per epoch however the positions are
+    split among workers and accumulation rounds, and a resumed run continues the same stream. The two most recent
+    permutations are kept (a batch may straddle an epoch boundary).
+    """
+
+    def __init__(self, n: int, seed: int = 0):
+        if n < 1:
+            raise ValueError(f"need at least one real image, got {n}")
+        self.n, self.seed = int(n), int(seed)
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = np.random.default_rng([self.seed, 0x5EA1DA7A, epoch]).permutation(self.n)
+        return self._perms[epoch]
+
+    def indices(self, start: int, count: int) -> np.ndarray:
+        """Item ids of positions ``start .. start + count - 1`` (int64)."""
+        pos = np.arange(int(start), int(start) + int(count), dtype=np.int64)
+        epochs, offsets = np.divmod(pos, self.n)
+        out = np.empty(len(pos), dtype=np.int64)
+        for e in np.unique(epochs):
+            sel = epochs == e
+            out[sel] = self._perm(int(e))[offsets[sel]]
+        return out
+
 
 class InfiniteSampler(torch.utils.data.Sampler):
     """Endless indices: a fresh seeded permutation per epoch, rank r takes positions r, r+R, ... of it.

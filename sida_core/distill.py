@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
+from sida_core.data import EpochOrder
 from sida_core.losses import (FakeScoreLoss, GeneratorLoss, Stage, check_logvar_head, generate, generator_weights,
                               stage_at, uses_adversarial_psi)
 from sida_core.networks.edm2 import force_weight_norm_
@@ -92,6 +93,7 @@ class StepHyper:
     max_fp16_skips: int = 20
     fake_score_logvar: bool = False
     performance: Performance = Performance()
+    xflip: bool = False  # mirror each real image with probability 1/2 (data.xflip; drawn from the batch's rng)
 
 
 def hyper_from_config(cfg) -> StepHyper:
@@ -106,7 +108,7 @@ def hyper_from_config(cfg) -> StepHyper:
         total_batch=cfg.batch.total, per_worker=cfg.batch.per_worker,
         ema_mimg=cfg.ema.ema_mimg, ema_rampup=cfg.ema.rampup, precision=cfg.precision, seed=cfg.seed,
         psi_grad_clip=cfg.psi_grad_clip, fake_score_logvar=cfg.loss.fake_score_logvar,
-        performance=performance_from_config(cfg.performance),
+        performance=performance_from_config(cfg.performance), xflip=cfg.data.xflip,
     )
 
 
@@ -136,6 +138,7 @@ class Distiller:
             raise ValueError(f"method {h.method!r} needs real images for the discriminator")
         self.real_images = real_images
         self.real_labels = real_labels
+        self.real_order = EpochOrder(real_images.shape[0], h.seed) if real_images is not None else None
         self.real_encode = real_encode  # e.g. SD-VAE moments -> latents with fresh noise (sida_core.latents)
 
         perf = self.perf = h.performance
@@ -205,15 +208,26 @@ class Distiller:
             labels = torch.nn.functional.one_hot(idx, self.label_dim).float()
         return z, labels
 
-    def _real_batch(self, rng: torch.Generator):
-        # Draw on the generator's own device (torch requires the types to match; rng lives on self.device),
-        # then index the real images wherever they are kept (usually host memory).
-        idx = torch.randint(self.real_images.shape[0], (self.h.per_worker,), generator=rng, device=self.device)
-        idx = idx.to(self.real_images.device)
+    def _real_batch(self, rng: torch.Generator, r: int):
+        # Real images without replacement within an epoch (sida_core.data.EpochOrder): micro-batch r of this
+        # worker takes the positions after the images consumed so far and the micro-batches before it, so the
+        # split among workers and rounds does not change which images a step sees, and resume continues the epoch.
+        n = self.h.per_worker
+        start = self.cur_nimg + (self.rank * self.rounds + r) * n
+        idx = torch.from_numpy(self.real_order.indices(start, n))
+        if isinstance(self.real_images, torch.Tensor):
+            idx = idx.to(self.real_images.device)
         x = self.real_images[idx].to(self.device, non_blocking=True)
+        if self.h.xflip:
+            flip = torch.rand(x.shape[0], generator=rng, device=self.device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         if self.real_encode is not None:
             x = self.real_encode(x, rng)
-        c = self.real_labels[idx].to(self.device) if self.real_labels is not None else None
+        c = None
+        if self.real_labels is not None:
+            c = self.real_labels[idx].to(self.device)
+            if c.ndim == 1:  # class indices (a large dataset's labels are kept as ints, one-hot per batch)
+                c = torch.nn.functional.one_hot(c, self.label_dim).float()
         return to_memory_format(x, self.perf), c
 
     def _check_finite(self, loss_vec: torch.Tensor, what: str) -> bool:
@@ -305,7 +319,7 @@ class Distiller:
             rng = self._rng(r, "psi")
             z, labels = self._fake_batch(rng)
             with record_function("data: real batch"):
-                x_real, c_real = self._real_batch(rng) if self.use_adv else (None, None)
+                x_real, c_real = self._real_batch(rng, r) if self.use_adv else (None, None)
             with torch.no_grad(), self._autocast(), record_function("psi step: G forward (no grad)"):
                 x_g = generate(self.G_forward, z, labels, h.sigma_init)
             with self._sync(self.psi, r == self.rounds - 1), self._autocast(), record_function("psi step: psi forward"):

@@ -155,8 +155,8 @@ def build_distiller(cfg, teacher: nn.Module, train_set: ImageDataset, device, *,
         prepare_network(net, hyper.performance)
     if wrap is not None:
         generator, fake_score = wrap(generator), wrap(fake_score)
-    labels = train_set.one_hot(slice(None)) if train_set.label_dim else None
-    return Distiller(hyper, teacher, generator, fake_score, train_set.images, labels,
+    labels = train_set.labels if train_set.label_dim else None  # class ids; one-hot per batch (N x classes floats
+    return Distiller(hyper, teacher, generator, fake_score, train_set.images, labels,  # would not fit at ImageNet scale)
                      rank=rank, world_size=world_size, device=device, real_encode=train_set.real_encode)
 
 
@@ -187,12 +187,13 @@ def append_jsonl(path: Path, row: dict) -> None:
 
 def run_distillation(cfg, run_dir, *, device=None, log: Callable[[str], None] = print, progress: bool = True,
                      resume: bool = True, evaluate: Optional[Callable[[nn.Module, int], dict]] = None,
-                     teacher: Optional[nn.Module] = None) -> dict:
+                     teacher: Optional[nn.Module] = None, train_set: Optional[ImageDataset] = None) -> dict:
     """Run ``cfg`` to ``total_kimg`` in this process; checkpoints and ``metrics.jsonl`` go to ``run_dir``.
 
     Resumes from the newest valid checkpoint in ``run_dir/checkpoints`` when ``resume``. ``evaluate(G_ema,
     cur_nimg)`` is called at each checkpoint and its result logged with the metrics. ``teacher``: an already
-    loaded f_phi (else :func:`get_teacher` provides it).
+    loaded f_phi (else :func:`get_teacher` provides it). ``train_set``: the real images already loaded (a prepared
+    ``s3://`` dataset must be staged by the caller: ``ray_jobs.datasets.load_run_dataset``).
     """
     from tqdm.auto import tqdm
 
@@ -200,7 +201,8 @@ def run_distillation(cfg, run_dir, *, device=None, log: Callable[[str], None] = 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
-    train_set, _ = load_dataset(cfg.data)
+    if train_set is None:
+        train_set, _ = load_dataset(cfg.data)
     bar_factory = (lambda total, desc: tqdm(total=total, desc=desc, unit="img", unit_scale=True, leave=False)) if progress else None
     if teacher is None:
         teacher, teacher_path = get_teacher(cfg, train_set, device, log, bar_factory)

@@ -185,3 +185,40 @@ def test_s3_outage_past_the_retry_budget_fails_clearly_and_leaves_nothing_corrup
     assert manifest["cur_nimg"] >= 64
     rows = store.read_metrics().column("cur_nimg").to_pylist()
     assert rows == list(range(32, rows[-1] + 1, 32))
+
+
+def test_two_workers_stream_a_prepared_s3_dataset_exactly(ray_cluster, tmp_path, s3_bucket):
+    """SiDA on a dataset prepared into S3: each worker stages it once into the node cache and reads its real
+    micro-batches from the shards; the result equals one process with 2 rounds on the in-memory source."""
+    import numpy as np
+
+    from ray_jobs.datasets import prepare_dataset
+    from sida_core.data import load_digits_arrays
+    from sida_core.training_loop import get_teacher
+
+    digits, labels = load_digits_arrays()
+    src = tmp_path / "digits255.npz"
+    np.savez(src, images=np.rint(digits.astype(np.float64) * 255 / 16).astype(np.uint8), labels=labels)
+    data_uri = s3_bucket.uri + "/datasets/digits255"
+    prepare_dataset(str(src), data_uri, shard_size=500, endpoint_url=s3_bucket.endpoint_url, progress=False,
+                    log=lambda m: None)
+    teacher_cfg = load_run_config(CONFIG, TINY)
+    _, teacher_dir = get_teacher(teacher_cfg, load_dataset(teacher_cfg.data)[0], torch.device("cpu"), lambda m: None)
+    runs = s3_bucket.uri + "/runs"
+    sets = TINY + storage_sets(runs, s3_bucket.endpoint_url) + [
+        "method=sida", "total_kimg=0.096", "checkpoint_every_kimg=0.096", f"teacher.path={teacher_dir}",
+        "data.kind=prepared", f"data.path={data_uri}", "data.xflip=true", "stages.fake_score_only_kimg=0",
+        "stages.sid_until_kimg=0"]
+    out = run_train(str(CONFIG), sets, workers=2, name="prep", log=lambda m: None)
+    assert out["status"] == "finished"
+    store = RunStore(Storage(runs, endpoint_url=s3_bucket.endpoint_url).child("prep"))
+    state_ray, _ = store.load_checkpoint("ckpt-000000000096")
+    staged = list((Path(os.environ["SIDA_CACHE"]) / "datasets").glob("*/manifest.json"))
+    assert len(staged) == 1  # one copy on this node, shared by the driver and both workers
+
+    cfg = load_run_config(CONFIG, [s for s in sets if not s.startswith("data.")] + [
+        "data.kind=npz", f"data.path={src}", "data.xflip=true", "scaling.num_workers=2"])
+    state_ref = _single_process_reference(cfg, store, steps=3)
+    for key in ("generator", "fake_score"):
+        for name, ref in state_ref[key].items():
+            torch.testing.assert_close(state_ray[key][name], ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}.{name}: {m}")

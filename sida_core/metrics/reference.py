@@ -87,8 +87,12 @@ class ReferenceStats:
 
 
 def dataset_sha256(images: torch.Tensor) -> str:
-    """sha256 of the images exactly as given to scoring: float32, C-order (N, C, H, W) bytes."""
-    return hashlib.sha256(images.detach().cpu().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
+    """sha256 of the images exactly as given to scoring: float32, C-order (N, C, H, W) bytes (hashed in chunks,
+    so a prepared dataset read on demand is never materialised)."""
+    h = hashlib.sha256()
+    for i in range(0, int(images.shape[0]), 4096):
+        h.update(images[i:i + 4096].detach().cpu().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def compute_reference(images: torch.Tensor, space: FeatureSpace, *, dataset_desc: dict, device="cpu",
