@@ -25,7 +25,7 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -145,45 +145,106 @@ def _match_labels(names: Sequence[str], table: Optional[dict[str, int]], where: 
     return np.array([table[n] for n in names], dtype=np.int64)
 
 
+class Source:
+    """One dataset read member by member: ``members`` (names, in order), ``labels`` aligned with them (or None) and
+    ``read(i)``, which decodes member ``i`` (HWC in 0..255 for images, (8, h, w) float32 moments for latents) or
+    raises :class:`DataError` naming it. Used whole by :func:`load_images` and shard by shard by
+    ``sida dataset prepare`` (``sida_core.shards``)."""
+
+    def __init__(self, kind: str, path: Path, members: list[str], labels: Optional[np.ndarray],
+                 read: Callable[[int], np.ndarray], close: Callable[[], None] = lambda: None):
+        self.kind, self.path, self.members, self.labels = kind, path, members, labels
+        self.read, self.close = read, close
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def read_all(self) -> list[np.ndarray]:
+        try:
+            return [self.read(i) for i in range(len(self))]
+        finally:
+            self.close()
+
+
+def open_source(kind: str, path: Path) -> Source:
+    """A :class:`Source` over an image folder, an EDM zip, an ``.npz``, IDX files or an EDM2 latent zip.
+
+    Folders and zips are read member by member (a member that cannot be decoded fails only its own read);
+    ``.npz`` and IDX are single arrays and are read whole, as numpy must.
+    """
+    path = Path(path).expanduser()
+    if kind == "folder":
+        if not path.is_dir():
+            raise DataError(f"data.path {str(path)!r} is not a directory (data.kind='folder')")
+        files = sorted((p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
+                       key=lambda p: p.relative_to(path).as_posix())
+        if not files:
+            raise DataError(f"{str(path)!r}: no PNG/JPEG images found (searched recursively)")
+        names = [p.relative_to(path).as_posix() for p in files]
+        meta = path / "dataset.json"
+        table = _read_dataset_json(meta.read_bytes(), str(meta)) if meta.is_file() else None
+        return Source(kind, path, names, _match_labels(names, table, str(meta)),
+                      lambda i: _decode_image(files[i], str(files[i])))
+    if kind in ("zip", "latents"):
+        if not path.is_file():
+            raise DataError(f"data.path {str(path)!r} is not a file (data.kind={kind!r})")
+        try:
+            zf = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise DataError(f"{str(path)!r}: not a readable zip file ({e})") from None
+        want = (".npy",) if kind == "latents" else IMAGE_EXTENSIONS
+        names = sorted(n for n in zf.namelist() if not n.endswith("/") and Path(n).suffix.lower() in want)
+        if not names:
+            zf.close()
+            raise DataError(f"{str(path)!r}: no .npy latents inside the zip (expected EDM2 dataset_tool encode output)"
+                            if kind == "latents" else f"{str(path)!r}: no PNG/JPEG images inside the zip")
+        where = f"{path}:dataset.json"
+        table = _read_dataset_json(zf.read("dataset.json"), where) if "dataset.json" in zf.namelist() else None
+        labels = _match_labels(names, table, where)
+
+        def read_member(i: int) -> np.ndarray:
+            name = f"{path}:{names[i]}"
+            try:
+                data = zf.read(names[i])
+            except (zipfile.BadZipFile, OSError, EOFError) as e:
+                raise DataError(f"{name}: cannot read zip member ({e})") from None
+            return _read_moments(data, name) if kind == "latents" else _decode_image(io.BytesIO(data), name)
+
+        return Source(kind, path, names, labels, read_member, zf.close)
+    if kind in ("npz", "idx"):
+        x, labels = read_npz(path) if kind == "npz" else read_idx_dataset(path)
+        return Source(kind, path, [f"{path.name}[{i}]" for i in range(len(x))], labels, lambda i: x[i])
+    raise DataError(f"kind must be one of folder|zip|npz|idx|latents, got {kind!r}")
+
+
+def _read_moments(data: bytes, name: str) -> np.ndarray:
+    """One EDM2 latent member: (8, h, w) float32 VAE moments (mean and std of 4 channels), read without pickle."""
+    from sida_core.latents import LATENT_CHANNELS
+
+    try:
+        a = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{name}: not a readable .npy array ({e})") from None
+    if a.ndim == 4 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim != 3 or a.shape[0] != 2 * LATENT_CHANNELS:
+        raise DataError(f"{name}: latent moments of shape {a.shape}, expected ({2 * LATENT_CHANNELS}, h, w) (mean and "
+                        f"std of {LATENT_CHANNELS} channels)")
+    if not np.isfinite(a).all():
+        raise DataError(f"{name}: latent moments contain NaN or inf")
+    return a.astype(np.float32)
+
+
 def read_folder(path: Path) -> tuple[list[np.ndarray], Optional[np.ndarray]]:
     """PNG/JPEG files under ``path`` (recursive, sorted by relative path) and labels from ``dataset.json``."""
-    if not path.is_dir():
-        raise DataError(f"data.path {str(path)!r} is not a directory (data.kind='folder')")
-    files = sorted((p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
-                   key=lambda p: p.relative_to(path).as_posix())
-    if not files:
-        raise DataError(f"{str(path)!r}: no PNG/JPEG images found (searched recursively)")
-    names = [p.relative_to(path).as_posix() for p in files]
-    meta = path / "dataset.json"
-    table = _read_dataset_json(meta.read_bytes(), str(meta)) if meta.is_file() else None
-    labels = _match_labels(names, table, str(meta))
-    return [_decode_image(p, str(p)) for p in files], labels
+    src = open_source("folder", path)
+    return src.read_all(), src.labels
 
 
 def read_zip(path: Path) -> tuple[list[np.ndarray], Optional[np.ndarray]]:
     """An EDM-style zip of PNG/JPEG files with an optional ``dataset.json`` at its root."""
-    if not path.is_file():
-        raise DataError(f"data.path {str(path)!r} is not a file (data.kind='zip')")
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise DataError(f"{str(path)!r}: not a readable zip file ({e})") from None
-    with zf:
-        names = sorted(n for n in zf.namelist()
-                       if not n.endswith("/") and Path(n).suffix.lower() in IMAGE_EXTENSIONS)
-        if not names:
-            raise DataError(f"{str(path)!r}: no PNG/JPEG images inside the zip")
-        where = f"{path}:dataset.json"
-        table = _read_dataset_json(zf.read("dataset.json"), where) if "dataset.json" in zf.namelist() else None
-        labels = _match_labels(names, table, where)
-        images = []
-        for n in names:
-            try:
-                data = zf.read(n)
-            except (zipfile.BadZipFile, OSError, EOFError) as e:
-                raise DataError(f"{path}:{n}: cannot read zip member ({e})") from None
-            images.append(_decode_image(io.BytesIO(data), f"{path}:{n}"))
-    return images, labels
+    src = open_source("zip", path)
+    return src.read_all(), src.labels
 
 
 def read_npz(path: Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
@@ -414,21 +475,18 @@ def load_images(cfg) -> ImageDataset:
 
 def _latents(cfg, res: int) -> tuple[torch.Tensor, Optional[np.ndarray], str]:
     """EDM2 latent zip: VAE moments as stored (no resizing: data.resolution is the latent resolution)."""
-    from sida_core.latents import read_latent_zip
-
     if not cfg.path:
         raise DataError("data.path is required for data.kind='latents'")
-    path = Path(cfg.path).expanduser()
-    if not path.is_file():
-        raise DataError(f"data.path {str(path)!r} is not a file (data.kind='latents': an EDM2 latent zip)")
-    moments, names = read_latent_zip(path, error=DataError)
+    src = open_source("latents", Path(cfg.path))
+    arrays = src.read_all()
+    for name, a in zip(src.members, arrays):
+        if a.shape != arrays[0].shape:
+            raise DataError(f"{src.path}:{name}: latent moments of shape {a.shape}, expected {arrays[0].shape}")
+    moments = np.stack(arrays)
     if moments.shape[-1] != res or moments.shape[-2] != res:
-        raise DataError(f"{path}: latents are {moments.shape[-2]}x{moments.shape[-1]}, data.resolution is {res} "
+        raise DataError(f"{src.path}: latents are {moments.shape[-2]}x{moments.shape[-1]}, data.resolution is {res} "
                         f"(for latents it is the latent resolution, e.g. 64 for 512x512 images)")
-    with zipfile.ZipFile(path) as zf:
-        where = f"{path}:dataset.json"
-        table = _read_dataset_json(zf.read("dataset.json"), where) if "dataset.json" in zf.namelist() else None
-    return torch.from_numpy(moments), _match_labels(names, table, where), str(path)
+    return torch.from_numpy(moments), src.labels, str(src.path)
 
 
 def _prepared(cfg, res: int, ch: int):

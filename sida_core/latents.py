@@ -7,12 +7,8 @@ EDM2's fixed per-channel constants: ``x * scale + bias`` with ``scale = 0.5 / ra
 """
 from __future__ import annotations
 
-import io
-import zipfile
-from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 RAW_MEAN = (5.81, 3.25, 0.12, -2.15)  # EDM2's StabilityVAEEncoder defaults (sd-vae-ft-mse on ImageNet 512)
@@ -32,30 +28,3 @@ def encode_moments(moments: torch.Tensor, generator: Optional[torch.Generator] =
     eps = torch.randn(mean.shape, device=mean.device, generator=generator)
     scale, bias = scale_bias(mean.device)
     return (mean + std * eps) * scale + bias
-
-
-def read_latent_zip(path: Path, error=ValueError) -> tuple[np.ndarray, list[str]]:
-    """(moments float32 (N, 8, h, w) sorted by member name, member names) of an EDM2 latent zip; ``.npy`` members are
-    read with ``allow_pickle=False`` (data only)."""
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise error(f"{str(path)!r}: not a readable zip file ({e})") from None
-    with zf:
-        names = sorted(n for n in zf.namelist() if n.endswith(".npy"))
-        if not names:
-            raise error(f"{str(path)!r}: no .npy latents inside the zip (expected EDM2 dataset_tool encode output)")
-        arrays = []
-        for n in names:
-            try:
-                a = np.load(io.BytesIO(zf.read(n)), allow_pickle=False)
-            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-                raise error(f"{path}:{n}: not a readable .npy array ({e})") from None
-            if a.ndim == 4 and a.shape[0] == 1:
-                a = a[0]
-            if a.ndim != 3 or a.shape[0] != 2 * LATENT_CHANNELS or (arrays and a.shape != arrays[0].shape):
-                want = arrays[0].shape if arrays else f"({2 * LATENT_CHANNELS}, h, w)"
-                raise error(f"{path}:{n}: latent moments of shape {a.shape}, expected {want} (mean and std of "
-                            f"{LATENT_CHANNELS} channels)")
-            arrays.append(a.astype(np.float32))
-    return np.stack(arrays), names

@@ -28,8 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from sida_core.data import (IMAGE_EXTENSIONS, DataError, _convert, _decode_image, _match_labels, _npz_to_0_255,
-                            _read_dataset_json, read_idx_dataset, read_npz)
+from sida_core.data import DataError, Source, _convert
 
 FORMAT = "sida-shards/1"
 MANIFEST = "manifest.json"
@@ -54,23 +53,10 @@ def sha256(data: bytes) -> str:
 
 # ----------------------------------------------------------------------------------------------- sources
 
-class Source:
-    """One dataset to prepare: ``members`` (names, in order), ``labels`` aligned with them (or None) and
-    ``read(i)``, which decodes member ``i`` (HWC in 0..255 for images, (8, h, w) float32 moments for latents)
-    or raises :class:`DataError` naming it."""
-
-    def __init__(self, kind: str, path: Path, members: list[str], labels: Optional[np.ndarray],
-                 read: Callable[[int], np.ndarray], close: Callable[[], None] = lambda: None):
-        self.kind, self.path, self.members, self.labels = kind, path, members, labels
-        self.read, self.close = read, close
-
-    def __len__(self) -> int:
-        return len(self.members)
-
-    def fingerprint(self) -> dict[str, Any]:
-        """What identifies the source for a resumed prepare: kind, path, count and a hash of the member names."""
-        names = "\n".join(self.members).encode()
-        return {"kind": self.kind, "path": str(self.path), "count": len(self.members), "names_sha256": sha256(names)}
+def fingerprint(source: Source) -> dict[str, Any]:
+    """What identifies a source for a resumed prepare: kind, path, count and a hash of the member names."""
+    names = "\n".join(source.members).encode()
+    return {"kind": source.kind, "path": str(source.path), "count": len(source.members), "names_sha256": sha256(names)}
 
 
 def infer_source_kind(path: Path) -> str:
@@ -89,67 +75,6 @@ def infer_source_kind(path: Path) -> str:
     if "-idx" in name:
         return "idx"
     raise DataError(f"cannot tell the kind of {str(path)!r}; pass --kind {{{','.join(SOURCE_KINDS)}}}")
-
-
-def open_source(kind: str, path: Path) -> Source:
-    """A :class:`Source` over an image folder, an EDM zip, an ``.npz``, IDX files or an EDM2 latent zip.
-
-    Folders and zips are read member by member (a member that cannot be decoded fails only its own read);
-    ``.npz`` and IDX are single arrays and are read whole, as numpy must.
-    """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise DataError(f"{str(path)!r}: no such file or folder")
-    if kind == "folder":
-        if not path.is_dir():
-            raise DataError(f"{str(path)!r} is not a directory (--kind folder)")
-        files = sorted((p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
-                       key=lambda p: p.relative_to(path).as_posix())
-        names = [p.relative_to(path).as_posix() for p in files]
-        meta = path / "dataset.json"
-        table = _read_dataset_json(meta.read_bytes(), str(meta)) if meta.is_file() else None
-        return Source(kind, path, names, _match_labels(names, table, str(meta)),
-                      lambda i: _decode_image(files[i], str(files[i])))
-    if kind in ("zip", "latents"):
-        try:
-            zf = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError) as e:
-            raise DataError(f"{str(path)!r}: not a readable zip file ({e})") from None
-        want = (".npy",) if kind == "latents" else IMAGE_EXTENSIONS
-        names = sorted(n for n in zf.namelist() if not n.endswith("/") and Path(n).suffix.lower() in want)
-        where = f"{path}:dataset.json"
-        table = _read_dataset_json(zf.read("dataset.json"), where) if "dataset.json" in zf.namelist() else None
-        labels = _match_labels(names, table, where)
-
-        def read_member(i: int) -> np.ndarray:
-            name = f"{path}:{names[i]}"
-            try:
-                data = zf.read(names[i])
-            except (zipfile.BadZipFile, OSError, EOFError) as e:
-                raise DataError(f"{name}: cannot read zip member ({e})") from None
-            return _read_moments(data, name) if kind == "latents" else _decode_image(io.BytesIO(data), name)
-
-        return Source(kind, path, names, labels, read_member, zf.close)
-    if kind in ("npz", "idx"):
-        x, labels = read_npz(path) if kind == "npz" else read_idx_dataset(path)
-        return Source(kind, path, [f"{path.name}[{i}]" for i in range(len(x))], labels, lambda i: x[i])
-    raise DataError(f"--kind must be one of {'|'.join(SOURCE_KINDS)}, got {kind!r}")
-
-
-def _read_moments(data: bytes, name: str) -> np.ndarray:
-    from sida_core.latents import LATENT_CHANNELS
-
-    try:
-        a = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise DataError(f"{name}: not a readable .npy array ({e})") from None
-    if a.ndim == 4 and a.shape[0] == 1:
-        a = a[0]
-    if a.ndim != 3 or a.shape[0] != 2 * LATENT_CHANNELS:
-        raise DataError(f"{name}: latent moments of shape {a.shape}, expected ({2 * LATENT_CHANNELS}, h, w)")
-    if not np.isfinite(a).all():
-        raise DataError(f"{name}: latent moments contain NaN or inf")
-    return a.astype(np.float32)
 
 
 def to_stored(item: np.ndarray, kind: str, shape: Sequence[int], resize: bool, where: str) -> np.ndarray:

@@ -51,3 +51,18 @@ def test_gpu_suite_runs_small_on_cpu():
     assert set(s) == {"matrix_digits", "step_small_eager", "step_small_best", "sida_train_1worker"}
     assert s["step_small_best"]["options"] == "channels_last, adam=fused, single_psi_forward"
     assert s["sida_train_1worker"]["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_data_throughput_runs_small_and_prepared_memory_stays_flat():
+    """benchmarks/data_throughput.py --small: prepared datasets (local and S3) and the in-memory loader, 2 workers."""
+    out = run_json(sys.executable, "benchmarks/data_throughput.py", "--small", timeout=600)
+    paths = {(r["path"], r["images"]) for r in out["rows"]}
+    assert paths == {(p, n) for p in ("prepared/local", "prepared/s3", "memory (data.kind npz)") for n in (500, 2000)}
+    assert all("error" not in r and r["images_per_s_min_worker"] > 0 for r in out["rows"])
+    assert out["delivery_over_consumption"] > 1
+    # the prepared path reads on demand: its per-worker peak does not follow the dataset (the in-memory one does)
+    for p in ("prepared/local", "prepared/s3"):
+        assert out["peak_rss_growth"][p]["peak_over_imports_mb"][1] < 64, out["peak_rss_growth"]
+    mem = out["peak_rss_growth"]["memory (data.kind npz)"]["peak_over_imports_mb"]
+    assert mem[1] > mem[0] + 40, out["peak_rss_growth"]

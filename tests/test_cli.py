@@ -64,7 +64,8 @@ def _commands():
 
 def test_every_command_is_listed():
     assert sorted(" ".join(c) for c in _commands() if c) == [
-        "cluster", "cluster validate", "demo", "distill", "evaluate", "export", "fid-stats", "generate", "jobs", "jobs logs", "jobs status",
+        "cluster", "cluster validate", "dataset", "dataset prepare", "dataset stage", "demo", "distill", "evaluate", "export",
+        "fid-stats", "generate", "jobs", "jobs logs", "jobs status",
         "jobs stop", "leaderboard", "pipeline", "report", "submit", "sweep", "teacher", "teacher import", "teacher sample",
         "teacher train", "train", "validate"]
 

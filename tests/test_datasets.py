@@ -257,3 +257,16 @@ def test_distillation_reads_a_prepared_dataset_with_xflip(tmp_path, monkeypatch)
     flipped = [not torch.equal(a, b) for a, b in zip(batches["xflip"], batches["prepared"])]
     assert all(torch.equal(a, b) or torch.equal(a, b.flip(-1)) for a, b in zip(batches["xflip"], batches["prepared"]))
     assert 0 < sum(flipped) < len(flipped)
+
+
+def test_fid_stats_of_a_prepared_dataset_equal_those_of_its_source(tmp_path):
+    from pipelines.fid_stats import run_fid_stats
+    from ray_jobs.reference import read_reference
+
+    src = make_source("idx", tmp_path)  # grey 8x8: the FD-digits feature space
+    prepare_dataset(str(src), str(tmp_path / "o"), shard_size=5, progress=False, log=lambda m: None)
+    a = run_fid_stats(str(src), str(tmp_path / "ref-src"), metric="fd_digits", resolution=R, channels=1, progress=False)
+    b = run_fid_stats(str(tmp_path / "o"), str(tmp_path / "ref-prep"), metric="fd_digits", progress=False)
+    assert a["num_images"] == b["num_images"] == N and (b["resolution"], b["channels"]) == (R, 1)
+    ra, rb = read_reference(a["out"]), read_reference(b["out"])
+    assert ra.manifest["dataset_sha256"] == rb.manifest["dataset_sha256"] and np.array_equal(ra.mu, rb.mu)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import boto3
@@ -79,7 +80,7 @@ def _single_process_reference(cfg_2w, store: RunStore, steps: int):
     indices 0, 1 that the 2 workers use; the adversarial means are per round of b, gradients averaged."""
     cfg = cfg_2w.model_copy(update={"scaling": cfg_2w.scaling.model_copy(update={"num_workers": 1})})
     train_set, _ = load_dataset(cfg.data)
-    teacher_dir = store.fetch_checkpoint("teacher", Path(store.storage.path_of("")))
+    teacher_dir = store.fetch_checkpoint("teacher", Path(tempfile.mkdtemp(prefix="teacher-")))
     teacher, _ = load_network(teacher_dir, "net")
     d = build_distiller(cfg, teacher, train_set, torch.device("cpu"))
     assert d.rounds == 2
