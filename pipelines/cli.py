@@ -29,10 +29,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from ray_jobs.storage import StorageError
     from sida_core.metrics.inception import InceptionWeightsError
     from sida_core.metrics.reference import ReferenceMismatch
+    from sida_core.vae import VAEError
 
     return (ConfigError, CheckpointError, DataError, NonFiniteError, FileNotFoundError, StorageError, TrainingError,
             JobError, ReferenceStatsError, InceptionWeightsError, ReferenceMismatch, PipelineError, ImportError_,
-            ExportError)
+            ExportError, VAEError)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -145,7 +146,7 @@ def cmd_generate(args) -> int:
 
     print(json.dumps(run_generate(args.run_uri, args.out, num=args.num, seeds=args.seeds, checkpoint=args.checkpoint,
                                   batch=args.batch, class_labels=args.class_labels, device=args.device,
-                                  endpoint_url=args.endpoint_url, progress=not args.quiet)))
+                                  endpoint_url=args.endpoint_url, vae=args.vae, progress=not args.quiet)))
     return 0
 
 
@@ -373,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-labels", default="random", metavar="random|K|none",
                    help="conditional generators: a random class per seed (default), class K, or no label")
     p.add_argument("--device", default="auto", metavar="auto|cpu|cuda", help="where the generator runs (default auto)")
+    p.add_argument("--vae", default=None, metavar="DIR|s3://URI",
+                   help="latent-space (EDM2) generators: the SD-VAE decoder folder (diffusers AutoencoderKL) that "
+                        "turns the latents into images; without it they are written as latents to FILE.npz")
     p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for s3:// URIs (else from env)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)

@@ -149,10 +149,12 @@ def _positive(text, what: str) -> int:
 
 def run_generate(run_uri: str, out: str, *, num: Optional[str] = None, seeds: Optional[str] = None,
                  checkpoint: str = "best", batch="256", class_labels: str = "random", device: str = "auto",
-                 endpoint_url: Optional[str] = None, progress: bool = True, log: Callable[[str], None] = _log) -> dict:
+                 endpoint_url: Optional[str] = None, vae: Optional[str] = None, progress: bool = True,
+                 log: Callable[[str], None] = _log) -> dict:
     """One-step samples of a run's EMA generator, one per seed: PNGs in EDM's layout (``DIR/000000/000123.png``,
     a folder per 1000 seeds) or ``FILE.npz`` (``arr_0`` uint8 N x H x W x C, ``seeds``, ``labels``: -1 for
-    none); a latent-space generator (4 channels) writes float16 ``latents`` (N x C x H x W) to the npz instead."""
+    none); a latent-space generator (4 channels) is decoded to images by the SD-VAE folder ``vae`` (local or
+    ``s3://``), or without one writes float16 ``latents`` (N x C x H x W) to the npz instead."""
     import numpy as np
     from tqdm.auto import tqdm
 
@@ -175,11 +177,21 @@ def run_generate(run_uri: str, out: str, *, num: Optional[str] = None, seeds: Op
         net, manifest, info = fetch_generator(run_uri, checkpoint, Path(scratch), endpoint_url=endpoint_url)
     labels_mode = parse_class_labels(class_labels, net.label_dim)
     latent = net.img_channels == LATENT_CHANNELS
-    if latent:
-        log(f"note: {info['checkpoint']} generates {LATENT_CHANNELS}-channel latents (EDM2 latent space); decoding them "
-            f"to images needs the SD-VAE decoder, which is not supported yet: writing float16 latents instead")
+    decode = None
+    if latent and vae:
+        from ray_jobs.datasets import stage_folder
+        from sida_core.vae import LatentDecoder, load_vae
+
+        decode = LatentDecoder(load_vae(stage_folder(vae, endpoint_url=endpoint_url, what="vae"), dev))
+        latent = False  # images from here on
+    elif latent:
+        log(f"note: {info['checkpoint']} generates {LATENT_CHANNELS}-channel latents (EDM2 latent space); without "
+            f"--vae (the SD-VAE decoder folder) they are written as float16 latents")
         if not as_npz:
-            raise ExportError(f"--out {out}: a latent-space generator cannot write PNGs yet; give --out FILE.npz")
+            raise ExportError(f"--out {out}: a latent-space generator writes PNGs only through --vae (the SD-VAE "
+                              "decoder folder); give --vae or --out FILE.npz")
+    elif vae:
+        raise ExportError(f"--vae: {info['checkpoint']} generates {net.img_channels}-channel images, not latents")
     elif not as_npz and net.img_channels not in (1, 3):
         raise ExportError(f"--out {out}: PNGs need 1 or 3 channels, the generator has {net.img_channels}; give FILE.npz")
     net.to(dev)
@@ -197,6 +209,8 @@ def run_generate(run_uri: str, out: str, *, num: Optional[str] = None, seeds: Op
             for chunk, x, lab in sample_seeds(net, seed_list, sigma_init=info["sigma_init"], batch=batch,
                                               class_labels=labels_mode, device=dev):
                 labels.append(lab.numpy())
+                if decode is not None:
+                    x = decode(x)
                 if latent:
                     arrays.append(x.half().numpy())
                 elif as_npz:

@@ -19,9 +19,9 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ray_jobs.storage import RetryPolicy, Storage
-from sida_core.data import DataError
-from sida_core.shards import (FORMAT, MANIFEST, build_manifest, file_sha256, infer_source_kind, labels_file, npy_bytes,
-                              open_source, part_file, sha256, shard_file, to_stored, verify_shards)
+from sida_core.data import DataError, open_source
+from sida_core.shards import (FORMAT, MANIFEST, build_manifest, file_sha256, fingerprint, infer_source_kind, labels_file,
+                              npy_bytes, part_file, sha256, shard_file, to_stored, verify_shards)
 
 DEFAULT_SHARD_SIZE = 4096
 
@@ -75,7 +75,7 @@ def prepare_dataset(src: str, out: str, *, kind: Optional[str] = None, resolutio
             shape = (channels or first.shape[2], resolution or first.shape[0], resolution or first.shape[0])
             dtype, resize = "uint8", resolution is not None
         settings = {"kind": kind, "shape": list(shape), "dtype": dtype, "shard_size": shard_size, "resize": resize,
-                    "source": source.fingerprint()}
+                    "source": fingerprint(source)}
         settings_hash = sha256(json.dumps(settings, sort_keys=True).encode())
         if store.exists(MANIFEST):
             done = store.read_json(MANIFEST)
@@ -112,7 +112,7 @@ def prepare_dataset(src: str, out: str, *, kind: Optional[str] = None, resolutio
             raise DataError(f"{path}: every member was bad ({len(source)} skipped); nothing prepared")
         num_classes = int(source.labels.max()) + 1 if source.labels is not None and len(source.labels) else None
         manifest = build_manifest("latents" if kind == "latents" else "images", shape, dtype, shard_size, parts,
-                                  {**source.fingerprint(), "resize": resize},
+                                  {**fingerprint(source), "resize": resize},
                                   num_classes)
         manifest["settings_sha256"] = settings_hash
         store.write_json(MANIFEST, manifest)  # last: a folder with a manifest is complete
@@ -249,6 +249,28 @@ def stage_dataset(uri: "str | Storage", *, endpoint_url: Optional[str] = None, c
         tmp.write_bytes(mbytes)
         os.replace(tmp, dest / MANIFEST)  # last: a staged folder with a manifest is complete
         log(f"dataset {store.uri}: staged {nbytes / 1e6:.1f} MB to {dest} in {time.time() - t0:.1f} s")
+    return dest
+
+
+def stage_folder(uri: str, *, endpoint_url: Optional[str] = None, what: str = "inputs",
+                 cache_root: Optional[Path] = None) -> Path:
+    """A local copy of a read-only folder (e.g. the SD-VAE weights): a local path as is; ``s3://`` copied once per
+    node into ``cache_root/<what>/<hash of uri>`` under a file lock (a ``.complete`` marker written last)."""
+    store = _storage(uri, endpoint_url)
+    if not store.is_s3:
+        if not Path(store.root).is_dir():
+            raise DataError(f"{uri!r}: no such folder")
+        return Path(store.root)
+    root = _cache_root(cache_root) / what
+    dest = root / hashlib.sha256(store.uri.encode()).hexdigest()[:20]
+    if (dest / ".complete").exists():
+        return dest
+    with _Lock(root / f"{dest.name}.lock"):
+        if not (dest / ".complete").exists():
+            if not store.listdir(""):
+                raise DataError(f"{store.uri!r}: empty or missing folder")
+            store.download_dir("", dest)
+            (dest / ".complete").write_text(store.uri)
     return dest
 
 

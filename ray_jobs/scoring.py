@@ -54,6 +54,7 @@ class CheckpointScorer:
             os.nice(nice)
         self._spaces: dict[str, Any] = {}
         self._refs: dict[str, tuple] = {}
+        self._decoders: dict[tuple, Any] = {}
 
     def ident(self) -> str:
         return f"{socket.gethostname()}:{os.getpid()}"
@@ -69,6 +70,18 @@ class CheckpointScorer:
         if name not in self._spaces:
             self._spaces[name] = feature_space(name, device=self._device())
         return self._spaces[name]
+
+    def decoder(self, cfg, metric) -> tuple[Any, int]:
+        """(LatentDecoder, image pixels per latent pixel) of ``metric.vae`` (staged to this node once, loaded once)."""
+        from ray_jobs.datasets import stage_folder
+        from sida_core.vae import LatentDecoder, load_vae, upsampling_factor
+
+        key = (metric.vae, cfg.storage.endpoint_url, metric.vae_batch_size)
+        if key not in self._decoders:
+            folder = stage_folder(metric.vae, endpoint_url=cfg.storage.endpoint_url, what="vae")
+            self._decoders[key] = (LatentDecoder(load_vae(folder, self._device()), metric.vae_batch_size),
+                                   upsampling_factor(folder))
+        return self._decoders[key]
 
     def reference(self, cfg, metric, space) -> tuple[Any, str]:
         """(GaussianReference, description) of the reference statistics ``metric`` names for run config ``cfg``."""
@@ -90,7 +103,8 @@ class CheckpointScorer:
                 from sida_core.metrics.reference import check_compatible
 
                 ref = read_reference(metric.reference, endpoint_url=cfg.storage.endpoint_url)
-                check_compatible(ref.manifest, space, cfg.data.resolution)
+                factor = self.decoder(cfg, metric)[1] if metric.vae else 1  # latents: the decoded images' size
+                check_compatible(ref.manifest, space, cfg.data.resolution * factor)
                 self._refs[key] = (GaussianReference.from_stats(ref.mu, ref.sigma), metric.reference)
         return self._refs[key]
 
@@ -121,7 +135,8 @@ class CheckpointScorer:
         value = score_generator(generator, space, ref, num_images=m.num_images, seed=seed,
                                 sigma_init=cfg.loss.sigma_init, img_shape=(net["img_channels"], net["img_resolution"],
                                                                            net["img_resolution"]),
-                                label_dim=net["label_dim"], batch_size=m.batch_size, device=self._device())
+                                label_dim=net["label_dim"], batch_size=m.batch_size, device=self._device(),
+                                decode=self.decoder(cfg, m)[0] if m.vae else None)
         l, o = cfg.loss, cfg.optimizer
         row = LeaderboardRow(
             run=store.name, run_uri=storage.uri, trial=trial,
@@ -141,7 +156,7 @@ def check_reference(cfg) -> None:
     so that unreadable or mismatched statistics stop ``sida train`` before training starts, not at the first
     checkpoint. Raises the readers' one-line errors (ReferenceStatsError, ReferenceMismatch, ...)."""
     m = cfg.metric
-    if m.enabled and m.reference:
+    if m.enabled and m.reference:  # (a latent run's VAE is staged, loaded and sized here too)
         scorer = CheckpointScorer(threads=1)
         scorer.reference(cfg, m, scorer._space(m.name))
 

@@ -180,4 +180,4 @@ def load_run_config(path: str | os.PathLike, overrides: Iterable[str] = ()):
     from schemas.run import RunConfig
 
     return load_config(RunConfig, path, overrides,
-                       path_fields=("teacher.path", "init_generator", "data.path", "metric.reference"))
+                       path_fields=("teacher.path", "init_generator", "data.path", "metric.reference", "metric.vae"))

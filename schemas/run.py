@@ -174,6 +174,10 @@ class MetricConfig(Strict):
     batch_size: PositiveInt = 500    # images per generator/extractor batch
     pin_best: bool = True            # copy the lowest-value checkpoint to pinned/ (outside keep-last-K)
     drain_timeout_s: PositiveFloat = 1800  # after training: how long to wait for the last scores
+    # latent-space runs (EDM2): the SD-VAE that decodes generated latents before the feature extractor; a diffusers
+    # AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors), local or s3://, never downloaded
+    vae: Optional[str] = None
+    vae_batch_size: PositiveInt = 8  # latents decoded at a time (the 512x512 decoder is memory-hungry)
 
     @model_validator(mode="after")
     def _check(self):
@@ -293,10 +297,14 @@ class RunConfig(Strict):
             raise ValueError(f"init_generator is only used by method 'sid2a', not {self.method!r}")
         if self.teacher.path is None and self.data.kind != "digits":
             raise ValueError("teacher.path is required unless data.kind is 'digits' (the built-in teacher)")
-        if self.data.kind == "latents" and self.metric.enabled:
-            raise ValueError("metric.enabled must be false for data.kind 'latents': scoring latents means decoding them "
-                             "with the SD-VAE decoder, which this version cannot load yet (distill, then score "
-                             "exported samples with an external tool)")
+        latent = self.data.channels == 4
+        if latent and self.metric.enabled and not self.metric.vae:
+            raise ValueError("metric.vae is required to score a latent-space run (data.channels 4): the SD-VAE decoder "
+                             "folder (diffusers AutoencoderKL, e.g. stabilityai/sd-vae-ft-mse saved locally or in s3://), "
+                             "or set metric.enabled: false")
+        if self.metric.vae and not latent:
+            raise ValueError(f"metric.vae is only used by latent-space runs (data.channels 4), not data.channels "
+                             f"{self.data.channels}")
         if self.metric.reference is None and self.data.kind != "digits" and self.metric.enabled:
             raise ValueError("metric.reference is required unless data.kind is 'digits' (FD-digits' default reference "
                              "is the built-in digits' train split; make one with `sida fid-stats`)")

@@ -30,15 +30,16 @@ TABLE = {
     "edm2_xl": (2048, 16, 8, 16, 5e-5, 2, True, 1e-6, 100),
     "edm2_xxl": (2048, 2, 8, 128, 5e-5, 2, True, 1e-6, 100),
 }
-# (data kind, resolution, channels, cond, num_classes): EDM presets read image zips, EDM2 presets SD-VAE latent zips
-# (4 x 64 x 64 for 512 x 512 images). Every teacher network comes from its .pkl (tests/test_presets.py starts each).
+# (data kind, resolution, channels, cond, num_classes): CIFAR-10 reads EDM's image zip directly; the larger EDM sets
+# and EDM2's SD-VAE latent zips (4 x 64 x 64 for 512 x 512 images) are prepared once and streamed (`sida dataset
+# prepare`). Every teacher network comes from its .pkl (tests/test_presets.py starts each).
 DATA = {
     "cifar10_uncond": ("zip", 32, 3, False, 0),
     "cifar10_cond": ("zip", 32, 3, True, 10),
-    "imagenet64_cond": ("zip", 64, 3, True, 1000),
-    "ffhq64": ("zip", 64, 3, False, 0),
-    "afhqv2_64": ("zip", 64, 3, False, 0),
-    **{f"edm2_{s}": ("latents", 64, 4, True, 1000) for s in ("xs", "s", "m", "l", "xl", "xxl")},
+    "imagenet64_cond": ("prepared", 64, 3, True, 1000),
+    "ffhq64": ("prepared", 64, 3, False, 0),
+    "afhqv2_64": ("prepared", 64, 3, False, 0),
+    **{f"edm2_{s}": ("prepared", 64, 4, True, 1000) for s in ("xs", "s", "m", "l", "xl", "xxl")},
 }
 
 

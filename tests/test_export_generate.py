@@ -253,15 +253,26 @@ def test_latent_generator_writes_float16_latents(tmp_path, capsys):
     out = tmp_path / "lat.npz"
     assert main(["generate", store.uri, "--num", "12", "--out", str(out), "--quiet"]) == 0
     captured = capsys.readouterr()
-    assert captured.err.count("\n") == 1 and "SD-VAE decoder" in captured.err and "not supported yet" in captured.err
+    assert captured.err.count("\n") == 1 and "SD-VAE decoder" in captured.err and "--vae" in captured.err
     assert json.loads(captured.out)["latents"] is True
     with np.load(out) as f:
         assert sorted(f.files) == ["labels", "latents", "seeds"]
         assert f["latents"].dtype == np.float16 and f["latents"].shape == (12, 4, 8, 8)
     assert main(["generate", store.uri, "--num", "12", "--out", str(tmp_path / "pngs")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and err[1].startswith("error: --out") and "FILE.npz" in err[1]  # the note, then the error
+    assert len(err) == 2 and err[1].startswith("error: --out") and "--vae" in err[1] and "FILE.npz" in err[1]
     assert not (tmp_path / "pngs").exists()
+    # with the SD-VAE decoder folder (a tiny stand-in: 2x upsampling), latents become images: PNGs and npz agree
+    from tests.tiny_vae import write_tiny_vae
+
+    vae = write_tiny_vae(tmp_path / "vae")
+    assert main(["generate", store.uri, "--num", "3", "--vae", str(vae), "--out", str(tmp_path / "img.npz"), "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["latents"] is False
+    assert main(["generate", store.uri, "--num", "3", "--vae", str(vae), "--out", str(tmp_path / "png"), "--quiet"]) == 0
+    with np.load(tmp_path / "img.npz") as f:
+        imgs = f["arr_0"]
+    assert imgs.shape == (3, 16, 16, 3) and imgs.dtype == np.uint8 and imgs.std() > 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "png" / "000000" / "000002.png")), imgs[2])
 
 
 # ------------------------------------------------------------------------------------------------ errors

@@ -107,6 +107,13 @@ def ray_local(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    from tests.tiny_vae import write_tiny_vae
+
+    return write_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny-vae")
+
+
+@pytest.fixture(scope="module")
 def references(tmp_path_factory):
     """Reference statistics (real Inception, clean-fid 'clean' mode) of each synthetic dataset shape, made once."""
     from pipelines.fid_stats import run_fid_stats
@@ -141,7 +148,7 @@ SHRINK = ["batch.total=2", "batch.per_worker=2", "scaling.num_workers=1", "scali
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
-def test_preset_starts_from_its_published_teacher_format(preset, ray_local, references, tmp_path):
+def test_preset_starts_from_its_published_teacher_format(preset, ray_local, references, tiny_vae, tmp_path):
     from pipelines.train import run_train
     from ray_jobs.run_store import RunStore
     from ray_jobs.storage import Storage
@@ -155,12 +162,20 @@ def test_preset_starts_from_its_published_teacher_format(preset, ray_local, refe
                 "attn_resolutions: [], dropout: 0.0}", "teacher.train.kimg=0.1", "teacher.train.batch=32",
                 "metric.num_images=64", "metric.batch_size=64"]
         imported = None
-    elif d.kind == "latents":  # EDM2: latents can be distilled; scoring waits for the SD-VAE decoder (metric off)
+    elif d.channels == 4:  # EDM2: latents; FID of their decodings by a tiny stand-in SD-VAE (2x, not 8x, upsampling)
         data = write_latent_zip(tmp_path / "latents.zip", d.resolution, d.num_classes, seed=0)
-        sets = [f"data.path={data}"]
+        _, ref = references(2 * d.resolution, 3, d.num_classes)
+        sets = [f"data.path={data}", f"metric.vae={tiny_vae}", f"metric.reference={ref}"]
     else:
         data, ref = references(d.resolution, d.channels, d.num_classes if d.cond else 0)
         sets = [f"data.path={data}", f"metric.reference={ref}"]
+    if preset != "digits" and d.kind == "prepared":  # the preset's own path: prepared once, then streamed
+        from ray_jobs.datasets import prepare_dataset
+
+        prepared = prepare_dataset(str(data), str(tmp_path / "prepared"), shard_size=3, progress=False,
+                                   log=lambda m: None)
+        assert prepared["shards"] > 1
+        sets[0] = f"data.path={tmp_path / 'prepared'}"
     if preset != "digits":
         spec = tiny_family_spec(raw)
         torch.manual_seed(0)

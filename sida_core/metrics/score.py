@@ -6,7 +6,7 @@ the device, and two processes (a scorer actor and ``sida evaluate``) generate th
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -54,15 +54,16 @@ def generate_images(generator: torch.nn.Module, n: int, *, seed: int, sigma_init
 def score_generator(generator: torch.nn.Module, space: FeatureSpace, reference: Stats | GaussianReference, *,
                     num_images: int,
                     seed: int, sigma_init: float, img_shape: tuple[int, int, int], label_dim: int = 0,
-                    batch_size: int = CHUNK, device="cpu") -> float:
+                    batch_size: int = CHUNK, device="cpu", decode: Optional[Callable] = None) -> float:
     """Fréchet distance in ``space`` between ``num_images`` one-step samples and the ``reference`` (mu, sigma),
-    best given as a :class:`GaussianReference` when several generators are scored against it."""
+    best given as a :class:`GaussianReference` when several generators are scored against it. ``decode`` maps
+    each generated batch to images first (latent-space generators: :class:`sida_core.vae.LatentDecoder`)."""
     if not isinstance(reference, GaussianReference):
         reference = GaussianReference.from_stats(*reference)
     was_training = generator.training
     generator.eval()
     try:
-        feats = [space.features(x, device) for x in generate_images(
+        feats = [space.features(decode(x) if decode is not None else x, device) for x in generate_images(
             generator, num_images, seed=seed, sigma_init=sigma_init, img_shape=img_shape, label_dim=label_dim,
             batch_size=batch_size, device=device)]
     finally:
