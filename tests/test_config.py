@@ -85,7 +85,8 @@ def test_preset_matches_paper_table(name):
     assert (cfg.stages.fake_score_only_kimg, cfg.stages.sid_until_kimg) == (100, 200)
     assert cfg.total_kimg >= 10_000
     assert (cfg.metric.name, cfg.metric.num_images) == ("fid_inception", 50000)
-    assert cfg.metric.enabled is not edm2  # EDM2 latents cannot be scored until the SD-VAE decoder can be loaded
+    assert cfg.metric.enabled and cfg.metric.reference  # EDM2: FID of the latents decoded by the SD-VAE (metric.vae)
+    assert bool(cfg.metric.vae) is edm2
     assert cfg.data.path and cfg.teacher.path and cfg.teacher.path.endswith(".pkl")
 
 
