@@ -7,9 +7,10 @@ SongUNet; per-step losses and final weights are compared.
 Tolerances: the options reassociate float sums (a batched encoder pass over [fake; real], NHWC convolution kernels,
 a fused Adam kernel), so losses agree to ~1e-6 relative. Adam (beta1 = 0 here, as in the paper) divides each
 gradient element by its own RMS, so an element whose gradient is at rounding level can turn that rounding into a
-visible fraction of one step (lr): weights are compared at a tenth of one Adam step, which still fails for any
-real change of the loss (the negative control below moves weights by several steps). Activation checkpointing
-recomputes the same operations and is checked tighter.
+visible fraction of one step (lr): weights are compared at a quarter of one Adam step (the largest seen: 0.16 of a
+step, in 1 of 1,152 elements of one conv weight, channels-last after 3 steps), which still fails for any real change
+of the loss (the negative control below moves weights by several steps). Activation checkpointing recomputes the
+same operations and is checked tighter.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ STEPS = 3
 LABELS = 10
 UNET_KW = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [4], "dropout": 0.0}
 LOSS_TOL = dict(rtol=1e-4, atol=1e-6)
-WEIGHT_TOL = dict(rtol=1e-4, atol=0.1 * LR)
+WEIGHT_TOL = dict(rtol=1e-4, atol=0.25 * LR)
 
 
 def hyper(perf: Performance, method: str = "sida", **kw) -> StepHyper:
