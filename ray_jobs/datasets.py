@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ray_jobs.storage import RetryPolicy, Storage
+from ray_jobs.storage import Storage
 from sida_core.data import DataError, open_source
 from sida_core.shards import (FORMAT, MANIFEST, build_manifest, file_sha256, fingerprint, infer_source_kind, labels_file,
                               npy_bytes, part_file, sha256, shard_file, to_stored, verify_shards)
@@ -26,9 +26,9 @@ from sida_core.shards import (FORMAT, MANIFEST, build_manifest, file_sha256, fin
 DEFAULT_SHARD_SIZE = 4096
 
 
-def _storage(uri: str, endpoint_url: Optional[str], retry: Optional[RetryPolicy] = None) -> Storage:
+def _storage(uri: str, endpoint_url: Optional[str]) -> Storage:
     try:
-        return Storage(uri, endpoint_url=endpoint_url, retry=retry or RetryPolicy())
+        return Storage(uri, endpoint_url=endpoint_url)
     except ValueError as e:
         raise DataError(str(e)) from None
 
@@ -62,8 +62,7 @@ def prepare_dataset(src: str, out: str, *, kind: Optional[str] = None, resolutio
     try:
         if len(source) == 0:
             raise DataError(f"{path}: no {'latents (.npy)' if kind == 'latents' else 'images'} found (--kind {kind})")
-        store = _storage(out, endpoint_url)
-        store.check()
+        store = _storage(out, endpoint_url)  # parses the URI only; nothing is created before the input is checked
         first_pos, first = _first_good(source, skip_bad)
         if kind == "latents":
             if resolution is not None or channels is not None:
@@ -74,6 +73,7 @@ def prepare_dataset(src: str, out: str, *, kind: Optional[str] = None, resolutio
                 raise DataError(f"--channels must be 1 or 3, got {channels}")
             shape = (channels or first.shape[2], resolution or first.shape[0], resolution or first.shape[0])
             dtype, resize = "uint8", resolution is not None
+        store.check()  # creates a local --out / fails fast on a missing bucket, once the input has passed
         settings = {"kind": kind, "shape": list(shape), "dtype": dtype, "shard_size": shard_size, "resize": resize,
                     "source": fingerprint(source)}
         settings_hash = sha256(json.dumps(settings, sort_keys=True).encode())
@@ -191,17 +191,17 @@ class _Lock:
 
 
 def stage_dataset(uri: "str | Storage", *, endpoint_url: Optional[str] = None, cache_root: Optional[Path] = None,
-                  retry: Optional[RetryPolicy] = None, log: Callable[[str], None] = lambda m: None) -> Path:
+                  log: Callable[[str], None] = lambda m: None) -> Path:
     """A local folder holding the prepared dataset ``uri``, every shard's sha256 checked once.
 
     ``s3://``: copied into ``cache_root/datasets/<hash of uri and manifest>`` once per node (concurrent callers
     wait on a file lock; an interrupted copy resumes; a shard whose hash differs is named and the copy fails).
     Local: used in place, verified once per content (a stamp in ``cache_root/datasets/verified``).
-    An unreachable store is retried per ``retry`` (the run's ``storage`` retry settings), then one
-    ``StorageError`` line.
+    An unreachable store is retried per its retry policy (pass a ``Storage`` built from the run's ``storage``
+    settings to use theirs), then one ``StorageError`` line.
     """
     root = _cache_root(cache_root) / "datasets"
-    store = uri if isinstance(uri, Storage) else _storage(uri, endpoint_url, retry)
+    store = uri if isinstance(uri, Storage) else _storage(uri, endpoint_url)
     try:
         mbytes = store.read_bytes(MANIFEST)
     except FileNotFoundError:
@@ -274,22 +274,17 @@ def stage_folder(uri: str, *, endpoint_url: Optional[str] = None, what: str = "i
     return dest
 
 
-def local_data_config(cfg: Any, endpoint_url: Optional[str] = None, log: Callable[[str], None] = lambda m: None):
-    """``cfg`` (a RunConfig, or a DataConfig with ``endpoint_url`` given) with a prepared dataset's ``data.path``
-    replaced by its staged local folder; unchanged for every other data kind."""
-    data = getattr(cfg, "data", cfg)
-    if data.kind != "prepared":
+def local_data_config(cfg: Any, log: Callable[[str], None] = lambda m: None):
+    """RunConfig ``cfg`` with a prepared dataset's ``data.path`` replaced by its staged local folder (reached with the
+    run's endpoint, credentials and retry settings); unchanged for every other data kind."""
+    if cfg.data.kind != "prepared":
         return cfg
-    where: "str | Storage" = str(data.path)
-    if hasattr(cfg, "storage") and endpoint_url is None:  # the run's endpoint, credentials and retry settings
-        try:
-            where = Storage.from_config(cfg.storage.model_copy(update={"uri": str(data.path)}))
-        except ValueError as e:
-            raise DataError(f"data.path: {e}") from None
-    local = stage_dataset(where, endpoint_url=endpoint_url, log=log)
-    staged = data.model_copy(update={"path": str(local)})
-    return cfg.model_copy(update={"data": staged}) if data is not cfg else staged
-
+    try:
+        store = Storage.from_config(cfg.storage.model_copy(update={"uri": str(cfg.data.path)}))
+    except ValueError as e:
+        raise DataError(f"data.path: {e}") from None
+    local = stage_dataset(store, log=log)
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(local)})})
 
 
 def load_run_dataset(cfg: Any, log: Callable[[str], None] = lambda m: None):

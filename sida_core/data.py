@@ -78,8 +78,8 @@ class ImageDataset:
     def subset(self, indices) -> "ImageDataset":
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
         labels = None if self.labels is None else self.labels[idx]
-        images = self.images.view(idx.numpy()) if hasattr(self.images, "view") and not isinstance(
-            self.images, torch.Tensor) else self.images[idx]  # prepared datasets: a lazy view, nothing is read
+        images = (self.images[idx] if isinstance(self.images, torch.Tensor)
+                  else self.images.view(idx.numpy()))  # prepared datasets: a lazy view, nothing is read
         return ImageDataset(images, labels, self.label_dim, self.name, self.latent_moments)
 
     def one_hot(self, indices) -> Optional[torch.Tensor]:

@@ -151,6 +151,9 @@ def test_resize_and_shape_checks(tmp_path):
         load_images(_cfg("prepared", tmp_path / "o", channels=1, res=8))
     with pytest.raises(DataError, match="must be staged"):
         load_images(_cfg("prepared", "s3://bucket/ds"))
+    with pytest.raises(DataError, match="do not apply to latents"):  # refused before --out is created
+        prepare_dataset(str(make_source("latents", tmp_path)), str(tmp_path / "never"), resolution=4, progress=False)
+    assert not (tmp_path / "never").exists()
 
 
 def test_corrupt_local_shard_is_named(tmp_path):
