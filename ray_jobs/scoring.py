@@ -55,6 +55,7 @@ class CheckpointScorer:
         self._spaces: dict[str, Any] = {}
         self._refs: dict[str, tuple] = {}
         self._decoders: dict[tuple, Any] = {}
+        self._vae_folders: dict[tuple, Any] = {}
 
     def ident(self) -> str:
         return f"{socket.gethostname()}:{os.getpid()}"
@@ -71,16 +72,26 @@ class CheckpointScorer:
             self._spaces[name] = feature_space(name, device=self._device())
         return self._spaces[name]
 
-    def decoder(self, cfg, metric) -> tuple[Any, int]:
-        """(LatentDecoder, image pixels per latent pixel) of ``metric.vae`` (staged to this node once, loaded once)."""
+    def vae_folder(self, cfg, metric):
+        """The local folder of ``metric.vae`` (staged to this node once; its config checked, no weights read)."""
         from ray_jobs.datasets import stage_folder
-        from sida_core.vae import LatentDecoder, load_vae, upsampling_factor
+        from sida_core.vae import vae_config
+
+        key = (metric.vae, cfg.storage.endpoint_url)
+        if key not in self._vae_folders:
+            folder = stage_folder(metric.vae, endpoint_url=cfg.storage.endpoint_url, what="vae")
+            vae_config(folder)
+            self._vae_folders[key] = folder
+        return self._vae_folders[key]
+
+    def decoder(self, cfg, metric):
+        """The LatentDecoder of ``metric.vae``, loaded once per scorer (at its first score, not at start-up)."""
+        from sida_core.vae import LatentDecoder, load_vae
 
         key = (metric.vae, cfg.storage.endpoint_url, metric.vae_batch_size)
         if key not in self._decoders:
-            folder = stage_folder(metric.vae, endpoint_url=cfg.storage.endpoint_url, what="vae")
-            self._decoders[key] = (LatentDecoder(load_vae(folder, self._device()), metric.vae_batch_size),
-                                   upsampling_factor(folder))
+            self._decoders[key] = LatentDecoder(load_vae(self.vae_folder(cfg, metric), self._device()),
+                                                metric.vae_batch_size)
         return self._decoders[key]
 
     def reference(self, cfg, metric, space) -> tuple[Any, str]:
@@ -103,7 +114,9 @@ class CheckpointScorer:
                 from sida_core.metrics.reference import check_compatible
 
                 ref = read_reference(metric.reference, endpoint_url=cfg.storage.endpoint_url)
-                factor = self.decoder(cfg, metric)[1] if metric.vae else 1  # latents: the decoded images' size
+                from sida_core.vae import upsampling_factor
+
+                factor = upsampling_factor(self.vae_folder(cfg, metric)) if metric.vae else 1  # decoded images' size
                 check_compatible(ref.manifest, space, cfg.data.resolution * factor)
                 self._refs[key] = (GaussianReference.from_stats(ref.mu, ref.sigma), metric.reference)
         return self._refs[key]
@@ -136,7 +149,7 @@ class CheckpointScorer:
                                 sigma_init=cfg.loss.sigma_init, img_shape=(net["img_channels"], net["img_resolution"],
                                                                            net["img_resolution"]),
                                 label_dim=net["label_dim"], batch_size=m.batch_size, device=self._device(),
-                                decode=self.decoder(cfg, m)[0] if m.vae else None)
+                                decode=self.decoder(cfg, m) if m.vae else None)
         l, o = cfg.loss, cfg.optimizer
         row = LeaderboardRow(
             run=store.name, run_uri=storage.uri, trial=trial,
@@ -156,7 +169,7 @@ def check_reference(cfg) -> None:
     so that unreadable or mismatched statistics stop ``sida train`` before training starts, not at the first
     checkpoint. Raises the readers' one-line errors (ReferenceStatsError, ReferenceMismatch, ...)."""
     m = cfg.metric
-    if m.enabled and m.reference:  # (a latent run's VAE is staged, loaded and sized here too)
+    if m.enabled and m.reference:  # (a latent run's VAE folder is staged and its config checked here too)
         scorer = CheckpointScorer(threads=1)
         scorer.reference(cfg, m, scorer._space(m.name))
 
