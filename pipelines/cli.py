@@ -497,7 +497,24 @@ def set_cpu_threads() -> None:
     torch.set_num_threads(max(1, int(os.environ.get("SIDA_NUM_THREADS", "1"))))
 
 
+def pin_cpu_kernels() -> None:
+    """$SIDA_CPU_KERNELS (default avx2; sida_core/determinism.py) in a fresh process, before torch loads: the
+    same CPU kernels on every x86 machine, inherited by the Ray workers this process starts."""
+    import os
+
+    from sida_core.determinism import pin_cpu_kernels as pin
+
+    if "torch" in sys.modules:  # in-process callers (tests) chose their kernels already
+        return
+    try:
+        pin(os.environ)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    pin_cpu_kernels()
     args = build_parser().parse_args(argv)
     set_cpu_threads()
     try:

@@ -4,10 +4,13 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-# Passed on to every worker: credentials for the object store, the cache of built-in artefacts, threads.
+from sida_core.determinism import PINNED_VARS
+
+# Passed on to every worker: credentials for the object store, the cache of built-in artefacts, threads, the
+# CPU kernel caps (sida_core/determinism.py: on a cluster, nodes started by `ray start` lack the driver's env).
 FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
                  "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "SIDA_CACHE", "SIDA_NUM_THREADS",
-                 "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+                 "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "SIDA_CPU_KERNELS", *PINNED_VARS)
 # Ray Train V2 gives each worker a one-slot result queue that the controller drains every
 # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default: 2 s), so every ray.train.report after the first blocked
 # ~1.96 s here (a bare 2-worker TorchTrainer, Ray 2.60). 0.25 s keeps a report to a fraction of a second at

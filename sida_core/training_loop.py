@@ -5,6 +5,7 @@ below, adding only DDP and Ray's reporting/storage.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ from torch import nn
 
 from sida_core import checkpoint as ckpt
 from sida_core.data import ImageDataset, load_dataset
+from sida_core.determinism import cpu_threads
 from sida_core.distill import Distiller, hyper_from_config, init_networks
 from sida_core.performance import prepare_network
 from sida_core.importer import ImportError_, build_network, cached_import, is_importable
@@ -125,10 +127,12 @@ def get_teacher(cfg, train_set: ImageDataset, device, log: Callable[[str], None]
         net = build_from_spec(spec)
     bar = progress_factory(int(t.kimg * 1000), "teacher") if progress_factory else None
     t0 = time.time()
-    ema = train_teacher(net, train_set.images, train_set.one_hot(slice(None)) if train_set.label_dim else None,
-                        kimg=t.kimg, batch=t.batch, lr=t.lr, lr_rampup_kimg=t.lr_rampup_kimg,
-                        ema_halflife_kimg=t.ema_halflife_kimg, p_mean=cfg.teacher.p_mean, p_std=cfg.teacher.p_std,
-                        seed=t.seed, device=device, progress=(lambda n, loss: bar.update(n)) if bar else None)
+    # One CPU thread whatever the process was given: the cached teacher must not depend on the core count.
+    with cpu_threads(1) if torch.device(device).type == "cpu" else contextlib.nullcontext():
+        ema = train_teacher(net, train_set.images, train_set.one_hot(slice(None)) if train_set.label_dim else None,
+                            kimg=t.kimg, batch=t.batch, lr=t.lr, lr_rampup_kimg=t.lr_rampup_kimg,
+                            ema_halflife_kimg=t.ema_halflife_kimg, p_mean=cfg.teacher.p_mean, p_std=cfg.teacher.p_std,
+                            seed=t.seed, device=device, progress=(lambda n, loss: bar.update(n)) if bar else None)
     if bar:
         bar.close()
     ckpt.save_checkpoint(path, {"net": ema.state_dict()}, kind="teacher", kimg=t.kimg, cur_nimg=int(t.kimg * 1000),

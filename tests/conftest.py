@@ -1,9 +1,14 @@
-"""Shared test setup: one torch thread (tiny CPU convolutions are several times slower with two threads
-on a busy 2-core machine) and a private cache so tests never touch ~/.cache/sida."""
+"""Shared test setup: CPU kernels capped as `sida` caps them (before torch loads, so this process and every
+subprocess and Ray worker it starts compute alike), one torch thread (tiny CPU convolutions are several times
+slower with two threads on a busy 2-core machine) and a private cache so tests never touch ~/.cache/sida."""
 import os
 
-import pytest
-import torch
+from sida_core.determinism import pin_cpu_kernels
+
+pin_cpu_kernels()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from tests.s3_server import s3_bucket, s3_server  # noqa: F401  (a real moto S3 server, on demand)
 

@@ -18,7 +18,6 @@ import json
 import os
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Union
 
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import LUMA, load_digits_arrays, split_indices
+from ..determinism import cpu_threads
 from .frechet import FeatureSpace, Stats
 
 RECIPE = dict(version=1, arch="cnn16-32-fc64", split=dict(holdout_fraction=0.2, split_seed=0), seed=0, epochs=20,
@@ -68,16 +68,6 @@ def to_digits_input(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, size=(8, 8), mode="bilinear", align_corners=False)
 
 
-@contextmanager
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: faster than contended threads, and thread-count independent
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def _training_data():
     imgs, labels = load_digits_arrays()
     tr, ho = split_indices(len(imgs), labels, RECIPE["split"]["holdout_fraction"], RECIPE["split"]["split_seed"])
@@ -114,7 +104,7 @@ def train_digits_classifier() -> DigitsNet:
     global TRAIN_COUNT
     x, y, xh, yh = _training_data()
     r = RECIPE
-    with torch.random.fork_rng(devices=[]), _one_thread():
+    with torch.random.fork_rng(devices=[]), cpu_threads(1):  # tiny ops: one thread is faster
         torch.manual_seed(r["seed"])
         g = torch.Generator().manual_seed(r["seed"])
         net = DigitsNet()
