@@ -10,7 +10,7 @@ teacher trained on two machines ends at different weights and scores:
   :func:`cpu_kernel_env` caps all three at one level; it must be in the environment before torch is imported,
   so the ``sida`` entry point applies it (``SIDA_CPU_KERNELS``) and Ray workers inherit it.
 * **the number of intra-op threads** (reductions split differently): :func:`cpu_threads` fixes it for the work
-  whose result is cached and reused everywhere (the built-in teacher, the digits classifier).
+  whose result is cached and reused everywhere (the built-in teacher: 2, the digits classifier: 1).
 
 Plain Python here (no torch import at module level), so the entry point can use it before torch loads.
 """

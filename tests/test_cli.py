@@ -186,6 +186,48 @@ def test_sample_from_distill_checkpoint_and_wrong_key(tmp_path, capsys, monkeypa
 
 
 # ----------------------------------------------------------------------------------------------- demo
+def test_teacher_scores_are_cached_per_seed_next_to_the_teacher(tmp_path, monkeypatch):
+    from pipelines.demo import teacher_scores
+    from schemas.loader import load_run_config
+    from sida_core.data import load_dataset
+    from sida_core.metrics import digits_feature_space
+    from sida_core.training_loop import get_teacher
+
+    monkeypatch.setenv("SIDA_CACHE", str(tmp_path))
+    cfg = load_run_config(CONFIG, TINY + ["metric.num_images=100",
+                                         "teacher.sampler_steps=3"])
+    train_set, _ = load_dataset(cfg.data)
+    teacher, teacher_dir = get_teacher(cfg, train_set, "cpu", log=lambda m: None)
+    space = digits_feature_space()
+    args = (teacher, teacher_dir, cfg, space, space.stats(train_set.images), (1, 8, 8), 0)
+    first = teacher_scores(*args, 2, "cpu")
+    assert len(first) == 2 and first[0] != first[1] and all(v > 0 for v in first)
+    cache = teacher_dir.parent / f"{teacher_dir.name}.fd_digits.json"
+    known = json.loads(cache.read_text())
+    assert len(known) == 2
+    known[sorted(known)[0]] = 123.0  # a cached score is read back, not recomputed
+    cache.write_text(json.dumps(known))
+    again = teacher_scores(*args, 3, "cpu")
+    assert 123.0 in again and len(again) == 3 and len(json.loads(cache.read_text())) == 3
+
+
+def test_beats_teacher_needs_the_gap_beyond_two_standard_errors():
+    from pipelines.demo import beats_teacher
+
+    teacher = [5.0, 5.2, 4.8, 5.1, 4.9]
+    clear = beats_teacher([4.0, 4.2, 3.8, 4.1, 3.9], teacher)
+    assert clear["beats_teacher"] and clear["fd_gap"] == pytest.approx(1.0) and clear["fd_gap_se"] == pytest.approx(0.1)
+    # lower mean, but within two standard errors: not a win
+    assert not beats_teacher([4.85, 5.05, 4.65, 4.95, 4.75], teacher)["beats_teacher"]
+    assert not beats_teacher([6.0, 6.1, 5.9], teacher)["beats_teacher"]
+    # one teacher seed: its spread is taken as the generator's (pooled: same estimator, same image count)
+    one = beats_teacher([4.0, 4.2, 3.8, 4.1, 3.9], [5.0])
+    assert one["beats_teacher"] and one["fd_gap_se"] == pytest.approx(0.025 ** 0.5 * (1 / 5 + 1) ** 0.5, abs=1e-4)
+    assert not beats_teacher([4.0, 4.2, 3.8, 4.1, 3.9], [4.3])["beats_teacher"]
+    with pytest.raises(ValueError, match="two generator seeds"):
+        beats_teacher([4.0], teacher)
+
+
 def test_demo_end_to_end_tiny(env, tmp_path):
     """The README's main job on a tiny budget: same code path, last stdout line is the summary JSON."""
     out = tmp_path / "demo"
@@ -196,6 +238,10 @@ def test_demo_end_to_end_tiny(env, tmp_path):
         assert key in summary, key
     assert summary["teacher_nfe"] == 7 and summary["generator_nfe"] == 1
     assert summary["generator_fd"] > 0 and summary["teacher_fd"] > 0
+    assert summary["teacher_repeats"] == 1 and summary["repeats"] == 10
+    # the verdict is the two means' gap against its standard error, not one score
+    assert summary["beats_teacher"] == (summary["fd_gap"] > 2 * summary["fd_gap_se"])
+    assert summary["fd_gap"] == pytest.approx(summary["teacher_fd"] - summary["generator_fd"], abs=2e-4)
     for png in ("data.png", "teacher_samples.png", "generator_samples.png", "fd_vs_kimg.png"):
         assert (out / png).stat().st_size > 0, png
     assert Image.open(out / "generator_samples.png").size[0] >= 32
