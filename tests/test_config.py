@@ -225,3 +225,23 @@ def test_binary_config_file(tmp_path):
 def test_enough_bad_cases():
     assert len(BAD) >= 20
     assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_committed_sweep_plans_valid_trials(path):
+    """Every committed sweep (the experiments in docs/experiments) expands into trials that validate as run configs
+    before anything starts, so `sida sweep FILE` does not fail minutes into a run."""
+    from schemas.sweep import load_sweep, plan_trials
+
+    sweep, base, _ = load_sweep(path)
+    plans = plan_trials(sweep, base, source=str(path), storage_uri="runs/sweeps/x", layers=[sweep.set])
+    assert len(plans) == len(sweep.expand()) >= 2
+    assert len({p.name for p in plans}) == len(plans)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "pipelines").glob("*.yaml")), ids=lambda p: p.stem)
+def test_committed_pipeline_loads(path):
+    from schemas.sweep import load_pipeline
+
+    pipeline, _, _ = load_pipeline(path)
+    assert pipeline.stages
