@@ -45,13 +45,12 @@ def beats_teacher(generator_fds: Sequence[float], teacher_fds: Sequence[float], 
     return {"beats_teacher": bool(t - g > z * se), "fd_gap": round(t - g, 4), "fd_gap_se": round(se, 4)}
 
 
-def teacher_scores(teacher, teacher_dir: Path, cfg, space, ref, shape, label_dim: int, repeats: int, device,
-                   progress: bool = True) -> list[float]:
+def teacher_scores(teacher, teacher_dir: Path, cfg, space, ref, shape, label_dim: int, repeats: int,
+                   device) -> list[float]:
     """FD-digits of the teacher's Heun samples for the first ``repeats`` evaluation seeds (the generator's
     `sida evaluate` seeds). A 35-NFE score costs 35 one-step scores (about a minute of one core here), so each is
     cached next to the teacher, keyed by seed, image count, sampler steps and the digit classifier."""
     import json
-    import os
 
     import torch
     from tqdm.auto import tqdm
@@ -67,8 +66,7 @@ def teacher_scores(teacher, teacher_dir: Path, cfg, space, ref, shape, label_dim
     except (OSError, ValueError):
         known = {}
     n, steps, fds, classifier = cfg.metric.num_images, cfg.teacher.sampler_steps, [], cache_key()[:16]
-    for seed in tqdm(range(FINAL_SEED0, FINAL_SEED0 + repeats), desc="teacher FD-digits", unit="seed", leave=False,
-                     disable=not progress):
+    for seed in tqdm(range(FINAL_SEED0, FINAL_SEED0 + repeats), desc="teacher FD-digits", unit="seed", leave=False):
         key = f"seed={seed},n={n},steps={steps},classifier={classifier}"
         if key not in known:
             # chunks of 250 images: the activations stay in cache (1.15x faster than one batch of 5,000 here)
