@@ -53,15 +53,13 @@ def cmd_validate(args) -> int:
 
 def cmd_distill(args) -> int:
     from schemas.loader import load_run_config
-    from ray_jobs.datasets import load_run_dataset
-    from sida_core.training_loop import run_distillation
+    from pipelines.distill import run_distill, run_store_of
 
     cfg = load_run_config(args.config, args.overrides)
-    run_dir = Path(args.run_dir or Path(cfg.storage.uri) / cfg.name)
+    store = run_store_of(cfg, args.run_dir)
+    store.storage.check()
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731 (stdout: the one JSON line)
-    train_set, _ = load_run_dataset(cfg, log=log)
-    out = run_distillation(cfg, run_dir, resume=not args.no_resume, progress=not args.quiet, log=log,
-                           train_set=train_set)  # stdout: the one JSON line
+    out = run_distill(cfg, store, resume=not args.no_resume, progress=not args.quiet, log=log, score=args.score)
     print(json.dumps({"run_dir": out["run_dir"], "checkpoint": out["checkpoint"], "kimg": out["kimg"],
                       "seconds": round(out["seconds"], 1)}))
     return 0
@@ -384,7 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="run one distillation in this process (no Ray): the debugging engine")
     _add_config_args(p)
     p.add_argument("--run-dir", default=None, help="run folder (default: STORAGE_URI/NAME)")
-    p.add_argument("--no-resume", action="store_true", help="start afresh even if the run folder has checkpoints")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start afresh: delete the run folder's checkpoints, metric rows and scores first")
+    p.add_argument("--score", action="store_true",
+                   help="score each checkpoint in this process (metric.*) into the run's leaderboard; pin the best")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_distill)
 

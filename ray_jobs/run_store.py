@@ -77,6 +77,18 @@ class RunStore:
     def write_status(self, state: str, **info) -> None:
         self.storage.write_json("status.json", {"state": state, "time": time.time(), **info})
 
+    def record_start(self, *, cur_nimg: int, workers: int, checkpoint: Optional[str] = None) -> None:
+        """The event of a (re)start of training: from scratch, or resumed from ``checkpoint`` (SiD²A runs name the
+        content hash of the generator theta started from)."""
+        lineage = self.lineage()
+        self.log_event("resume" if checkpoint else "start", cur_nimg=cur_nimg, workers=workers, checkpoint=checkpoint,
+                       init_generator_hash=lineage["content_hash"] if lineage else None)
+
+    def record_end(self, state: str, *, cur_nimg: int, **info) -> None:
+        """How training ended (``finished`` / ``diverged`` with its ``reason``): ``status.json`` and the event."""
+        self.write_status(state, kimg=cur_nimg / 1000, **info)
+        self.log_event(state, cur_nimg=cur_nimg, **info)
+
     def read_status(self) -> Optional[dict]:
         try:
             return self.storage.read_json("status.json")
@@ -107,6 +119,14 @@ class RunStore:
         """Checkpoint folder names, oldest first (by images seen)."""
         names = [n for n in self.storage.listdir() if ckpt.NAME_RE.match(n)]
         return sorted(names, key=lambda n: int(ckpt.NAME_RE.match(n).group(1)))
+
+    def rotate_checkpoints(self, keep: int) -> list[str]:
+        """Delete all but the newest ``keep`` checkpoints (what Ray Train's ``num_to_keep`` does for ``sida train``;
+        the single-process host calls this). Pinned copies live under ``pinned/`` and stay. Returns what went."""
+        old = self.checkpoint_names()[:-keep] if keep > 0 else []
+        for name in old:
+            self.storage.delete(name)
+        return old
 
     def upload_checkpoint(self, local_dir: Path, name: str) -> None:
         """Upload a local checkpoint folder, ``manifest.json`` last: until it lands the folder never verifies."""
@@ -155,6 +175,13 @@ class RunStore:
             ckpt.verify_checkpoint(src)
             self.upload_checkpoint(src, f"pinned/{name}")
         self.storage.write_json(f"pins/{name}.json", {"checkpoint": f"pinned/{name}", "reason": reason, "time": time.time()})
+
+    def pin_best(self, row: dict, previous: Optional[dict] = None) -> None:
+        """Pin the checkpoint of leaderboard ``row`` as the run's best so far; release ``previous``'s pin (the
+        former best's row) if it names another checkpoint."""
+        self.pin(row["checkpoint"], reason=f"best {row['metric']} {row['value']:.4f} at {row['kimg']:.1f} kimg")
+        if previous is not None and previous["checkpoint"] != row["checkpoint"]:
+            self.unpin(previous["checkpoint"])
 
     def pinned(self) -> list[str]:
         """Names of the pinned checkpoints (stored under ``pinned/``)."""

@@ -297,12 +297,9 @@ class ScoringCoordinator:
         if not self.metric.pin_best:
             return
         try:
-            self.store.pin(row["checkpoint"], reason=f"best {row['metric']} {row['value']:.4f} at {row['kimg']:.1f} kimg")
+            self.store.pin_best(row, previous)
         except Exception as exc:  # noqa: BLE001 -- rotation may have deleted it meanwhile; the row stands
             self.log(f"scoring: could not pin {row['checkpoint']}: {_one_line(exc)}")
-            return
-        if previous is not None and previous["checkpoint"] != row["checkpoint"]:
-            self.store.unpin(previous["checkpoint"])
 
     # ------------------------------------------------------------------ the thread
     def start(self) -> "ScoringCoordinator":

@@ -1,8 +1,9 @@
 """Ray Train wiring for one distillation run: ``train_loop_per_worker`` and the ``TorchTrainer`` around it.
 
-The worker is a thin shell around :class:`sida_core.distill.Distiller`: it builds the nets from the
-validated config, wraps G_theta and f_psi in DDP (``ray.train.torch.prepare_model``: gloo on CPU, nccl on
-CUDA), resumes from the newest checkpoint that verifies, steps, and reports. Each worker draws its own real
+The worker is a thin shell around :class:`sida_core.distill.Distiller` and the cadence both hosts share
+(:func:`sida_core.loop.cadence`; ``sida distill`` is the other host): it builds the nets from the validated
+config, wraps G_theta and f_psi in DDP (``ray.train.torch.prepare_model``: gloo on CPU, nccl on CUDA), resumes
+from the newest checkpoint that verifies, steps, and reports. Each worker draws its own real
 and fake micro-batches (so the discriminator's fakeness mean is per worker batch, eq. 7); randomness is a
 pure function of (seed, step, global micro-batch index, purpose), the global index of worker ``k``'s round
 ``r`` being ``k * rounds + r``. Hence 2 workers x b equal one process with rounds of b (tests/test_ray_train.py),
@@ -16,7 +17,6 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,12 +33,6 @@ def public_config(cfg) -> dict:
     d = cfg.model_dump(mode="json")
     d["storage"]["access_key_id"] = d["storage"]["secret_access_key"] = None
     return d
-
-
-def metrics_row(stats: dict, *, images_per_s: float, num_workers: int) -> dict:
-    row = {k: (float(v) if isinstance(v, (int, float)) and k not in ("step", "cur_nimg") else v) for k, v in stats.items()}
-    row.update(images_per_s=images_per_s, num_workers=num_workers, time=time.time())
-    return row
 
 
 class LiveScores:
@@ -74,7 +68,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from sida_core import checkpoint as ckpt
     from ray_jobs.datasets import load_run_dataset
     from sida_core.distill import NonFiniteError
-    from sida_core.training_loop import build_distiller, load_network, next_boundary, save_distill_checkpoint
+    from sida_core.loop import cadence, kimg_to_nimg
+    from sida_core.training_loop import build_distiller, load_network, save_distill_checkpoint
 
     torch.set_num_threads(int(config.get("threads", 1)))
     cfg = RunConfig.model_validate(config["run"])
@@ -100,51 +95,41 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"resumed from {store.storage.uri_of(name)} at kimg {distiller.cur_nimg / 1000:.3f}", flush=True)
     if rank == 0:
-        lineage = store.lineage() if cfg.method == "sid2a" else None
-        store.log_event("resume" if loaded else "start", cur_nimg=distiller.cur_nimg, workers=world,
-                        checkpoint=loaded[2] if loaded else None,
-                        init_generator_hash=lineage["content_hash"] if lineage else None)
+        store.record_start(cur_nimg=distiller.cur_nimg, workers=world, checkpoint=loaded[2] if loaded else None)
     scores = LiveScores(store, cfg.metric) if rank == 0 and cfg.metric.enabled else None
 
     def upload(checkpoint, dir_name):
         store.upload_checkpoint(Path(checkpoint.path), dir_name)
         return ray.train.Checkpoint(path=store.storage.path_of(dir_name), filesystem=store.storage.fs)
 
-    total = int(round(cfg.total_kimg * 1000))
-    next_log = next_boundary(distiller.cur_nimg, cfg.log_every_kimg)
-    next_ckpt = next_boundary(distiller.cur_nimg, cfg.checkpoint_every_kimg)
-    bar = tqdm(total=total, desc=f"{cfg.method} {config['run_name']}") if rank == 0 else None
+    bar = tqdm(total=kimg_to_nimg(cfg.total_kimg), desc=f"{cfg.method} {config['run_name']}") if rank == 0 else None
     if bar is not None:
         bar.update(distiller.cur_nimg)
-    t0, n0 = time.time(), distiller.cur_nimg
-    while distiller.cur_nimg < total:
+    ticks = cadence(distiller, total_kimg=cfg.total_kimg, log_every_kimg=cfg.log_every_kimg,
+                    checkpoint_every_kimg=cfg.checkpoint_every_kimg, num_workers=world)
+    while True:
         try:
-            stats = distiller.step()
+            tick = next(ticks, None)
         except NonFiniteError as exc:  # deterministic: a restart would diverge again, so end the run cleanly
             if rank == 0:
-                store.write_status(STATE_DIVERGED, reason=str(exc), kimg=distiller.cur_nimg / 1000)
-                store.log_event(STATE_DIVERGED, cur_nimg=distiller.cur_nimg, reason=str(exc))
+                store.record_end(STATE_DIVERGED, cur_nimg=distiller.cur_nimg, reason=str(exc))
             ray.train.report({"diverged": 1.0, "kimg": distiller.cur_nimg / 1000, "reason": str(exc),
                               **(scores.fields() if scores else {})})
             return
-        report = distiller.performance_report()
-        if rank == 0 and report:
-            print("\n".join(report), file=sys.stderr, flush=True)  # the driver's stdout ends with its JSON line
+        if tick is None:
+            break
+        if rank == 0 and tick.notes:
+            print("\n".join(tick.notes), file=sys.stderr, flush=True)  # the driver's stdout ends with its JSON line
         if bar is not None:
-            bar.update(cfg.batch.total)
-        done = distiller.cur_nimg >= total
-        save = distiller.cur_nimg >= next_ckpt or done
-        if not (distiller.cur_nimg >= next_log or save):
+            bar.update(tick.images)
+        if tick.row is None:
             continue
-        next_log = next_boundary(distiller.cur_nimg, cfg.log_every_kimg)
-        row = metrics_row(stats, images_per_s=(distiller.cur_nimg - n0) / max(time.time() - t0, 1e-9), num_workers=world)
         if rank == 0:
-            store.append_metrics(row)
-        report = {**row, **(scores.fields() if scores else {})}  # what Tune sees (TuneReportCallback: rank 0's)
-        if not save:
+            store.append_metrics(tick.row)
+        report = {**tick.row, **(scores.fields() if scores else {})}  # what Tune sees (TuneReportCallback: rank 0's)
+        if not tick.checkpoint:
             ray.train.report(report)
             continue
-        next_ckpt = next_boundary(distiller.cur_nimg, cfg.checkpoint_every_kimg)
         name = ckpt.checkpoint_name(distiller.cur_nimg)
         with tempfile.TemporaryDirectory(prefix="sida-ckpt-") as tmp:
             checkpoint = None
@@ -157,8 +142,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if bar is not None:
         bar.close()
     if rank == 0:
-        store.write_status(STATE_FINISHED, kimg=distiller.cur_nimg / 1000)
-        store.log_event(STATE_FINISHED, cur_nimg=distiller.cur_nimg)
+        store.record_end(STATE_FINISHED, cur_nimg=distiller.cur_nimg)
 
 
 def build_trainer(cfg, run_name: str, storage: Storage, *, threads: Optional[int] = None, callbacks: Optional[list] = None):

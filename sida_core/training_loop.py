@@ -1,7 +1,8 @@
-"""The single-process distillation engine (``sida distill``): teacher, nets, loop, checkpoints, metrics.
+"""What both training hosts build a run from: the teacher (imported, or trained once and cached), G_theta and f_psi
+around a :class:`Distiller`, and its checkpoints.
 
-Everything here is plain torch + local files; the Ray workers reuse :class:`Distiller` and the builders
-below, adding only DDP and Ray's reporting/storage.
+Plain torch + local files. The loop itself is :func:`sida_core.loop.cadence`; its hosts are ``sida distill``
+(:mod:`pipelines.distill`, one process) and the Ray Train worker (:mod:`ray_jobs.train`, adds DDP).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from sida_core import checkpoint as ckpt
-from sida_core.data import ImageDataset, load_dataset
+from sida_core.data import ImageDataset
 from sida_core.determinism import cpu_threads
 from sida_core.distill import Distiller, hyper_from_config, init_networks
 from sida_core.performance import prepare_network
@@ -178,82 +179,3 @@ def save_distill_checkpoint(distiller: Distiller, folder: Path, cfg, spec: dict,
                                 extra={"method": cfg.method, "step": distiller.step_idx,
                                        "rng": "derived from (seed, step, global micro-batch, purpose); no state to save",
                                        **extra})
-
-
-def next_boundary(cur_nimg: int, every_kimg: float) -> int:
-    """The first multiple of ``every_kimg`` (in images) after ``cur_nimg``: when to log or checkpoint next."""
-    every = int(every_kimg * 1000)
-    return (cur_nimg // every + 1) * every
-
-
-def append_jsonl(path: Path, row: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def run_distillation(cfg, run_dir, *, device=None, log: Callable[[str], None] = print, progress: bool = True,
-                     resume: bool = True, evaluate: Optional[Callable[[nn.Module, int], dict]] = None,
-                     teacher: Optional[nn.Module] = None, train_set: Optional[ImageDataset] = None) -> dict:
-    """Run ``cfg`` to ``total_kimg`` in this process; checkpoints and ``metrics.jsonl`` go to ``run_dir``.
-
-    Resumes from the newest valid checkpoint in ``run_dir/checkpoints`` when ``resume``. ``evaluate(G_ema,
-    cur_nimg)`` is called at each checkpoint and its result logged with the metrics. ``teacher``: an already
-    loaded f_phi (else :func:`get_teacher` provides it). ``train_set``: the real images already loaded (a prepared
-    ``s3://`` dataset must be staged by the caller: ``ray_jobs.datasets.load_run_dataset``).
-    """
-    from tqdm.auto import tqdm
-
-    device = resolve_device(cfg.device) if device is None else torch.device(device)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
-    if train_set is None:
-        train_set, _ = load_dataset(cfg.data)
-    bar_factory = (lambda total, desc: tqdm(total=total, desc=desc, unit="img", unit_scale=True, leave=False)) if progress else None
-    if teacher is None:
-        teacher, teacher_path = get_teacher(cfg, train_set, device, log, bar_factory)
-    else:
-        teacher_path = imported_teacher_path(cfg, train_set, log) if cfg.teacher.path else builtin_teacher_path(cfg)
-    spec = teacher_spec(teacher_path)
-    distiller = build_distiller(cfg, teacher, train_set, device)
-    last_ckpt = None
-    if resume:
-        latest = ckpt.find_latest_valid(run_dir / "checkpoints")
-        if latest is not None:
-            state, _ = ckpt.load_checkpoint(latest, map_location=device)
-            distiller.load_state_dict(state)
-            last_ckpt = latest  # a finished run called again reports its checkpoint, not None
-            log(f"resumed from {latest} at kimg {distiller.cur_nimg / 1000:.1f}")
-
-    total = int(cfg.total_kimg * 1000)
-    next_log = next_boundary(distiller.cur_nimg, cfg.log_every_kimg)
-    next_ckpt = next_boundary(distiller.cur_nimg, cfg.checkpoint_every_kimg)
-    bar = tqdm(total=total, initial=distiller.cur_nimg, desc=f"{cfg.method}", unit="img", unit_scale=True,
-               disable=not progress)
-    t0, n0 = time.time(), distiller.cur_nimg
-    while distiller.cur_nimg < total:
-        stats = distiller.step()
-        for line in distiller.performance_report():
-            log(line)
-        bar.update(cfg.batch.total)
-        done = distiller.cur_nimg >= total
-        if distiller.cur_nimg >= next_log or done:
-            next_log = next_boundary(distiller.cur_nimg, cfg.log_every_kimg)
-            row = {k: v for k, v in stats.items()}
-            row["images_per_s"] = (distiller.cur_nimg - n0) / max(time.time() - t0, 1e-9)
-            append_jsonl(run_dir / "metrics.jsonl", row)
-            bar.set_postfix(stage=stats["stage"], loss_psi=f"{stats.get('loss_psi', 0):.3g}",
-                            loss_G=f"{stats.get('loss_G', 0):.3g}")
-        if distiller.cur_nimg >= next_ckpt or done:
-            next_ckpt = next_boundary(distiller.cur_nimg, cfg.checkpoint_every_kimg)
-            last_ckpt = save_distill_checkpoint(distiller, run_dir / "checkpoints", cfg, spec)
-            if evaluate is not None:
-                scores = evaluate(distiller.G_ema, distiller.cur_nimg)
-                append_jsonl(run_dir / "scores.jsonl", {"kimg": distiller.cur_nimg / 1000, "checkpoint": str(last_ckpt), **scores})
-                log(f"kimg {distiller.cur_nimg / 1000:.1f}: {scores}")
-    bar.close()
-    return {"run_dir": str(run_dir), "checkpoint": str(last_ckpt) if last_ckpt else None, "kimg": distiller.cur_nimg / 1000,
-            "teacher": str(teacher_path), "seconds": time.time() - t0, "generator_ema": distiller.G_ema}

@@ -154,28 +154,37 @@ def test_teacher_sample_missing_checkpoint_is_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_distill_tiny_run(trained_teacher, env, tmp_path):
+def test_distill_tiny_run_scores_into_a_run_folder_the_leaderboard_reads(trained_teacher, env, tmp_path):
     run_dir = tmp_path / "run"
-    proc = sida(["distill", CONFIG, *sets(TINY_DISTILL), "--run-dir", run_dir, "--quiet"], env)
+    scoring = ["metric.num_images=400", "metric.batch_size=200"]
+    proc = sida(["distill", CONFIG, *sets(TINY_DISTILL + scoring), "--run-dir", run_dir, "--score", "--quiet"], env)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1, proc.stdout  # one JSON line; log messages go to stderr
     out = json.loads(lines[0])
     assert out["run_dir"] == str(run_dir) and out["kimg"] == 0.128
-    assert out["checkpoint"] == str(run_dir / "checkpoints" / "ckpt-000000000128")
+    assert out["checkpoint"] == str(run_dir / "ckpt-000000000128")
     assert "teacher: reusing" in proc.stderr  # the teacher trained by `sida teacher train` (same cache, same recipe)
-    assert (run_dir / "config.json").is_file() and len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4
+    assert (run_dir / "config.json").is_file() and len(list((run_dir / "metrics").iterdir())) == 4
+    # the same run folder as `sida train` writes: the leaderboard reads its two live scores, the best is pinned
+    proc = sida(["leaderboard", run_dir, "--json"], env)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert sorted(r["checkpoint"] for r in rows) == ["ckpt-000000000064", "ckpt-000000000128"]
+    assert {r["metric"] for r in rows} == {"fd_digits"} and all(r["value"] > 0 for r in rows)
+    best = min(rows, key=lambda r: r["value"])["checkpoint"]
+    assert sorted(p.name for p in (run_dir / "pinned").iterdir()) == [best]
 
 
 
 def test_sample_from_distill_checkpoint_and_wrong_key(tmp_path, capsys, monkeypatch, env):
     # in-process (cheap): a distill checkpoint made by the engine, sampled with `teacher sample --key generator_ema`
+    from pipelines.distill import run_distill, run_store_of
     from schemas.loader import load_run_config
-    from sida_core.training_loop import run_distillation
 
     monkeypatch.setenv("SIDA_CACHE", env["SIDA_CACHE"])
     cfg = load_run_config(CONFIG, TINY_DISTILL + ["total_kimg=0.032"])
-    out = run_distillation(cfg, tmp_path / "run", progress=False, log=lambda m: None)
+    out = run_distill(cfg, run_store_of(cfg, str(tmp_path / "run")), progress=False, log=lambda m: None)
     png = tmp_path / "g.png"
     assert main(["teacher", "sample", out["checkpoint"], "--key", "generator_ema", "--steps", "2", "--num", "4",
                  "--out", str(png)]) == 0

@@ -22,7 +22,7 @@ from sida_core.data import load_dataset
 from sida_core.distill import Distiller, NonFiniteError, StepHyper, ema_beta, init_networks
 from sida_core.networks import build_denoiser
 from sida_core.teacher import train_teacher
-from sida_core.training_loop import build_distiller, build_from_spec, network_spec, run_distillation, save_distill_checkpoint
+from sida_core.training_loop import build_distiller, build_from_spec, network_spec, save_distill_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP_KW = {"hidden": 32, "enc_layers": 1, "dec_layers": 1, "emb_channels": 16}
@@ -435,56 +435,64 @@ def test_sid2a_initialises_generator_from_checkpoint_ema_and_psi_from_teacher(te
     assert st["stage"] == "sida" and "loss_adv_theta" in st
 
 
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+def test_sida_distill_host_end_to_end_rotation_resume_and_afresh(tmp_path):
+    """The single-process host of the shared cadence (pipelines.distill) writes the run folder `sida train` writes."""
+    from pipelines.distill import run_distill, run_store_of
 
-
-def test_run_distillation_end_to_end_and_resume(tmp_path):
     cfg = tiny_cfg()
-    run = tmp_path / "run"
+    store = run_store_of(cfg, str(tmp_path / "run"))
     logs: list[str] = []
     scored = []
-    out = run_distillation(cfg, run, progress=False, log=logs.append,
-                           evaluate=lambda G, n: scored.append(n) or {"nimg": n})
-    assert out["kimg"] == 0.512
-    assert json.loads((run / "config.json").read_text()) == cfg.model_dump(mode="json")
-    names = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert names == ["ckpt-000000000256", "ckpt-000000000512"]
-    assert out["checkpoint"] == str(run / "checkpoints" / "ckpt-000000000512")
+    out = run_distill(cfg, store, progress=False, log=logs.append,
+                      on_checkpoint=lambda name, d: scored.append((name, d.cur_nimg)))
+    assert out["kimg"] == 0.512 and out["run_dir"] == store.uri == str(tmp_path / "run")
+    assert store.read_config() == cfg.model_dump(mode="json")
+    assert store.checkpoint_names() == ["ckpt-000000000256", "ckpt-000000000512"]
+    assert out["checkpoint"] == str(tmp_path / "run" / "ckpt-000000000512")
+    assert scored == [("ckpt-000000000256", 256), ("ckpt-000000000512", 512)]
     state, manifest = ckpt.load_checkpoint(out["checkpoint"])
     assert (manifest["kind"], manifest["cur_nimg"], manifest["step"], manifest["method"]) == ("distill", 512, 16, "sida")
-    assert manifest["config"] == cfg.model_dump(mode="json")
+    assert manifest["config"] == cfg.model_dump(mode="json") and manifest["run"] == "run"
     G = build_from_spec(manifest["network"])
     G.load_state_dict(state["generator_ema"])  # the checkpoint rebuilds the generator
     assert states_equal(snap(G), snap(out["generator_ema"]))
-    rows = _rows(run / "metrics.jsonl")
+    rows = store.read_metrics().to_pylist()
     assert [r["kimg"] for r in rows] == [0.128, 0.256, 0.384, 0.512]
-    assert [r["stage"] for r in rows] == ["sid", "sida", "sida", "sida"]
+    assert [r["stage"] for r in rows] == ["sid", "sida", "sida", "sida"] and {r["num_workers"] for r in rows} == {1}
     assert all(math.isfinite(r["loss_psi"]) and math.isfinite(r["loss_G"]) for r in rows)
-    assert scored == [256, 512] and len(_rows(run / "scores.jsonl")) == 2
-    assert Path(out["teacher"]).is_dir() and ckpt.verify_checkpoint(out["teacher"])["kind"] == "teacher"
+    assert ckpt.verify_checkpoint(out["teacher"])["kind"] == "teacher"
+    assert store.read_status()["state"] == "finished" and store.read_status()["kimg"] == 0.512
 
-    # resume: same run folder, longer run -> continues from kimg 0.512, nothing repeated
-    cfg2 = tiny_cfg(total_kimg=1.024)
+    # resume: same run folder, longer run -> continues from kimg 0.512, nothing repeated; keep-last-3 rotation
+    cfg2 = tiny_cfg(total_kimg=1.024, keep_checkpoints=3)
     logs.clear()
-    out2 = run_distillation(cfg2, run, progress=False, log=logs.append)
+    out2 = run_distill(cfg2, store, progress=False, log=logs.append)
     assert any(m.startswith("teacher: reusing") for m in logs)
-    assert any("resumed from" in m and "ckpt-000000000512" in m and "kimg 0.5" in m for m in logs)
+    assert any("resumed from" in m and "ckpt-000000000512" in m and "kimg 0.512" in m for m in logs)
+    assert any("rotated away ckpt-000000000256" in m for m in logs)
     assert out2["kimg"] == 1.024
-    rows = _rows(run / "metrics.jsonl")
+    rows = store.read_metrics().to_pylist()
     assert [r["kimg"] for r in rows] == [0.128, 0.256, 0.384, 0.512, 0.64, 0.768, 0.896, 1.024]
     assert [r["step"] for r in rows] == [4, 8, 12, 16, 20, 24, 28, 32]
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "ckpt-000000000256", "ckpt-000000000512", "ckpt-000000000768", "ckpt-000000001024"]
+    assert store.checkpoint_names() == ["ckpt-000000000512", "ckpt-000000000768", "ckpt-000000001024"]
+    assert [(e["kind"], e["cur_nimg"]) for e in store.events()] == [
+        ("start", 0), ("finished", 512), ("resume", 512), ("finished", 1024)]
     resumed_state, _ = ckpt.load_checkpoint(out2["checkpoint"])
 
     # an uninterrupted run to the same length ends bit-identically
-    straight = run_distillation(cfg2, tmp_path / "straight", progress=False, log=lambda m: None)
+    straight = run_distill(cfg2, run_store_of(cfg2, str(tmp_path / "straight")), progress=False, log=lambda m: None)
     straight_state, _ = ckpt.load_checkpoint(straight["checkpoint"])
     assert states_equal(resumed_state, straight_state)
 
     # calling a finished run again does no work and reports its checkpoint
-    out3 = run_distillation(cfg2, run, progress=False, log=lambda m: None)
+    out3 = run_distill(cfg2, store, progress=False, log=lambda m: None)
     assert out3["kimg"] == 1.024 and out3["checkpoint"] == out2["checkpoint"]
-    assert len(_rows(run / "metrics.jsonl")) == 8
-    assert len(list((run / "checkpoints").iterdir())) == 4
+    assert store.read_metrics().num_rows == 8 and len(store.checkpoint_names()) == 3
+
+    # starting afresh (--no-resume) clears the old outputs and ends where the straight run did
+    out4 = run_distill(cfg2, store, resume=False, progress=False, log=logs.append)
+    assert any("afresh" in m for m in logs)
+    assert [e["kind"] for e in store.events()] == ["start", "finished"]
+    assert states_equal(ckpt.load_checkpoint(out4["checkpoint"])[0], straight_state)
+    assert store.read_metrics().num_rows == 8
+

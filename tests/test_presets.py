@@ -213,14 +213,15 @@ def test_preset_starts_from_its_published_teacher_format(preset, ray_local, refe
 
 def check_in_process(config: Path, sets: list[str], tmp_path: Path, spec: dict) -> None:
     """The preset through the single-process engine: import the teacher, two steps, one checkpoint."""
+    from pipelines.distill import run_distill, run_store_of
     from sida_core import checkpoint as ckpt
-    from sida_core.training_loop import run_distillation
 
     cfg = load_run_config(config, [*sets, "metric.enabled=false"])
-    out = run_distillation(cfg, tmp_path / "run", progress=False, log=lambda m: None)
+    store = run_store_of(cfg, str(tmp_path / "run"))
+    out = run_distill(cfg, store, progress=False, log=lambda m: None)
     state, manifest = ckpt.load_checkpoint(out["checkpoint"])
     assert Path(out["checkpoint"]).name == "ckpt-000000000004" and manifest["network"]["kwargs"] == spec["kwargs"]
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = store.read_metrics().to_pylist()
     assert [r["stage"] for r in rows] == ["sid", "sida"] and all(r["G_updated"] == 1.0 for r in rows), rows
     teacher = ckpt.load_checkpoint(Path(out["teacher"]))[1]
     assert teacher["imported"]["class_name"] in ("EDMPrecond", "Precond") and not (tmp_path / "EXECUTED").exists()

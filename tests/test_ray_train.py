@@ -109,6 +109,41 @@ def test_two_workers_equal_one_process_with_accumulation(method, ray_cluster, tm
     assert moved > 1e-4
 
 
+def test_sida_distill_and_sida_train_write_the_same_rows_and_checkpoints(ray_cluster, tmp_path):
+    """One loop, two hosts: for one worker and one config, `sida distill` (no Ray) and `sida train` (Ray Train,
+    DDP of one) write metric rows at the same kimg with the same losses, and checkpoints with the same weights."""
+    from pipelines.distill import run_distill, run_store_of
+    from sida_core.determinism import cpu_threads
+
+    uri = str(tmp_path / "runs")
+    sets = TINY + [f"storage.uri={uri}", "total_kimg=0.096", "checkpoint_every_kimg=0.064"]
+    out = run_train(str(CONFIG), sets, workers=1, name="ray", log=lambda m: None)
+    assert out["status"] == "finished"
+    ray_store = RunStore(Storage(uri).child("ray"))
+    cfg = load_run_config(CONFIG, sets + ["scaling.num_workers=1"])
+    with cpu_threads(1):  # the Ray worker's thread count (scaling.cpus_per_worker=1): same kernels, same sums
+        local = run_distill(cfg, run_store_of(cfg, f"{uri}/local"), progress=False, log=lambda m: None)
+    local_store = RunStore(Storage(uri).child("local"))
+
+    ray_rows, local_rows = ray_store.read_metrics().to_pylist(), local_store.read_metrics().to_pylist()
+    assert [r["cur_nimg"] for r in ray_rows] == [r["cur_nimg"] for r in local_rows] == [32, 64, 96]
+    for a, b in zip(ray_rows, local_rows):
+        assert (a["step"], a["stage"], a["num_workers"]) == (b["step"], b["stage"], b["num_workers"])
+        for k in ("loss_psi", "loss_G", "loss_sid", "loss_adv_theta", "loss_adv_psi", "d_real", "d_fake"):
+            assert (a[k] is None) == (b[k] is None) and (a[k] is None or a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7)), k
+    assert ray_store.checkpoint_names() == local_store.checkpoint_names() == ["ckpt-000000000064", "ckpt-000000000096"]
+    for name in ray_store.checkpoint_names():
+        (sa, ma), (sb, mb) = ray_store.load_checkpoint(name), local_store.load_checkpoint(name)
+        assert {k: ma[k] for k in ("kind", "cur_nimg", "step", "method", "network")} == \
+               {k: mb[k] for k in ("kind", "cur_nimg", "step", "method", "network")}
+        for key in ("generator", "generator_ema", "fake_score"):
+            for pname, ref in sb[key].items():
+                torch.testing.assert_close(sa[key][pname], ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}.{pname}: {m}")
+    assert [e["kind"] for e in ray_store.events()] == [e["kind"] for e in local_store.events()] == ["start", "finished"]
+    assert ray_store.read_status()["state"] == local_store.read_status()["state"] == "finished"
+    assert local["checkpoint"] == local_store.storage.uri_of("ckpt-000000000096")
+
+
 def _pause_when(bucket, key_prefix: str, seconds: float | None, started: dict) -> None:
     """Background: once an object under ``key_prefix`` exists, SIGSTOP the S3 server for ``seconds``
     (None: until the test resumes it)."""

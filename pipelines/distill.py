@@ -1,0 +1,133 @@
+"""``sida distill``: one distillation in this process, no Ray: the debugging host of the shared cadence.
+
+It runs the loop the Ray worker runs (:func:`sida_core.loop.cadence` over the same :class:`Distiller`) and
+writes the same run folder (:class:`ray_jobs.run_store.RunStore`, local or ``s3://``): ``config.json``, the
+teacher, ``ckpt-*`` checkpoints rotated to ``keep_checkpoints``, Parquet metric rows keyed by images seen,
+events and ``status.json``. So ``sida leaderboard`` / ``report`` / ``evaluate`` / ``export`` read it like a
+``sida train`` run, and the two hosts give the same rows and checkpoints for one config (tests/test_ray_train.py).
+With ``score`` each checkpoint is scored in this process, synchronously, into the run's leaderboard, and the
+best one pinned (``sida train`` does this asynchronously in scorer actors).
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+# What a run folder holds besides config.json and the teacher: cleared by ``resume=False`` ("start afresh").
+TRAINING_OUTPUTS = ("metrics", "leaderboard", "pinned", "pins", "scoring", "events", "status.json")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_store_of(cfg, run_dir: Optional[str] = None):
+    """The RunStore of ``run_dir`` (a folder or ``s3://`` URI), else of ``storage.uri / name``; credentials and
+    endpoint from ``cfg.storage``."""
+    from ray_jobs.run_store import RunStore
+    from ray_jobs.storage import Storage
+
+    if run_dir is None:
+        return RunStore(Storage.from_config(cfg.storage).child(cfg.name))
+    parent, _, name = str(run_dir).rstrip("/").rpartition("/")
+    storage_cfg = cfg.storage.model_copy(update={"uri": parent or "."})
+    return RunStore(Storage.from_config(storage_cfg).child(name))
+
+
+def run_distill(cfg, store, *, resume: bool = True, progress: bool = True, log: Callable[[str], None] = _log,
+                score: bool = False, on_checkpoint: Optional[Callable[[str, object], None]] = None,
+                train_set=None, device=None) -> dict:
+    """Run ``cfg`` to ``total_kimg`` in this process into the run folder ``store``; returns a summary.
+
+    Resumes from the newest checkpoint that verifies unless ``resume`` is False (then the run's checkpoints,
+    rows and events are deleted first). ``on_checkpoint(name, distiller)`` is called after each checkpoint is
+    committed. ``train_set``: the real images already loaded (else staged and loaded from ``cfg.data``).
+    Raises ``NonFiniteError`` after recording the divergence in the run's status.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from ray_jobs.datasets import load_run_dataset
+    from ray_jobs.train import STATE_DIVERGED, STATE_FINISHED, public_config
+    from sida_core.distill import NonFiniteError
+    from sida_core.loop import cadence, kimg_to_nimg
+    from sida_core.training_loop import build_distiller, get_teacher, load_network, resolve_device, save_distill_checkpoint
+
+    t0 = time.time()
+    device = resolve_device(cfg.device) if device is None else torch.device(device)
+    if train_set is None:
+        train_set, _ = load_run_dataset(cfg, log)
+    bars = (lambda total, desc: tqdm(total=total, desc=desc, unit="img", unit_scale=True, leave=False)) if progress else None
+    _, teacher_path = get_teacher(cfg, train_set, torch.device("cpu"), log, bars)
+    if not resume and store.checkpoint_names():
+        log(f"starting {store.uri} afresh: deleting its checkpoints {', '.join(store.checkpoint_names())}")
+        for name in [*store.checkpoint_names(), *TRAINING_OUTPUTS]:
+            store.storage.delete(name)
+    store.ensure_teacher(Path(teacher_path))
+    if cfg.method == "sid2a":
+        store.ensure_init_generator(cfg.init_generator)
+    store.write_config(public_config(cfg))
+
+    scorer = previous_best = None
+    if score and cfg.metric.enabled:
+        from ray_jobs.scoring import CheckpointScorer, check_reference
+
+        check_reference(cfg)
+        scorer = CheckpointScorer(threads=torch.get_num_threads())
+        previous_best = min((r for r in store.read_rows() if r["kind"] == "live" and r["metric"] == cfg.metric.name),
+                            key=lambda r: r["value"], default=None)
+
+    with tempfile.TemporaryDirectory(prefix="sida-distill-") as scratch:
+        # f_phi (hence theta and psi) from the run folder's own copy, exactly as the Ray workers do
+        teacher, manifest = load_network(store.fetch_checkpoint("teacher", Path(scratch)), "net", device)
+        spec = manifest["network"]
+        init = store.fetch_checkpoint("init_generator", Path(scratch)) if cfg.method == "sid2a" else None
+        distiller = build_distiller(cfg, teacher, train_set, device, init_generator=init)
+    loaded = store.load_latest_valid(map_location=device) if resume else None
+    last = None
+    if loaded is not None:
+        state, _, last = loaded
+        distiller.load_state_dict(state)
+        log(f"resumed from {store.storage.uri_of(last)} at kimg {distiller.cur_nimg / 1000:.3f}")
+    store.record_start(cur_nimg=distiller.cur_nimg, workers=1, checkpoint=last)
+
+    bar = tqdm(total=kimg_to_nimg(cfg.total_kimg), initial=distiller.cur_nimg, desc=cfg.method, unit="img",
+               unit_scale=True, disable=not progress)
+    try:
+        for tick in cadence(distiller, total_kimg=cfg.total_kimg, log_every_kimg=cfg.log_every_kimg,
+                            checkpoint_every_kimg=cfg.checkpoint_every_kimg, num_workers=1):
+            for line in tick.notes:
+                log(line)
+            bar.update(tick.images)
+            if tick.row is not None:
+                store.append_metrics(tick.row)
+                bar.set_postfix(stage=tick.stats["stage"], loss_psi=f"{tick.stats.get('loss_psi', 0):.3g}",
+                                loss_G=f"{tick.stats.get('loss_G', 0):.3g}")
+            if not tick.checkpoint:
+                continue
+            with tempfile.TemporaryDirectory(prefix="sida-ckpt-") as tmp:
+                path = save_distill_checkpoint(distiller, Path(tmp), cfg, spec, config=public_config(cfg), run=store.name)
+                last = path.name
+                store.upload_checkpoint(path, last)
+            for gone in store.rotate_checkpoints(cfg.keep_checkpoints):
+                log(f"rotated away {gone} (keep_checkpoints={cfg.keep_checkpoints})")
+            if scorer is not None:
+                row = scorer.score(store.storage, last)
+                log(f"kimg {row['kimg']:.3f}: {row['metric']} {row['value']:.4f}")
+                if cfg.metric.pin_best and (previous_best is None or row["value"] < previous_best["value"]):
+                    store.pin_best(row, previous_best)
+                    previous_best = row
+            if on_checkpoint is not None:
+                on_checkpoint(last, distiller)
+    except NonFiniteError as exc:
+        store.record_end(STATE_DIVERGED, cur_nimg=distiller.cur_nimg, reason=str(exc))
+        raise
+    finally:
+        bar.close()
+    store.record_end(STATE_FINISHED, cur_nimg=distiller.cur_nimg)
+    return {"run_dir": store.uri, "checkpoint": store.storage.uri_of(last) if last else None,
+            "kimg": distiller.cur_nimg / 1000, "teacher": store.storage.uri_of("teacher"),
+            "seconds": time.time() - t0, "generator_ema": distiller.G_ema}
