@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 from sida_core.distill import Distiller, StepHyper, init_networks  # noqa: E402
+from sida_core.methods import get_method  # noqa: E402
 from sida_core.networks import build_denoiser, count_parameters  # noqa: E402
 from sida_core.performance import Performance, graph_breaks  # noqa: E402
 
@@ -224,7 +225,12 @@ def hyper(method: str, a, perf: Performance | None = None) -> StepHyper:
                      sigma_init=2.5, t_max=800.0, p_mean=-1.2, p_std=1.2, fake_score_only_kimg=0.0, sid_until_kimg=0.0,
                      lr_psi=1e-5, lr_theta=1e-5, betas=(0.0, 0.999), eps=1e-8 if a.precision == "fp32" else 1e-6,
                      total_batch=a.batch, per_worker=a.per_worker, ema_mimg=0.5, ema_rampup=0.05,
-                     precision=a.precision, seed=a.seed, psi_grad_clip=1.0 if method == "sida" else None)
+                     precision=a.precision, seed=a.seed, psi_grad_clip=1.0 if adversarial(method) else None)
+
+
+def adversarial(method: str) -> bool:
+    """The method's psi step also trains the discriminator on real images (then the real branch is timed too)."""
+    return get_method(method).adversarial_psi
 
 
 def sync(device: torch.device) -> None:
@@ -236,7 +242,7 @@ def measure(method: str, a, teacher, real, real_labels, device, meter) -> dict:
     G, psi = init_networks(teacher)
     meter.start()
     d = Distiller(hyper(method, a), copy.deepcopy(teacher), G.to(device), psi.to(device),
-                  real if method == "sida" else None, real_labels if method == "sida" else None, device=device)
+                  *((real, real_labels) if adversarial(method) else (None, None)), device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fp16 loss-scale back-offs in the first steps
         for _ in range(a.warmup):
@@ -250,7 +256,7 @@ def measure(method: str, a, teacher, real, real_labels, device, meter) -> dict:
             times.append(time.perf_counter() - t0)
             g_updates += int(st.get("G_updated", 0))
     mem = meter.stop()
-    expected = "sid" if method == "sid" else "sida"
+    expected = get_method(method).final_stage.value
     assert st["stage"] == expected, f"{method}: ran in stage {st['stage']!r}, expected {expected!r}"
     total = sum(times)
     out = {"stage": st["stage"], "images_per_s": a.batch * a.steps / total, "sec_per_step_mean": total / a.steps,
@@ -287,7 +293,7 @@ def matrix(a, teacher, real, real_labels, device) -> dict:
 def key_of(a, combo: dict, method: str) -> str:
     """The options of ``combo`` as run for ``method`` (SiD has no real branch: no single psi forward)."""
     flags = {**{o: combo.get(o, False) for o in MATRIX_OPTIONS},
-             **({"single_psi_forward": False} if method == "sid" else {})}
+             **({} if adversarial(method) else {"single_psi_forward": False})}
     return performance(a, **flags).describe()
 
 
@@ -295,14 +301,14 @@ def build(runs: dict, combos: list[dict], a, teacher, real, real_labels, device)
     for combo in combos:
         for method in ("sid", "sida"):
             flags = {**{o: combo.get(o, False) for o in MATRIX_OPTIONS},
-                     **({"single_psi_forward": False} if method == "sid" else {})}
+                     **({} if adversarial(method) else {"single_psi_forward": False})}
             perf = performance(a, **flags)
             key = perf.describe()
             if (key, method) in runs:
                 continue
             G, psi = init_networks(teacher)
             d = Distiller(hyper(method, a, perf), copy.deepcopy(teacher), G.to(device), psi.to(device),
-                          real if method == "sida" else None, real_labels if method == "sida" else None, device=device)
+                          *((real, real_labels) if adversarial(method) else (None, None)), device=device)
             breaks0, t0 = graph_breaks(), time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

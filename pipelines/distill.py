@@ -54,6 +54,7 @@ def run_distill(cfg, store, *, resume: bool = True, progress: bool = True, log: 
     from ray_jobs.train import STATE_DIVERGED, STATE_FINISHED, public_config
     from sida_core.distill import NonFiniteError
     from sida_core.loop import cadence, kimg_to_nimg
+    from sida_core.methods import get_method
     from sida_core.training_loop import build_distiller, get_teacher, load_network, resolve_device, save_distill_checkpoint
 
     t0 = time.time()
@@ -67,7 +68,8 @@ def run_distill(cfg, store, *, resume: bool = True, progress: bool = True, log: 
         for name in [*store.checkpoint_names(), *TRAINING_OUTPUTS]:
             store.storage.delete(name)
     store.ensure_teacher(Path(teacher_path))
-    if cfg.method == "sid2a":
+    starts_from_generator = get_method(cfg.method).starts_from_generator
+    if starts_from_generator:
         store.ensure_init_generator(cfg.init_generator)
     store.write_config(public_config(cfg))
 
@@ -84,7 +86,7 @@ def run_distill(cfg, store, *, resume: bool = True, progress: bool = True, log: 
         # f_phi (hence theta and psi) from the run folder's own copy, exactly as the Ray workers do
         teacher, manifest = load_network(store.fetch_checkpoint("teacher", Path(scratch)), "net", device)
         spec = manifest["network"]
-        init = store.fetch_checkpoint("init_generator", Path(scratch)) if cfg.method == "sid2a" else None
+        init = store.fetch_checkpoint("init_generator", Path(scratch)) if starts_from_generator else None
         distiller = build_distiller(cfg, teacher, train_set, device, init_generator=init)
     loaded = store.load_latest_valid(map_location=device) if resume else None
     last = None

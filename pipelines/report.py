@@ -21,7 +21,14 @@ from typing import Callable, Optional
 
 from schemas.loader import ConfigError
 
-METHOD_NAMES = {"sid": "SiD", "sida": "SiDA", "sid2a": "SiD²A"}
+def method_display(name: Optional[str]) -> str:
+    """A method as papers write it (SiD²A), from the registry; unknown names as they are."""
+    from sida_core.methods import get_method
+
+    try:
+        return get_method(name).display
+    except ValueError:
+        return name or ""
 
 
 def _log(msg: str) -> None:
@@ -117,12 +124,12 @@ def run_report(uri: str, out: str, *, endpoint_url: Optional[str] = None, upload
     if kind == "pipeline":
         offsets = {}
         for t in trials:
-            lineage = t["store"].lineage() if t["method"] == "sid2a" else None
+            lineage = t["store"].lineage()  # only runs that start from a generator have one
             if lineage and lineage.get("kimg") is not None:
                 offsets[t["uri"]] = float(lineage["kimg"])
         plots["methods.png"] = plot_curves(
             rows, out_dir / "methods.png", kimg_offset=offsets,
-            label=lambda r: f"{METHOD_NAMES.get(r['method'], r['method'])} alpha={r['alpha']:g} "
+            label=lambda r: f"{method_display(r['method'])} alpha={r['alpha']:g} "
                             f"({by_uri[r['run_uri']]['stage']})",
             title="SiD vs SiDA vs SiD²A (SiD²A drawn after the SiD kimg its generator started from)")
 
@@ -138,12 +145,12 @@ def run_report(uri: str, out: str, *, endpoint_url: Optional[str] = None, upload
         md += ["## Stages", "", "| stage | method | from | chosen checkpoint | score | content hash |", "|---|---|---|---|---|---|"]
         for name, st in pipeline["stages"].items():
             best = st.get("best") or {}
-            md.append(f"| {name} | {METHOD_NAMES.get(st.get('method'), st.get('method') or '')} | "
+            md.append(f"| {name} | {method_display(st.get('method'))} | "
                       f"{st.get('init_from') or 'teacher'} | `{best.get('uri', '—')}` | "
                       f"{best.get('value', float('nan')):.4f} | `{str(best.get('checkpoint_hash', ''))[:16]}` |")
         md += ["", "SiD²A lineage (each run's `lineage.json`: the checkpoint theta started from):", ""]
         for t in trials:
-            lineage = t["store"].lineage() if t["method"] == "sid2a" else None
+            lineage = t["store"].lineage()  # only runs that start from a generator have one
             if lineage:
                 md.append(f"- `{t['label']}` ← `{lineage['uri']}` (hash `{lineage['content_hash'][:16]}`, "
                           f"{lineage.get('kimg')} kimg)")
@@ -156,7 +163,7 @@ def run_report(uri: str, out: str, *, endpoint_url: Optional[str] = None, upload
         name = (t["stage"] + "/" if t["stage"] else "") + t["name"].rsplit("/", 1)[-1]
         axes = ", ".join(f"{k}={_fmt(v)}" for k, v in t["axes"].items())
         best = ("", "", "") if b is None else (f"{b['value']:.4f}", f"{b['kimg']:g}", f"`{b['checkpoint']}`")
-        md.append(f"| {name} | {METHOD_NAMES.get(t['method'], t['method'])} | {axes} | {best[0]} | {best[1]} | "
+        md.append(f"| {name} | {method_display(t['method'])} | {axes} | {best[0]} | {best[1]} | "
                   f"{best[2]} | {t['scored']} | {state.replace('|', chr(92) + '|')} |")
     md += ["", "## Plots", ""]
     captions = {"fd_vs_kimg.png": f"{metric_label} vs kimg, one curve per trial (the paper's Figure 2 for an alpha grid)",

@@ -48,6 +48,7 @@ def prepare_trials(plans, exp_root, *, lineage: Optional[dict] = None, log: Call
     from ray_jobs.train import public_config
     from ray_jobs.tune import TERMINAL
     from ray_jobs.datasets import load_run_dataset
+    from sida_core.methods import get_method
     from sida_core.training_loop import get_teacher
 
     teachers: dict[str, Any] = {}
@@ -62,7 +63,7 @@ def prepare_trials(plans, exp_root, *, lineage: Optional[dict] = None, log: Call
                 train_set, _ = load_run_dataset(cfg, log)
                 teachers[key] = get_teacher(cfg, train_set, torch.device("cpu"), log)[1]
             store.ensure_teacher(teachers[key])
-            if cfg.method == "sid2a":
+            if get_method(cfg.method).starts_from_generator:
                 store.ensure_init_generator(cfg.init_generator, lineage=lineage)
             store.write_config(public_config(cfg))
         out.append({"name": plan.name, "axes": plan.axes, "run": public_config(cfg)})

@@ -63,6 +63,7 @@ def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, wo
     from ray_jobs.storage import StorageError
     from ray_jobs.train import build_trainer, public_config, root_cause
     from ray_jobs.datasets import load_run_dataset
+    from sida_core.methods import get_method
     from sida_core.training_loop import get_teacher
 
     t0 = time.time()
@@ -78,7 +79,7 @@ def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, wo
         train_set, _ = load_run_dataset(cfg, log)
         _, teacher_path = get_teacher(cfg, train_set, torch.device("cpu"), log)
         store.ensure_teacher(teacher_path)
-    if cfg.method == "sid2a":  # the workers read theta's start from the run folder (local or S3), verified
+    if get_method(cfg.method).starts_from_generator:  # the workers read theta's start from the run folder, verified
         store.ensure_init_generator(cfg.init_generator)
     store.write_config(public_config(cfg))
     log(f"run {store.uri}: {cfg.method}, {cfg.scaling.num_workers} worker(s) x {cfg.batch.per_worker} images x "

@@ -69,6 +69,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from ray_jobs.datasets import load_run_dataset
     from sida_core.distill import NonFiniteError
     from sida_core.loop import cadence, kimg_to_nimg
+    from sida_core.methods import get_method
     from sida_core.training_loop import build_distiller, load_network, save_distill_checkpoint
 
     torch.set_num_threads(int(config.get("threads", 1)))
@@ -82,7 +83,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory(prefix="sida-teacher-") as scratch:
         teacher, teacher_manifest = load_network(store.fetch_checkpoint("teacher", Path(scratch)), "net", device)
         # SiD²A: theta starts from the run's own verified copy of the SiD generator (see RunStore.ensure_init_generator)
-        init = store.fetch_checkpoint("init_generator", Path(scratch)) if cfg.method == "sid2a" else None
+        init = (store.fetch_checkpoint("init_generator", Path(scratch))
+                if get_method(cfg.method).starts_from_generator else None)
         spec = teacher_manifest["network"]  # G_theta and f_psi are copies of f_phi (imported teachers bring theirs)
         distiller = build_distiller(cfg, teacher, train_set, device, rank=rank, world_size=world, init_generator=init,
                                     wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))

@@ -10,7 +10,9 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, SecretStr, field_validator, model_validator
 
-Method = Literal["sid", "sida", "sid2a"]
+from sida_core.methods import get_method, method_names
+
+Method = Literal[method_names()]  # the registered methods (sida_core/methods/): the registry is the only list
 Precision = Literal["fp32", "fp16", "bf16"]
 
 
@@ -291,10 +293,13 @@ class RunConfig(Strict):
         if self.batch.total % per_step:
             raise ValueError(f"batch.total ({self.batch.total}) must be divisible by batch.per_worker x "
                              f"scaling.num_workers ({self.batch.per_worker} x {self.scaling.num_workers} = {per_step})")
-        if self.method == "sid2a" and not self.init_generator:
-            raise ValueError("init_generator is required for method 'sid2a' (SiD²A starts from a SiD generator checkpoint)")
-        if self.method != "sid2a" and self.init_generator:
-            raise ValueError(f"init_generator is only used by method 'sid2a', not {self.method!r}")
+        method = get_method(self.method)
+        if method.starts_from_generator and not self.init_generator:
+            raise ValueError(f"init_generator is required for method {method.name!r} ({method.display} starts from a "
+                             f"SiD generator checkpoint)")
+        if not method.starts_from_generator and self.init_generator:
+            users = " / ".join(repr(n) for n in method_names() if get_method(n).starts_from_generator)
+            raise ValueError(f"init_generator is only used by method {users}, not {self.method!r}")
         if self.teacher.path is None and self.data.kind != "digits":
             raise ValueError("teacher.path is required unless data.kind is 'digits' (the built-in teacher)")
         latent = self.data.channels == 4
@@ -319,4 +324,4 @@ class RunConfig(Strict):
     def psi_grad_clip(self) -> Optional[float]:
         if self.optimizer.grad_clip_value is not None:
             return self.optimizer.grad_clip_value
-        return 1.0 if self.method in ("sida", "sid2a") else None
+        return 1.0 if get_method(self.method).adversarial_psi else None

@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional, Sequence
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from schemas.run import Method, RunConfig, Strict
+from sida_core.methods import get_method, method_names
 
 ALIASES: dict[str, tuple[str, ...]] = {
     "alpha": ("loss.alpha",),
@@ -239,9 +240,13 @@ class PipelineConfig(Strict):
                 where = "a later stage" if st.init_from in [s.name for s in self.stages] else "no stage"
                 raise ValueError(f"stages[{i}] ({st.name}).init_from: {st.init_from!r} is {where}; expected one of "
                                  f"the stages before it: {', '.join(seen) or 'none'}")
-            if (st.method == "sid2a") != (st.init_from is not None):
-                raise ValueError(f"stages[{i}] ({st.name}): method 'sid2a' and init_from go together (SiD²A starts "
-                                 f"from an earlier stage's best generator)")
+            method = get_method(st.method)
+            if method.starts_from_generator != (st.init_from is not None):
+                raise ValueError(f"stages[{i}] ({st.name}): method {method.name!r} and init_from go together "
+                                 f"({method.display} starts from an earlier stage's best generator)"
+                                 if method.starts_from_generator else
+                                 f"stages[{i}] ({st.name}).init_from: method {method.name!r} starts from the teacher; "
+                                 f"init_from is for a method that starts from a SiD generator")
             seen.append(st.name)
         return self
 
@@ -304,7 +309,7 @@ def plan_trials(search: SearchConfig, base: dict, *, source: str, storage_uri: s
         data["name"] = name
         data.setdefault("storage", {})
         data["storage"]["uri"] = storage_uri
-        if data.get("method") == "sid2a":
+        if data.get("method") in method_names() and get_method(data["method"]).starts_from_generator:
             data["init_generator"] = init_generator or "pending: the best checkpoint of an earlier stage"
         try:
             cfg = RunConfig.model_validate(data)

@@ -29,8 +29,8 @@ from torch import nn
 from torch.profiler import record_function
 
 from sida_core.data import EpochOrder
-from sida_core.losses import (FakeScoreLoss, GeneratorLoss, Stage, check_logvar_head, generate, generator_weights,
-                              stage_at, uses_adversarial_psi)
+from sida_core.losses import FakeScoreLoss, GeneratorLoss, check_logvar_head, generate, generator_weights
+from sida_core.methods import Stage, get_method
 from sida_core.networks.edm2 import force_weight_norm_
 from sida_core.performance import (Performance, adam, check_single_forward, compile_networks, graph_breaks,
                                    prepare_network, set_tf32, to_memory_format)
@@ -133,7 +133,8 @@ class Distiller:
         self.betas = (float(h.betas[0]), float(h.betas[1]))
         self.device = torch.device(device)
         self.rounds = h.total_batch // (h.per_worker * world_size)
-        self.use_adv = uses_adversarial_psi(h.method)
+        self.method = get_method(h.method)
+        self.use_adv = self.method.adversarial_psi
         if self.use_adv and real_images is None:
             raise ValueError(f"method {h.method!r} needs real images for the discriminator")
         self.real_images = real_images
@@ -186,7 +187,7 @@ class Distiller:
 
     # ------------------------------------------------------------------ helpers
     def stage(self) -> Stage:
-        return stage_at(self.cur_nimg, self.h.method, self.h.fake_score_only_kimg, self.h.sid_until_kimg)
+        return self.method.stage_at(self.cur_nimg, self.h.fake_score_only_kimg, self.h.sid_until_kimg)
 
     def _autocast(self):
         if self.amp_dtype is None:

@@ -9,7 +9,6 @@ Networks are EDM-preconditioned denoisers ``net(x, sigma, labels, return_flag=..
 """
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 import torch
@@ -17,37 +16,7 @@ from torch.nn import functional as F
 from torch.profiler import record_function
 
 from sida_core import edm
-
-
-class Stage(str, enum.Enum):
-    """The three training stages of SiDA (paper appendix A; Algorithm 1 lines 10-12)."""
-
-    FAKE_SCORE = "fake_score"  # only psi is trained
-    SID = "sid"                # psi + theta with the SiD generator loss (eq. 6)
-    SIDA = "sida"              # psi + theta with the SiDA generator loss (eq. 8)
-
-
-METHODS = ("sid", "sida", "sid2a")
-
-
-def stage_at(cur_nimg: int, method: str, fake_score_only_kimg: float, sid_until_kimg: float) -> Stage:
-    """The one place where stage boundaries are decided, from images seen so far (counted globally).
-
-    ``cur_nimg < fake_score_only_kimg*1000``: FAKE_SCORE; then SID until ``sid_until_kimg*1000``; then SIDA for
-    methods ``sida``/``sid2a``. Method ``sid`` stays in SID for good.
-    """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if cur_nimg < fake_score_only_kimg * 1000:
-        return Stage.FAKE_SCORE
-    if method == "sid" or cur_nimg < sid_until_kimg * 1000:
-        return Stage.SID
-    return Stage.SIDA
-
-
-def uses_adversarial_psi(method: str) -> bool:
-    """psi is trained with the discriminator term (eq. 9) throughout for SiDA and SiD²A, never for SiD."""
-    return method in ("sida", "sid2a")
+from sida_core.methods.base import Stage
 
 
 def generator_weights(stage: Stage) -> tuple[float, float]:

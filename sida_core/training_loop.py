@@ -23,6 +23,7 @@ from sida_core.determinism import cpu_threads
 from sida_core.distill import Distiller, hyper_from_config, init_networks
 from sida_core.performance import prepare_network
 from sida_core.importer import ImportError_, build_network, cached_import, is_importable
+from sida_core.methods import get_method
 from sida_core.teacher import train_teacher
 
 
@@ -156,7 +157,7 @@ def build_distiller(cfg, teacher: nn.Module, train_set: ImageDataset, device, *,
     (the Ray path passes the run's own fetched copy; ``cfg.init_generator`` may then be a remote URI).
     """
     sid_generator = None
-    if cfg.method == "sid2a":
+    if get_method(cfg.method).starts_from_generator:
         sid_generator, _ = load_network(init_generator or cfg.init_generator, "generator_ema", device)
     generator, fake_score = init_networks(teacher, sid_generator, use_logvar=cfg.loss.fake_score_logvar)
     generator, fake_score = generator.to(device), fake_score.to(device)

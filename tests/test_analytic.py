@@ -12,7 +12,7 @@ Data come from a Gaussian mixture over 1x8x8 "images", whose exact denoiser E[x0
 
 Generator and fake-score net are EDMPrecond(MLPNet) (encoder/decoder split; the discriminator logit is the
 encoder's channel mean), trained through the project's own loss code (FakeScoreLoss, GeneratorLoss, generate,
-stage_at, generator_weights) with Adam, in the step order of SPEC.md: psi step, then theta step. The
+Method.stage_at, generator_weights) with Adam, in the step order of SPEC.md: psi step, then theta step. The
 thresholds were measured over several seeds (numbers in the comments at each assertion).
 """
 from __future__ import annotations
@@ -28,8 +28,8 @@ import pytest
 import torch
 
 from sida_core.analytic import ExactDenoiser, GaussianMixture
-from sida_core.losses import (EDMLoss, FakeScoreLoss, GeneratorLoss, Stage, generate, generator_weights, stage_at,
-                              uses_adversarial_psi)
+from sida_core.losses import EDMLoss, FakeScoreLoss, GeneratorLoss, Stage, generate, generator_weights
+from sida_core.methods import get_method
 from sida_core.metrics.frechet import frechet_distance
 from sida_core.networks import build_denoiser
 
@@ -215,7 +215,7 @@ def distill(method: str, teacher_mix: GaussianMixture, true_mix: GaussianMixture
     ema = copy.deepcopy(gen).requires_grad_(False)
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_g, betas=(0.0, 0.999), eps=1e-8)
     opt_f = torch.optim.Adam(fake.parameters(), lr=cfg.lr_f, betas=(0.0, 0.999), eps=1e-8)
-    adv = uses_adversarial_psi(method)
+    adv = get_method(method).adversarial_psi
     fake_loss = FakeScoreLoss(lambda_adv_psi=cfg.lambda_adv_psi, use_adv=adv)
     gen_loss = GeneratorLoss(alpha=cfg.alpha, lambda_sid=cfg.lambda_sid, lambda_adv_theta=cfg.lambda_adv_theta)
     z_eval = torch.randn(cfg.eval_samples, *SHAPE, generator=torch.Generator().manual_seed(12345))
@@ -225,7 +225,7 @@ def distill(method: str, teacher_mix: GaussianMixture, true_mix: GaussianMixture
     logs: dict[str, list[float]] = {}
     cur_nimg = 0
     for it in range(1, iters + 1):
-        stage = stage_at(cur_nimg, method, cfg.fake_score_only_kimg, cfg.sid_until_kimg)
+        stage = get_method(method).stage_at(cur_nimg, cfg.fake_score_only_kimg, cfg.sid_until_kimg)
         # psi step: fakes under no_grad; SiDA adds a real batch sharing the noise (inside FakeScoreLoss)
         with torch.no_grad():
             x_g = generate(gen, torch.randn(b, *SHAPE, generator=g), None, SIGMA_INIT)

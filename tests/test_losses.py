@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from sida_core import losses
 from sida_core.losses import EDMLoss, FakeScoreLoss, GeneratorLoss, Stage
+from sida_core.methods import get_method
 
 B, C, H, W = 4, 2, 4, 4
 CHW = C * H * W
@@ -483,9 +484,13 @@ def test_generate_is_denoiser_at_sigma_init():
 # --------------------------------------------------------------------------------------------------
 # stages and weights
 # --------------------------------------------------------------------------------------------------
+def stage_at(n: int, method: str, fake_score_only_kimg: float, sid_until_kimg: float) -> Stage:
+    return get_method(method).stage_at(n, fake_score_only_kimg, sid_until_kimg)
+
+
 @pytest.mark.parametrize("method", ["sida", "sid2a"])
 def test_stage_boundaries_sida(method):
-    f = lambda n: losses.stage_at(n, method, 100, 200)  # noqa: E731
+    f = lambda n: stage_at(n, method, 100, 200)  # noqa: E731
     assert f(0) is Stage.FAKE_SCORE
     assert f(99_999) is Stage.FAKE_SCORE
     assert f(100_000) is Stage.SID
@@ -495,7 +500,7 @@ def test_stage_boundaries_sida(method):
 
 
 def test_stage_sid_never_adversarial():
-    f = lambda n: losses.stage_at(n, "sid", 100, 200)  # noqa: E731
+    f = lambda n: stage_at(n, "sid", 100, 200)  # noqa: E731
     assert f(99_999) is Stage.FAKE_SCORE
     assert f(100_000) is Stage.SID
     assert f(200_000) is Stage.SID
@@ -503,19 +508,19 @@ def test_stage_sid_never_adversarial():
 
 
 def test_stage_custom_boundaries():
-    assert losses.stage_at(0, "sida", 0, 0) is Stage.SIDA
-    assert losses.stage_at(0, "sida", 0, 10) is Stage.SID
-    assert losses.stage_at(49_999, "sida", 50, 60) is Stage.FAKE_SCORE
-    assert losses.stage_at(50_000, "sida", 50, 60) is Stage.SID
-    assert losses.stage_at(60_000, "sida", 50, 60) is Stage.SIDA
-    assert losses.stage_at(1_499, "sid2a", 1.5, 2.5) is Stage.FAKE_SCORE
-    assert losses.stage_at(1_500, "sid2a", 1.5, 2.5) is Stage.SID
-    assert losses.stage_at(2_500, "sid2a", 1.5, 2.5) is Stage.SIDA
+    assert stage_at(0, "sida", 0, 0) is Stage.SIDA
+    assert stage_at(0, "sida", 0, 10) is Stage.SID
+    assert stage_at(49_999, "sida", 50, 60) is Stage.FAKE_SCORE
+    assert stage_at(50_000, "sida", 50, 60) is Stage.SID
+    assert stage_at(60_000, "sida", 50, 60) is Stage.SIDA
+    assert stage_at(1_499, "sid2a", 1.5, 2.5) is Stage.FAKE_SCORE
+    assert stage_at(1_500, "sid2a", 1.5, 2.5) is Stage.SID
+    assert stage_at(2_500, "sid2a", 1.5, 2.5) is Stage.SIDA
 
 
 def test_sid2a_same_as_sida():
     for n in [0, 50_000, 99_999, 100_000, 150_000, 199_999, 200_000, 5_000_000]:
-        assert losses.stage_at(n, "sid2a", 100, 200) is losses.stage_at(n, "sida", 100, 200)
+        assert stage_at(n, "sid2a", 100, 200) is stage_at(n, "sida", 100, 200)
 
 
 def test_generator_weights():
@@ -524,13 +529,13 @@ def test_generator_weights():
     assert losses.generator_weights(Stage.SIDA) == (0.5, 0.5)
 
 
-def test_uses_adversarial_psi():
-    assert losses.uses_adversarial_psi("sida") is True
-    assert losses.uses_adversarial_psi("sid2a") is True
-    assert losses.uses_adversarial_psi("sid") is False
+def test_adversarial_psi_per_method():
+    assert get_method("sida").adversarial_psi is True
+    assert get_method("sid2a").adversarial_psi is True
+    assert get_method("sid").adversarial_psi is False
 
 
-@pytest.mark.parametrize("bad", ["SiDA", "gan", "", "dmd"])
+@pytest.mark.parametrize("bad", ["SiDA", "gan", "", "dmd", None])
 def test_unknown_method_raises(bad):
-    with pytest.raises(ValueError):
-        losses.stage_at(0, bad, 100, 200)
+    with pytest.raises(ValueError, match="method must be one of 'sid', 'sida', 'sid2a'"):
+        get_method(bad)

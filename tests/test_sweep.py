@@ -204,6 +204,8 @@ def test_sid2a_starts_from_the_best_sid_checkpoint(staged):
     ([{"name": "b", "method": "sid2a", "init_from": "sid"}, {"name": "sid", "method": "sid"}],
      ["init_from: 'sid' is a later stage"]),
     ([{"name": "sid", "method": "sid"}, {"name": "b", "method": "sid2a"}], ["method 'sid2a' and init_from go together"]),
+    ([{"name": "sid", "method": "sid"}, {"name": "b", "method": "sida", "init_from": "sid"}],
+     ["stages[1] (b).init_from: method 'sida' starts from the teacher"]),
     ([{"name": "sid", "method": "sid"}, {"name": "sid", "method": "sida"}], ["'sid' is used twice"]),
     ([{"name": "sid", "method": "sid", "axes": {"alpha": []}}], ["stages.0.axes.alpha: empty grid"]),
     ([], ["stages: give at least one stage"]),
