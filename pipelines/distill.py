@@ -51,10 +51,10 @@ def run_distill(cfg, store, *, resume: bool = True, progress: bool = True, log: 
     from tqdm.auto import tqdm
 
     from ray_jobs.datasets import load_run_dataset
-    from ray_jobs.train import STATE_DIVERGED, STATE_FINISHED, public_config
+    from ray_jobs.run_store import RunState
+    from ray_jobs.train import public_config
     from sida_core.distill import NonFiniteError
     from sida_core.loop import cadence, kimg_to_nimg
-    from sida_core.methods import get_method
     from sida_core.training_loop import build_distiller, get_teacher, load_network, resolve_device, save_distill_checkpoint
 
     t0 = time.time()
@@ -67,11 +67,7 @@ def run_distill(cfg, store, *, resume: bool = True, progress: bool = True, log: 
         log(f"starting {store.uri} afresh: deleting its checkpoints {', '.join(store.checkpoint_names())}")
         for name in [*store.checkpoint_names(), *TRAINING_OUTPUTS]:
             store.storage.delete(name)
-    store.ensure_teacher(Path(teacher_path))
-    starts_from_generator = get_method(cfg.method).starts_from_generator
-    if starts_from_generator:
-        store.ensure_init_generator(cfg.init_generator)
-    store.write_config(public_config(cfg))
+    store.prepare(public_config(cfg), teacher_path, init_generator=cfg.init_generator)  # (SiD²A only, by the schema)
 
     scorer = previous_best = None
     if score and cfg.metric.enabled:
@@ -79,14 +75,13 @@ def run_distill(cfg, store, *, resume: bool = True, progress: bool = True, log: 
 
         check_reference(cfg)
         scorer = CheckpointScorer(threads=torch.get_num_threads())
-        previous_best = min((r for r in store.read_rows() if r["kind"] == "live" and r["metric"] == cfg.metric.name),
-                            key=lambda r: r["value"], default=None)
+        previous_best = store.best_live_row(cfg.metric.name)
 
     with tempfile.TemporaryDirectory(prefix="sida-distill-") as scratch:
         # f_phi (hence theta and psi) from the run folder's own copy, exactly as the Ray workers do
         teacher, manifest = load_network(store.fetch_checkpoint("teacher", Path(scratch)), "net", device)
         spec = manifest["network"]
-        init = store.fetch_checkpoint("init_generator", Path(scratch)) if starts_from_generator else None
+        init = store.fetch_checkpoint("init_generator", Path(scratch)) if cfg.init_generator else None
         distiller = build_distiller(cfg, teacher, train_set, device, init_generator=init)
     loaded = store.load_latest_valid(map_location=device) if resume else None
     last = None
@@ -125,11 +120,11 @@ def run_distill(cfg, store, *, resume: bool = True, progress: bool = True, log: 
             if on_checkpoint is not None:
                 on_checkpoint(last, distiller)
     except NonFiniteError as exc:
-        store.record_end(STATE_DIVERGED, cur_nimg=distiller.cur_nimg, reason=str(exc))
+        store.record_end(RunState.DIVERGED, cur_nimg=distiller.cur_nimg, reason=str(exc))
         raise
     finally:
         bar.close()
-    store.record_end(STATE_FINISHED, cur_nimg=distiller.cur_nimg)
+    store.record_end(RunState.FINISHED, cur_nimg=distiller.cur_nimg)
     return {"run_dir": store.uri, "checkpoint": store.storage.uri_of(last) if last else None,
             "kimg": distiller.cur_nimg / 1000, "teacher": store.storage.uri_of("teacher"),
             "seconds": time.time() - t0, "generator_ema": distiller.G_ema}

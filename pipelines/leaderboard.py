@@ -169,10 +169,10 @@ def open_run(run_uri: str, endpoint_url: Optional[str] = None):
 def best_live_row(store, rows: Optional[list[dict]] = None, hint: str = "--checkpoint") -> dict:
     """The run's best checkpoint: its live leaderboard row of lowest value (the scorers pin that checkpoint).
     ``rows``: the run's rows if already read; ``hint``: the option to name when there are no scores yet."""
-    live = [r for r in (store.read_rows() if rows is None else rows) if r["kind"] == "live"]
-    if not live:
+    best = store.best_live_row(rows=rows)
+    if best is None:
         raise ConfigError(f"{store.uri}: no scored checkpoint yet; wait for the scorers or give {hint}")
-    return min(live, key=lambda r: r["value"])
+    return best
 
 
 def checkpoint_source(store, name: str) -> str:

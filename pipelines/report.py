@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from ray_jobs.run_store import RunState
 from schemas.loader import ConfigError
+
 
 def method_display(name: Optional[str]) -> str:
     """A method as papers write it (SiD²A), from the registry; unknown names as they are."""
@@ -77,7 +79,7 @@ def plot_best(trials: list[dict], path: Path, metric_label: str) -> Path:
         raise ConfigError("nothing to plot yet: no scored checkpoint")
     fig, ax = plt.subplots(figsize=(6, 0.35 * len(shown) + 1.2), dpi=120)
     for i, t in enumerate(shown):
-        bad = t["state"] in ("stopped", "diverged", "failed")
+        bad = t["state"] in (RunState.STOPPED, RunState.DIVERGED, RunState.FAILED)
         ax.barh(i, t["best"]["value"], color="tab:red" if bad else "tab:blue", hatch="//" if bad else None, alpha=0.8)
         ax.text(t["best"]["value"], i, f" {t['best']['value']:.3g}", va="center", fontsize=7)
     ax.set_yticks(range(len(shown)), [t["label"] for t in shown], fontsize=7)
@@ -109,7 +111,7 @@ def run_report(uri: str, out: str, *, endpoint_url: Optional[str] = None, upload
     for t in trials:
         live = [r for r in rows_by_run[t["uri"]] if r["kind"] == "live" and math.isfinite(r["value"])]
         t["scored"] = len(live)
-        t["best"] = min(live, key=lambda r: r["value"], default=None)
+        t["best"] = t["store"].best_live_row(rows=live)
         t["method"] = t["best"]["method"] if t["best"] else t["store"].read_config().get("method")
         axes = ", ".join(f"{k}={_fmt(v)}" for k, v in t["axes"].items()) or t["name"]
         t["label"] = (f"{t['stage']}: " if t["stage"] else "") + axes

@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
+from ray_jobs.run_store import TERMINAL_STATES, RunState
 from schemas.loader import ConfigError
 
 
@@ -46,9 +47,7 @@ def prepare_trials(plans, exp_root, *, lineage: Optional[dict] = None, log: Call
 
     from ray_jobs.run_store import RunStore
     from ray_jobs.train import public_config
-    from ray_jobs.tune import TERMINAL
     from ray_jobs.datasets import load_run_dataset
-    from sida_core.methods import get_method
     from sida_core.training_loop import get_teacher
 
     teachers: dict[str, Any] = {}
@@ -57,15 +56,12 @@ def prepare_trials(plans, exp_root, *, lineage: Optional[dict] = None, log: Call
         cfg = plan.cfg
         store = RunStore(exp_root.child(plan.name))
         status = store.read_status() if store.exists() else None
-        if not (status and status.get("state") in TERMINAL):
+        if not (status and status.get("state") in TERMINAL_STATES):
             key = json.dumps([cfg.teacher.model_dump(mode="json"), cfg.data.model_dump(mode="json")], sort_keys=True)
             if key not in teachers:
                 train_set, _ = load_run_dataset(cfg, log)
                 teachers[key] = get_teacher(cfg, train_set, torch.device("cpu"), log)[1]
-            store.ensure_teacher(teachers[key])
-            if get_method(cfg.method).starts_from_generator:
-                store.ensure_init_generator(cfg.init_generator, lineage=lineage)
-            store.write_config(public_config(cfg))
+            store.prepare(public_config(cfg), teachers[key], init_generator=cfg.init_generator, lineage=lineage)
         out.append({"name": plan.name, "axes": plan.axes, "run": public_config(cfg)})
     return out
 
@@ -79,7 +75,7 @@ def trial_outcomes(plans, exp_root) -> list[dict]:
         store = RunStore(exp_root.child(plan.name))
         status = store.read_status() or {}
         rows = [r for r in store.read_rows() if r["kind"] == "live"] if store.exists() else []
-        best = min(rows, key=lambda r: r["value"], default=None)
+        best = store.best_live_row(rows=rows)
         out.append({"name": plan.name, "run_uri": store.uri, "axes": plan.axes, "state": status.get("state", "unknown"),
                     "reason": status.get("reason"), "kimg": status.get("kimg"), "scored": len(rows),
                     "best": None if best is None else {k: best[k] for k in ("checkpoint", "kimg", "metric", "value",
@@ -99,8 +95,8 @@ def run_experiment(plans, search, exp_root, *, trial_cpus: float, lineage: Optio
     score_leftovers(plans, exp_root, log)
     outcomes = trial_outcomes(plans, exp_root)
     for o in outcomes:
-        if o["name"] in tuned["errors"] and o["state"] not in ("finished", "diverged", "stopped"):
-            o.update(state="failed", reason=o["reason"] or tuned["errors"][o["name"]])
+        if o["name"] in tuned["errors"] and o["state"] not in TERMINAL_STATES:
+            o.update(state=RunState.FAILED.value, reason=o["reason"] or tuned["errors"][o["name"]])
     return outcomes
 
 
@@ -114,7 +110,7 @@ def score_leftovers(plans, exp_root, log: Callable[[str], None] = _log) -> None:
         m = plan.cfg.metric
         store = RunStore(exp_root.child(plan.name))
         status = store.read_status() or {}
-        if status.get("state") != "stopped" or not m.enabled:
+        if status.get("state") != RunState.STOPPED or not m.enabled:
             continue
         coord = ScoringCoordinator(store, make_scorers(m, n=1), m, trial=plan.name, poll_s=0.5,
                                    log=lambda s, n=plan.name: log(f"[{n}] {s}"))

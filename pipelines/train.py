@@ -63,7 +63,6 @@ def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, wo
     from ray_jobs.storage import StorageError
     from ray_jobs.train import build_trainer, public_config, root_cause
     from ray_jobs.datasets import load_run_dataset
-    from sida_core.methods import get_method
     from sida_core.training_loop import get_teacher
 
     t0 = time.time()
@@ -78,10 +77,10 @@ def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, wo
     if not resumed or not store.storage.exists("teacher/manifest.json"):
         train_set, _ = load_run_dataset(cfg, log)
         _, teacher_path = get_teacher(cfg, train_set, torch.device("cpu"), log)
-        store.ensure_teacher(teacher_path)
-    if get_method(cfg.method).starts_from_generator:  # the workers read theta's start from the run folder, verified
-        store.ensure_init_generator(cfg.init_generator)
-    store.write_config(public_config(cfg))
+    else:
+        teacher_path = None  # a resumed run keeps its own copy
+    # the workers read f_phi and theta's start (SiD²A; the schema allows init_generator only there) from the run folder
+    store.prepare(public_config(cfg), teacher_path, init_generator=cfg.init_generator)
     log(f"run {store.uri}: {cfg.method}, {cfg.scaling.num_workers} worker(s) x {cfg.batch.per_worker} images x "
         f"{cfg.rounds} round(s) = batch {cfg.batch.total}, to {cfg.total_kimg} kimg")
 

@@ -26,6 +26,8 @@ restart from a checkpoint rewrites the same key, so rows are neither duplicated 
 """
 from __future__ import annotations
 
+import enum
+import math
 import tempfile
 import time
 import warnings
@@ -44,6 +46,23 @@ METRIC_COLUMNS: dict[str, pa.DataType] = {
     "G_updated": pa.float64(), "images_per_s": pa.float64(), "num_workers": pa.int64(), "time": pa.float64(),
 }
 METRIC_SCHEMA = pa.schema(list(METRIC_COLUMNS.items()))
+
+
+class RunState(str, enum.Enum):
+    """How a run ended (``status.json``'s ``state``); a run without a status is still training (or was killed)."""
+
+    FINISHED = "finished"  # reached total_kimg
+    DIVERGED = "diverged"  # a non-finite loss or gradient (deterministic: resuming would diverge again)
+    STOPPED = "stopped"    # ended early by a sweep's divergence stopper
+    FAILED = "failed"      # its Tune trial failed after Ray's retries
+
+    @property
+    def terminal(self) -> bool:
+        """A sweep does not run it again (a failed trial may be retried)."""
+        return self is not RunState.FAILED
+
+
+TERMINAL_STATES = tuple(s.value for s in RunState if s.terminal)
 
 
 class RunStore:
@@ -83,6 +102,22 @@ class RunStore:
         lineage = self.lineage()
         self.log_event("resume" if checkpoint else "start", cur_nimg=cur_nimg, workers=workers, checkpoint=checkpoint,
                        init_generator_hash=lineage["content_hash"] if lineage else None)
+
+    def prepare(self, config: dict, teacher: Optional[Path], *, init_generator: Optional[str] = None,
+                lineage: Optional[dict] = None) -> None:
+        """Make the folder a run: its teacher copy (``teacher``: a local checkpoint folder; None keeps the run's
+        own), SiD²A's verified starting generator (``init_generator``: a local or ``s3://`` checkpoint,
+        ``lineage``: extra provenance), then ``config.json`` (the secrets already masked). All hosts call this."""
+        if teacher is not None:
+            self.ensure_teacher(Path(teacher))
+        if init_generator:
+            self.ensure_init_generator(init_generator, lineage=lineage)
+        self.write_config(config)
+
+    def state(self) -> Optional[str]:
+        """``status.json``'s state (a :class:`RunState` value), or None while there is none."""
+        status = self.read_status()
+        return status.get("state") if status else None
 
     def record_end(self, state: str, *, cur_nimg: int, **info) -> None:
         """How training ended (``finished`` / ``diverged`` with its ``reason``): ``status.json`` and the event."""
@@ -214,6 +249,13 @@ class RunStore:
         table = self.storage.read_parquet_dir("leaderboard")
         rows = [] if table is None else table.to_pylist()
         return sorted(rows, key=lambda r: (r["cur_nimg"], r["kind"], r["seed"]))
+
+    def best_live_row(self, metric: Optional[str] = None, rows: Optional[list[dict]] = None) -> Optional[dict]:
+        """The run's best checkpoint so far: its live leaderboard row of lowest finite value (of ``metric`` if
+        given), or None. ``rows``: the run's rows if already read. The one definition of "best" everything uses."""
+        live = [r for r in (self.read_rows() if rows is None else rows)
+                if r["kind"] == "live" and (metric is None or r["metric"] == metric) and math.isfinite(r["value"])]
+        return min(live, key=lambda r: r["value"], default=None)
 
     def record_skip(self, name: str, reason: str) -> None:
         self.storage.write_json(f"scoring/skipped/{name}.json", {"checkpoint": name, "reason": reason, "time": time.time()})

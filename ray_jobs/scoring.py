@@ -206,8 +206,7 @@ class ScoringCoordinator:
         self._thread: Optional[threading.Thread] = None
 
     def _best_row(self) -> Optional[dict]:
-        rows = [r for r in self.store.read_rows() if r["kind"] == "live" and r["metric"] == self.metric.name]
-        return min(rows, key=lambda r: r["value"], default=None)
+        return self.store.best_live_row(self.metric.name)
 
     # ------------------------------------------------------------------ one round
     def poll(self) -> None:

@@ -22,10 +22,9 @@ from typing import Any, Optional
 
 import torch
 
-from ray_jobs.run_store import RunStore
+from ray_jobs.run_store import RunState, RunStore
 from ray_jobs.storage import Storage
 
-STATE_FINISHED, STATE_DIVERGED = "finished", "diverged"
 
 
 def public_config(cfg) -> dict:
@@ -69,7 +68,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from ray_jobs.datasets import load_run_dataset
     from sida_core.distill import NonFiniteError
     from sida_core.loop import cadence, kimg_to_nimg
-    from sida_core.methods import get_method
     from sida_core.training_loop import build_distiller, load_network, save_distill_checkpoint
 
     torch.set_num_threads(int(config.get("threads", 1)))
@@ -83,8 +81,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory(prefix="sida-teacher-") as scratch:
         teacher, teacher_manifest = load_network(store.fetch_checkpoint("teacher", Path(scratch)), "net", device)
         # SiD²A: theta starts from the run's own verified copy of the SiD generator (see RunStore.ensure_init_generator)
-        init = (store.fetch_checkpoint("init_generator", Path(scratch))
-                if get_method(cfg.method).starts_from_generator else None)
+        init = store.fetch_checkpoint("init_generator", Path(scratch)) if cfg.init_generator else None
         spec = teacher_manifest["network"]  # G_theta and f_psi are copies of f_phi (imported teachers bring theirs)
         distiller = build_distiller(cfg, teacher, train_set, device, rank=rank, world_size=world, init_generator=init,
                                     wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
@@ -114,7 +111,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tick = next(ticks, None)
         except NonFiniteError as exc:  # deterministic: a restart would diverge again, so end the run cleanly
             if rank == 0:
-                store.record_end(STATE_DIVERGED, cur_nimg=distiller.cur_nimg, reason=str(exc))
+                store.record_end(RunState.DIVERGED, cur_nimg=distiller.cur_nimg, reason=str(exc))
             ray.train.report({"diverged": 1.0, "kimg": distiller.cur_nimg / 1000, "reason": str(exc),
                               **(scores.fields() if scores else {})})
             return
@@ -144,7 +141,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if bar is not None:
         bar.close()
     if rank == 0:
-        store.record_end(STATE_FINISHED, cur_nimg=distiller.cur_nimg)
+        store.record_end(RunState.FINISHED, cur_nimg=distiller.cur_nimg)
 
 
 def build_trainer(cfg, run_name: str, storage: Storage, *, threads: Optional[int] = None, callbacks: Optional[list] = None):

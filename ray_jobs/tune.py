@@ -23,11 +23,9 @@ from typing import Any, Callable, Optional
 
 from ray.tune.stopper import Stopper
 
-from ray_jobs.run_store import RunStore
+from ray_jobs.run_store import TERMINAL_STATES, RunState, RunStore
 from ray_jobs.storage import Storage
 
-TERMINAL = ("finished", "diverged", "stopped")
-STATE_STOPPED, STATE_FAILED = "stopped", "failed"
 
 
 def _log(msg: str) -> None:
@@ -38,7 +36,7 @@ def final_metrics(store: RunStore, cfg) -> dict:
     """The trial's last report, from storage: its state and best live score (after the scorers' drain)."""
     status = store.read_status() or {}
     rows = [r for r in store.read_rows() if r["kind"] == "live" and r["metric"] == cfg.metric.name]
-    best = min(rows, key=lambda r: r["value"], default=None)
+    best = store.best_live_row(cfg.metric.name, rows)
     newest = max(rows, key=lambda r: r["cur_nimg"], default=None)
     out = {"run": store.name, "final": 1.0, "state": status.get("state", "unknown"), "kimg": float(status.get("kimg") or 0.0),
            "fid_metric": cfg.metric.name, "best_fid": best["value"] if best else float("inf")}
@@ -67,7 +65,7 @@ def trial_main(config: dict[str, Any]) -> None:
     root = Storage.from_config(cfg.storage)
     store = RunStore(root.child(trial["name"]))
     status = store.read_status()
-    if status and status.get("state") in TERMINAL:
+    if status and status.get("state") in TERMINAL_STATES:
         tune.report(final_metrics(store, cfg))
         return
     m = cfg.metric
@@ -82,10 +80,10 @@ def trial_main(config: dict[str, Any]) -> None:
     except Exception as exc:
         from ray_jobs.train import root_cause
 
-        if (store.read_status() or {}).get("state") not in TERMINAL:  # stopped by the stopper: Tune ending the
+        if (store.read_status() or {}).get("state") not in TERMINAL_STATES:  # stopped by the stopper: Tune ending the
             reason = root_cause(exc)                                  # trial is what breaks fit(); keep its reason
-            store.write_status(STATE_FAILED, reason=reason)
-            store.log_event(STATE_FAILED, reason=reason)
+            store.write_status(RunState.FAILED, reason=reason)
+            store.log_event(RunState.FAILED, reason=reason)
         raise
     finally:
         if scoring is not None:
@@ -153,8 +151,8 @@ class DivergenceStopper(Stopper):
         self.reasons[name] = reason
         store = RunStore(self.root.child(name))
         if not result.get("diverged"):  # the Ray Train loop records its own NaN/Inf end
-            store.write_status(STATE_STOPPED, reason=reason, kimg=result.get("kimg"), by="divergence stopper")
-            store.log_event(STATE_STOPPED, reason=reason, kimg=result.get("kimg"))
+            store.write_status(RunState.STOPPED, reason=reason, kimg=result.get("kimg"), by="divergence stopper")
+            store.log_event(RunState.STOPPED, reason=reason, kimg=result.get("kimg"))
         _log(f"[{name}] stopped: {reason}")
         return True
 

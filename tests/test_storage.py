@@ -238,3 +238,23 @@ def test_outage_write_gives_up_and_never_leaves_a_partial_object(s3_bucket: S3Bu
     time.sleep(0.5)  # let the resumed server drain what was queued
     if "runs/x/metrics/part-1.parquet" in _keys(s3_bucket):
         assert _get(s3_bucket, "runs/x/metrics/part-1.parquet") == payload
+
+
+def test_the_run_store_owns_best_and_end_states(tmp_path):
+    """One definition of a run's best checkpoint (lowest finite live value, of one metric if asked) and its end."""
+    from ray_jobs.run_store import TERMINAL_STATES, RunState, RunStore
+
+    store = RunStore(Storage(str(tmp_path)).child("r"))
+    row = lambda name, value, kind="live", metric="fd_digits": {"checkpoint": name, "value": value, "kind": kind,  # noqa: E731
+                                                                 "metric": metric}
+    rows = [row("a", 3.0), row("b", float("nan")), row("c", 1.0, kind="eval"), row("d", 0.5, metric="fid_inception"),
+            row("e", 2.0)]
+    assert store.best_live_row(rows=rows)["checkpoint"] == "d"
+    assert store.best_live_row("fd_digits", rows)["checkpoint"] == "e"
+    assert store.best_live_row("fd_digits", [row("b", float("nan"))]) is None and store.best_live_row(rows=[]) is None
+    assert store.best_live_row() is None  # nothing scored in storage yet
+    assert TERMINAL_STATES == ("finished", "diverged", "stopped") and not RunState.FAILED.terminal
+    assert store.state() is None
+    store.record_end(RunState.DIVERGED, cur_nimg=2048, reason="non-finite loss")
+    assert store.state() == "diverged" and store.read_status()["kimg"] == 2.048
+    assert [(e["kind"], e["reason"]) for e in store.events()] == [("diverged", "non-finite loss")]
