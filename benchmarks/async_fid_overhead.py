@@ -57,8 +57,8 @@ def log(msg: str) -> None:
 
 
 def measure(a, base, scoring: bool, runs_dir: Path) -> dict:
-    from ray_jobs.run_store import RunStore
-    from ray_jobs.storage import Storage
+    from store.run_store import RunStore
+    from store.storage import Storage
 
     base.overrides = [f"checkpoint_every_kimg={ray_overhead.kimg_value(int(a.checkpoint_every_kimg * 1000))}",
                       f"keep_checkpoints={10 ** 6}", f"metric.enabled={str(scoring).lower()}",

@@ -152,8 +152,8 @@ def measure_plain(a, cfg, train_set, teacher) -> tuple[dict, object]:
 # --------------------------------------------------------------------------------------------- Ray loop
 def measure_ray(a, n: int, runs_dir: Path) -> dict:
     from pipelines.train import run_train
-    from ray_jobs.run_store import RunStore
-    from ray_jobs.storage import Storage
+    from store.run_store import RunStore
+    from store.storage import Storage
 
     import ray
 
@@ -233,8 +233,8 @@ def time_uploads(store, src: Path, base_nimg: int, repeats: int) -> list[float]:
 
 
 def measure_checkpoints(a, cfg, train_set, distiller, scratch: Path) -> dict:
-    from ray_jobs.run_store import RunStore
-    from ray_jobs.storage import Storage
+    from store.run_store import RunStore
+    from store.storage import Storage
     from ray_jobs.train import public_config
     from sida_core import checkpoint as ckpt
     from sida_core.training_loop import network_spec

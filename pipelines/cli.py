@@ -25,8 +25,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipelines.pipeline import PipelineError
     from pipelines.train import TrainingError
     from ray_jobs.jobs import JobError
-    from ray_jobs.reference import ReferenceStatsError
-    from ray_jobs.storage import StorageError
+    from store.reference import ReferenceStatsError
+    from store.storage import StorageError
     from sida_core.metrics.inception import InceptionWeightsError
     from sida_core.metrics.reference import ReferenceMismatch
     from sida_core.vae import VAEError

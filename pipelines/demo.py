@@ -88,8 +88,8 @@ def run_demo(config: Optional[str] = None, overrides: Sequence[str] = (), out_di
     from pipelines.images import save_grid
     from pipelines.leaderboard import plot_curves, run_evaluate
     from pipelines.train import run_train
-    from ray_jobs.run_store import RunStore
-    from ray_jobs.storage import Storage
+    from store.run_store import RunStore
+    from store.storage import Storage
     from schemas.loader import ConfigError, load_run_config
     from sida_core.data import load_dataset
     from sida_core.determinism import cpu_threads

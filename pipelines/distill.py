@@ -1,7 +1,7 @@
 """``sida distill``: one distillation in this process, no Ray: the debugging host of the shared cadence.
 
 It runs the loop the Ray worker runs (:func:`sida_core.loop.cadence` over the same :class:`Distiller`) and
-writes the same run folder (:class:`ray_jobs.run_store.RunStore`, local or ``s3://``): ``config.json``, the
+writes the same run folder (:class:`store.run_store.RunStore`, local or ``s3://``): ``config.json``, the
 teacher, ``ckpt-*`` checkpoints rotated to ``keep_checkpoints``, Parquet metric rows keyed by images seen,
 events and ``status.json``. So ``sida leaderboard`` / ``report`` / ``evaluate`` / ``export`` read it like a
 ``sida train`` run, and the two hosts give the same rows and checkpoints for one config (tests/test_ray_train.py).
@@ -27,8 +27,8 @@ def _log(msg: str) -> None:
 def run_store_of(cfg, run_dir: Optional[str] = None):
     """The RunStore of ``run_dir`` (a folder or ``s3://`` URI), else of ``storage.uri / name``; credentials and
     endpoint from ``cfg.storage``."""
-    from ray_jobs.run_store import RunStore
-    from ray_jobs.storage import Storage
+    from store.run_store import RunStore
+    from store.storage import Storage
 
     if run_dir is None:
         return RunStore(Storage.from_config(cfg.storage).child(cfg.name))
@@ -51,7 +51,7 @@ def run_distill(cfg, store, *, resume: bool = True, progress: bool = True, log: 
     from tqdm.auto import tqdm
 
     from ray_jobs.datasets import load_run_dataset
-    from ray_jobs.run_store import RunState
+    from store.run_store import RunState
     from ray_jobs.train import public_config
     from sida_core.distill import NonFiniteError
     from sida_core.loop import cadence, kimg_to_nimg

@@ -1,5 +1,5 @@
 """``sida fid-stats``: reference statistics of a dataset (digits train split or a path), stored with their
-manifest through ``ray_jobs.reference`` (layout, writer and ``read_reference`` live there, next to storage).
+manifest through ``store.reference`` (layout, writer and ``read_reference`` live there, next to storage).
 """
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ray_jobs.reference import ReferenceStatsError, read_reference, write_reference
+from store.reference import ReferenceStatsError, read_reference, write_reference
 
 __all__ = ["ReferenceStatsError", "infer_kind", "load_reference_images", "read_reference", "run_fid_stats",
            "write_reference"]
@@ -92,7 +92,7 @@ def run_fid_stats(dataset: str, out: str, *, metric: Optional[str] = None, kind:
     """Compute and store the reference statistics of ``dataset``; returns a one-line JSON-able summary."""
     import torch
 
-    from ray_jobs.storage import Storage
+    from store.storage import Storage
     from sida_core.metrics import feature_space
     from sida_core.metrics.reference import compute_reference
 

@@ -23,8 +23,8 @@ def _log(msg: str) -> None:
 
 def find_runs(uri: str, endpoint_url: Optional[str] = None) -> list:
     """RunStores of every run at or below ``uri`` (depth <= MAX_DEPTH), sorted by URI."""
-    from ray_jobs.run_store import RunStore
-    from ray_jobs.storage import Storage
+    from store.run_store import RunStore
+    from store.storage import Storage
 
     def walk(storage, depth):
         store = RunStore(storage)
@@ -153,8 +153,8 @@ def plot_curves(rows: list[dict], path: Path, title: str = "", hlines: Optional[
 
 def open_run(run_uri: str, endpoint_url: Optional[str] = None):
     """The RunStore of the run folder ``run_uri``; ConfigError (one line) if it is not one."""
-    from ray_jobs.run_store import RunStore
-    from ray_jobs.storage import Storage
+    from store.run_store import RunStore
+    from store.storage import Storage
 
     try:
         store = RunStore(Storage(run_uri, endpoint_url=endpoint_url))

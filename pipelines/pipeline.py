@@ -37,8 +37,8 @@ def run_pipeline(path: str, overrides: Sequence[str] = (), *, stop_after: Option
                  address: Optional[str] = None, log: Callable[[str], None] = _log) -> dict:
     """Run (or continue) the pipeline in ``path``; ``stop_after``: end after this stage (it is recorded done)."""
     from pipelines.sweep import best_of, connect_for, run_experiment, storage_root
-    from ray_jobs.run_store import RunStore
-    from ray_jobs.storage import Storage
+    from store.run_store import RunStore
+    from store.storage import Storage
     from schemas.sweep import load_pipeline, parse_overrides, plan_trials
 
     t0 = time.time()

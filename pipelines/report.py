@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from ray_jobs.run_store import RunState
+from store.run_store import RunState
 from schemas.loader import ConfigError
 
 
@@ -43,7 +43,7 @@ def _fmt(v) -> str:
 
 def _trials(storage, runs) -> tuple[str, list[dict], dict]:
     """(kind, one dict per run: stage, name, axes, state, reason, store; pipeline state or {})."""
-    from ray_jobs.run_store import RunStore  # noqa: F401
+    from store.run_store import RunStore  # noqa: F401
 
     kind, axes, stages, pipeline = "runs", {}, {}, {}
     if storage.exists("pipeline.json"):
@@ -97,7 +97,7 @@ def run_report(uri: str, out: str, *, endpoint_url: Optional[str] = None, upload
                log: Callable[[str], None] = _log) -> dict:
     """Write ``report.md`` and the plots for the runs at or below ``uri`` into ``out`` (and ``uri/report/``)."""
     from pipelines.leaderboard import find_runs, plot_curves
-    from ray_jobs.storage import Storage
+    from store.storage import Storage
 
     storage = Storage(uri, endpoint_url=endpoint_url)
     runs = [s for s in find_runs(uri, endpoint_url) if "/tune/" not in s.uri]

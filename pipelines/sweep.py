@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
-from ray_jobs.run_store import TERMINAL_STATES, RunState
+from store.run_store import TERMINAL_STATES, RunState
 from schemas.loader import ConfigError
 
 
@@ -29,7 +29,7 @@ def _log(msg: str) -> None:
 
 def storage_root(base: dict, layers: Sequence[dict[str, Any]]):
     """The Storage of the base config's ``storage`` section after the dotted overrides in ``layers``."""
-    from ray_jobs.storage import Storage
+    from store.storage import Storage
     from schemas.sweep import storage_config
 
     return Storage.from_config(storage_config(base, layers))
@@ -45,7 +45,7 @@ def prepare_trials(plans, exp_root, *, lineage: Optional[dict] = None, log: Call
     """
     import torch
 
-    from ray_jobs.run_store import RunStore
+    from store.run_store import RunStore
     from ray_jobs.train import public_config
     from ray_jobs.datasets import load_run_dataset
     from sida_core.training_loop import get_teacher
@@ -68,7 +68,7 @@ def prepare_trials(plans, exp_root, *, lineage: Optional[dict] = None, log: Call
 
 def trial_outcomes(plans, exp_root) -> list[dict]:
     """Each trial's outcome from storage (the truth, whatever Tune's in-memory view was)."""
-    from ray_jobs.run_store import RunStore
+    from store.run_store import RunStore
 
     out = []
     for plan in plans:
@@ -103,7 +103,7 @@ def run_experiment(plans, search, exp_root, *, trial_cpus: float, lineage: Optio
 def score_leftovers(plans, exp_root, log: Callable[[str], None] = _log) -> None:
     """A trial the stopper ended took its scorers with it: score its committed, still unscored checkpoints now
     (same coordinator and backlog policy), so its rows and pinned best are complete."""
-    from ray_jobs.run_store import RunStore
+    from store.run_store import RunStore
     from ray_jobs.scoring import ScoringCoordinator, make_scorers
 
     for plan in plans:

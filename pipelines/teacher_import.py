@@ -15,7 +15,7 @@ def run_teacher_import(src: str, out: str, *, key: Optional[str] = None, config:
     ``config`` (+ ``overrides``) gives the architecture for a plain state dict: ``teacher.network`` and the data's
     resolution / channels / classes. For a ``.pkl`` the file decides (a config, if given, must agree).
     """
-    from ray_jobs.storage import Storage
+    from store.storage import Storage
     from schemas.loader import ConfigError, load_run_config
     from sida_core.importer import import_to_checkpoint
     from sida_core.training_loop import network_spec

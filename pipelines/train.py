@@ -27,8 +27,8 @@ def _split_run_uri(uri: str) -> tuple[str, str]:
 def resolve_run(config: Optional[str], overrides: Sequence[str] = (), *, workers: Optional[int] = None,
                 resume: Optional[str] = None, name: Optional[str] = None, endpoint_url: Optional[str] = None):
     """(cfg, run name, root Storage, resumed?) for a new run from ``config`` or a stopped one at ``resume``."""
-    from ray_jobs.run_store import RunStore
-    from ray_jobs.storage import Storage
+    from store.run_store import RunStore
+    from store.storage import Storage
     from schemas.loader import apply_overrides, load_run_config, validate
     from schemas.run import RunConfig
 
@@ -58,9 +58,9 @@ def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, wo
     import torch
 
     from ray_jobs.cluster import connect, worker_env
-    from ray_jobs.run_store import RunStore
+    from store.run_store import RunStore
     from ray_jobs.scoring import ScoringCoordinator, check_reference, make_scorers
-    from ray_jobs.storage import StorageError
+    from store.storage import StorageError
     from ray_jobs.train import build_trainer, public_config, root_cause
     from ray_jobs.datasets import load_run_dataset
     from sida_core.training_loop import get_teacher

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ray_jobs.storage import Storage
+from store.storage import Storage
 from sida_core.data import DataError, open_source
 from sida_core.shards import (FORMAT, MANIFEST, build_manifest, file_sha256, fingerprint, infer_source_kind, labels_file,
                               npy_bytes, part_file, sha256, shard_file, to_stored, verify_shards)

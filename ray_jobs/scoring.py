@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ray_jobs.run_store import RunStore
-from ray_jobs.storage import Storage
+from store.run_store import RunStore
+from store.storage import Storage
 from schemas.leaderboard import row_key
 
 ATTEMPTS = 3  # scorer deaths or errors tolerated per checkpoint before it is skipped
@@ -110,7 +110,7 @@ class CheckpointScorer:
                 desc = f"digits train split ({len(train_set)} images, {cfg.data.resolution}px)"
                 self._refs[key] = (GaussianReference.from_stats(*space.stats(train_set.images, self._device())), desc)
             else:
-                from ray_jobs.reference import read_reference
+                from store.reference import read_reference
                 from sida_core.metrics.reference import check_compatible
 
                 ref = read_reference(metric.reference, endpoint_url=cfg.storage.endpoint_url)

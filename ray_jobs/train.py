@@ -22,8 +22,8 @@ from typing import Any, Optional
 
 import torch
 
-from ray_jobs.run_store import RunState, RunStore
-from ray_jobs.storage import Storage
+from store.run_store import RunState, RunStore
+from store.storage import Storage
 
 
 
@@ -172,7 +172,7 @@ def build_trainer(cfg, run_name: str, storage: Storage, *, threads: Optional[int
 
 def root_cause(exc: BaseException) -> str:
     """The innermost meaningful message of a (Ray-wrapped) exception chain, on one line."""
-    from ray_jobs.storage import StorageError
+    from store.storage import StorageError
 
     seen, cur, best = set(), exc, exc
     while cur is not None and id(cur) not in seen:

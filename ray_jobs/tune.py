@@ -23,8 +23,8 @@ from typing import Any, Callable, Optional
 
 from ray.tune.stopper import Stopper
 
-from ray_jobs.run_store import TERMINAL_STATES, RunState, RunStore
-from ray_jobs.storage import Storage
+from store.run_store import TERMINAL_STATES, RunState, RunStore
+from store.storage import Storage
 
 
 

@@ -24,7 +24,7 @@ def next_boundary(cur_nimg: int, every_kimg: float) -> int:
 
 
 def metrics_row(stats: dict, *, images_per_s: float, num_workers: int, now: Optional[float] = None) -> dict:
-    """One metrics row (the columns of ``ray_jobs.run_store.METRIC_COLUMNS``) from a step's stats: numbers as
+    """One metrics row (the columns of ``store.run_store.METRIC_COLUMNS``) from a step's stats: numbers as
     floats except the counters, plus throughput, the worker count and the wall time."""
     row = {k: (float(v) if isinstance(v, (int, float)) and k not in ("step", "cur_nimg") else v) for k, v in stats.items()}
     row.update(images_per_s=images_per_s, num_workers=num_workers, time=time.time() if now is None else now)

@@ -174,6 +174,13 @@ def test_distill_tiny_run_scores_into_a_run_folder_the_leaderboard_reads(trained
     assert {r["metric"] for r in rows} == {"fd_digits"} and all(r["value"] > 0 for r in rows)
     best = min(rows, key=lambda r: r["value"])["checkpoint"]
     assert sorted(p.name for p in (run_dir / "pinned").iterdir()) == [best]
+    # read-only commands on it need no Ray (the run store is its own Ray-free package)
+    code = ("import sys; from pipelines.cli import main; "
+            f"rc = [main(['leaderboard', {str(run_dir)!r}, '--json']), "
+            f"main(['evaluate', {str(run_dir)!r}, '--best', '--repeats', '2', '--num-images', '200'])]; "
+            "print(rc, sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')), file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0 and proc.stderr.strip().splitlines()[-1] == "[0, 0] []", proc.stderr[-2000:]
 
 
 
@@ -255,8 +262,8 @@ def test_demo_end_to_end_tiny(env, tmp_path):
         assert (out / png).stat().st_size > 0, png
     assert Image.open(out / "generator_samples.png").size[0] >= 32
     # the distillation ran on Ray Train with the preset's 2 workers, into local storage
-    from ray_jobs.run_store import RunStore
-    from ray_jobs.storage import Storage
+    from store.run_store import RunStore
+    from store.storage import Storage
 
     store = RunStore(Storage(summary["run_uri"]))
     assert summary["workers"] == 2 and [e["workers"] for e in store.events() if e["kind"] == "start"] == [2]

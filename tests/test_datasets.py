@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from ray_jobs.datasets import load_run_dataset, prepare_dataset, stage_dataset
-from ray_jobs.storage import RetryPolicy, Storage, StorageError
+from store.storage import RetryPolicy, Storage, StorageError
 from schemas.run import DataConfig
 from sida_core.data import DataError, EpochOrder, load_images
 from sida_core.shards import open_prepared, read_manifest
@@ -264,7 +264,7 @@ def test_distillation_reads_a_prepared_dataset_with_xflip(tmp_path, monkeypatch)
 
 def test_fid_stats_of_a_prepared_dataset_equal_those_of_its_source(tmp_path):
     from pipelines.fid_stats import run_fid_stats
-    from ray_jobs.reference import read_reference
+    from store.reference import read_reference
 
     src = make_source("idx", tmp_path)  # grey 8x8: the FD-digits feature space
     prepare_dataset(str(src), str(tmp_path / "o"), shard_size=5, progress=False, log=lambda m: None)

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from pipelines.cli import main
-from ray_jobs.run_store import RunStore
-from ray_jobs.storage import Storage
+from store.run_store import RunStore
+from store.storage import Storage
 from schemas.leaderboard import LeaderboardRow
 from schemas.loader import load_run_config
 from sida_core import checkpoint as ckpt

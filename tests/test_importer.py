@@ -146,7 +146,7 @@ def make_net_spec(spec):
 
 
 def test_cli_teacher_import_to_s3(tmp_path, edm_file, s3_bucket):
-    from ray_jobs.storage import Storage
+    from store.storage import Storage
 
     path, net, _ = edm_file
     uri = f"{s3_bucket.uri}/teachers/tiny"

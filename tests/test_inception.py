@@ -161,7 +161,7 @@ def test_fid_self_zero_halves_small_and_stable(feats):
 def test_fid_stats_cli_inception_on_fashion_mnist(space, fashion, tmp_path, capsys):
     """``sida fid-stats IDX --metric fid_inception`` on 8 images: manifest and the space's own statistics."""
     from pipelines.cli import main
-    from ray_jobs.reference import read_reference
+    from store.reference import read_reference
     from sida_core.metrics.reference import check_compatible
 
     out = tmp_path / "fm-ref"

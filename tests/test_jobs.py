@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from ray_jobs.jobs import check_resources, JobError
-from ray_jobs.run_store import RunStore
-from ray_jobs.storage import Storage
+from store.run_store import RunStore
+from store.storage import Storage
 from schemas.job import CONFIG_VALIDATORS, JobSpec, Request, check_job, load_job_spec
 from schemas.loader import ConfigError, validate
 from tests.ray_head import remove, short_base, start_ray_head

@@ -150,8 +150,8 @@ SHRINK = ["batch.total=2", "batch.per_worker=2", "scaling.num_workers=1", "scali
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_starts_from_its_published_teacher_format(preset, ray_local, references, tiny_vae, tmp_path):
     from pipelines.train import run_train
-    from ray_jobs.run_store import RunStore
-    from ray_jobs.storage import Storage
+    from store.run_store import RunStore
+    from store.storage import Storage
 
     config = ROOT / "configs" / f"{preset}.yaml"
     storage = tmp_path / "runs"

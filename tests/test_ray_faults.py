@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from ray_jobs.run_store import RunStore
-from ray_jobs.storage import Storage
+from store.run_store import RunStore
+from store.storage import Storage
 from sida_core import checkpoint as ckpt
 
 from tests.recipes import ROOT, TINY_RAY as TINY

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from pipelines.train import run_train
-from ray_jobs.run_store import RunStore
-from ray_jobs.storage import Storage
+from store.run_store import RunStore
+from store.storage import Storage
 from schemas.loader import load_run_config
 from sida_core import checkpoint as ckpt
 from sida_core.data import load_dataset

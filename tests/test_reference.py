@@ -12,7 +12,7 @@ import pytest
 
 from pipelines.cli import main
 from pipelines.fid_stats import load_reference_images
-from ray_jobs.reference import ReferenceStatsError, read_reference, write_reference
+from store.reference import ReferenceStatsError, read_reference, write_reference
 from sida_core.metrics import digits_feature_space
 from sida_core.metrics.reference import ReferenceMismatch, ReferenceStats, check_compatible, compute_reference
 

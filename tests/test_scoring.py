@@ -18,9 +18,9 @@ import torch
 
 from pipelines.cli import main
 from pipelines.train import run_train
-from ray_jobs.run_store import RunStore
+from store.run_store import RunStore
 from ray_jobs.scoring import CheckpointScorer, ScoringCoordinator, make_scorers
-from ray_jobs.storage import Storage
+from store.storage import Storage
 from ray_jobs.train import public_config
 from schemas.loader import load_run_config
 from schemas.run import DataConfig

@@ -1,4 +1,4 @@
-"""ray_jobs.storage against a local folder and a real S3-API server (moto_server in its own process, reached
+"""store.storage against a local folder and a real S3-API server (moto_server in its own process, reached
 through real pyarrow and boto3 clients). Outages are real too: the server process is frozen with SIGSTOP."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from ray_jobs.storage import RetryPolicy, Storage, StorageError
+from store.storage import RetryPolicy, Storage, StorageError
 from schemas.run import StorageConfig
 from tests.s3_server import S3Bucket
 
@@ -242,7 +242,7 @@ def test_outage_write_gives_up_and_never_leaves_a_partial_object(s3_bucket: S3Bu
 
 def test_the_run_store_owns_best_and_end_states(tmp_path):
     """One definition of a run's best checkpoint (lowest finite live value, of one metric if asked) and its end."""
-    from ray_jobs.run_store import TERMINAL_STATES, RunState, RunStore
+    from store.run_store import TERMINAL_STATES, RunState, RunStore
 
     store = RunStore(Storage(str(tmp_path)).child("r"))
     row = lambda name, value, kind="live", metric="fd_digits": {"checkpoint": name, "value": value, "kind": kind,  # noqa: E731

@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from pipelines.cli import main
-from ray_jobs.run_store import RunStore
-from ray_jobs.storage import Storage
+from store.run_store import RunStore
+from store.storage import Storage
 from ray_jobs.train import LiveScores
 from schemas.run import RunConfig
 from tests.recipes import CONFIG, TINY_TUNE

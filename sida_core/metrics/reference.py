@@ -1,6 +1,6 @@
 """Reference statistics (mu, sigma) of a real dataset in a feature space, with the manifest that says which.
 
-Pure: no storage policy here (``ray_jobs/reference.py`` writes and reads them; ``sida fid-stats`` makes
+Pure: no storage policy here (``store/reference.py`` writes and reads them; ``sida fid-stats`` makes
 them). The statistics travel as an ``.npz`` with ``mu`` and ``sigma`` (the layout clean-fid and EDM use)
 and the manifest as JSON beside it. A bare ``.npz`` without a manifest (EDM publishes CIFAR-10, ImageNet 64,
 FFHQ and AFHQ-v2 statistics that way) is accepted for any feature space of its dimension, with a one-time

@@ -36,7 +36,7 @@ from typing import Optional
 
 import pyarrow as pa
 
-from ray_jobs.storage import Storage
+from store.storage import Storage
 from sida_core import checkpoint as ckpt
 
 METRIC_COLUMNS: dict[str, pa.DataType] = {

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from typing import Optional
 
-from ray_jobs.storage import Storage
+from store.storage import Storage
 from sida_core.metrics.reference import ReferenceStats
 
 STATS, MANIFEST = "stats.npz", "manifest.json"
