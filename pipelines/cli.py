@@ -57,7 +57,6 @@ def cmd_distill(args) -> int:
 
     cfg = load_run_config(args.config, args.overrides)
     store = run_store_of(cfg, args.run_dir)
-    store.storage.check()
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731 (stdout: the one JSON line)
     out = run_distill(cfg, store, resume=not args.no_resume, progress=not args.quiet, log=log, score=args.score)
     print(json.dumps({"run_dir": out["run_dir"], "checkpoint": out["checkpoint"], "kimg": out["kimg"],

@@ -45,35 +45,44 @@ def run_distill(cfg, store, *, resume: bool = True, progress: bool = True, log: 
     Resumes from the newest checkpoint that verifies unless ``resume`` is False (then the run's checkpoints,
     rows and events are deleted first). ``on_checkpoint(name, distiller)`` is called after each checkpoint is
     committed. ``train_set``: the real images already loaded (else staged and loaded from ``cfg.data``).
-    Raises ``NonFiniteError`` after recording the divergence in the run's status.
+    Raises ``NonFiniteError`` after recording the divergence in the run's status. Inputs it would reject
+    (``score`` without a metric, unreadable reference statistics) are refused before the run folder is touched.
     """
     import torch
     from tqdm.auto import tqdm
 
     from ray_jobs.datasets import load_run_dataset
-    from store.run_store import RunState
     from ray_jobs.train import public_config
+    from schemas.loader import ConfigError
+    from store.run_store import RunState
     from sida_core.distill import NonFiniteError
     from sida_core.loop import cadence, kimg_to_nimg
     from sida_core.training_loop import build_distiller, get_teacher, load_network, resolve_device, save_distill_checkpoint
 
     t0 = time.time()
+    if score and not cfg.metric.enabled:
+        raise ConfigError("--score needs a metric, but metric.enabled is false in the config "
+                          "(--set metric.enabled=true, or drop --score)")
+    if score:
+        from ray_jobs.scoring import CheckpointScorer, check_reference
+
+        check_reference(cfg)  # unreadable or mismatched statistics stop here, not at the first checkpoint
     device = resolve_device(cfg.device) if device is None else torch.device(device)
     if train_set is None:
         train_set, _ = load_run_dataset(cfg, log)
     bars = (lambda total, desc: tqdm(total=total, desc=desc, unit="img", unit_scale=True, leave=False)) if progress else None
     _, teacher_path = get_teacher(cfg, train_set, torch.device("cpu"), log, bars)
-    if not resume and store.checkpoint_names():
-        log(f"starting {store.uri} afresh: deleting its checkpoints {', '.join(store.checkpoint_names())}")
-        for name in [*store.checkpoint_names(), *TRAINING_OUTPUTS]:
+    store.storage.check()  # a missing bucket is one line, before anything is written
+    if not resume:
+        old = store.checkpoint_names()
+        if old:
+            log(f"starting {store.uri} afresh: deleting its checkpoints {', '.join(old)}")
+        for name in [*old, *TRAINING_OUTPUTS]:
             store.storage.delete(name)
     store.prepare(public_config(cfg), teacher_path, init_generator=cfg.init_generator)  # (SiD²A only, by the schema)
 
     scorer = previous_best = None
-    if score and cfg.metric.enabled:
-        from ray_jobs.scoring import CheckpointScorer, check_reference
-
-        check_reference(cfg)
+    if score:
         scorer = CheckpointScorer(threads=torch.get_num_threads())
         previous_best = store.best_live_row(cfg.metric.name)
 

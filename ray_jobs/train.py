@@ -26,7 +26,6 @@ from store.run_store import RunState, RunStore
 from store.storage import Storage
 
 
-
 def public_config(cfg) -> dict:
     """The run config as JSON with secrets removed: what goes to storage and to the workers."""
     d = cfg.model_dump(mode="json")

@@ -304,3 +304,13 @@ def test_train_refuses_an_existing_run_and_a_folder_that_is_not_a_run(tmp_path, 
     assert "already exists" in err and f"--resume {tmp_path / 'runs' / 'r1'}" in err
     assert main(["train", "--resume", str(tmp_path / "runs" / "r2")]) == 2
     assert "no config.json (not a sida run folder)" in capsys.readouterr().err
+
+
+def test_distill_score_without_a_metric_is_refused_before_anything_is_written(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = ["distill", str(CONFIG), *[x for s in TINY_DISTILL for x in ("--set", s)], "--set", "metric.enabled=false",
+            "--run-dir", str(run_dir), "--score", "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "--score" in err and "metric.enabled" in err
+    assert not run_dir.exists()
