@@ -273,7 +273,8 @@ def measure_checkpoints(a, cfg, train_set, distiller, scratch: Path) -> dict:
             s3.fetch_checkpoint(ckpt.checkpoint_name(distiller.cur_nimg + 1), Path(rd))  # download + hash verify
         out["ckpt_read_verify_s3_s"] = time.perf_counter() - t0
         out["s3_endpoint"] = server.endpoint_url
-        log(f"checkpoint S3 (moto) upload median {out['ckpt_write_s3_s']:.3f} s, read+verify {out['ckpt_read_verify_s3_s']:.3f} s")
+        log(f"checkpoint S3 (moto) upload median {out['ckpt_write_s3_s']:.3f} s, "
+            f"read+verify {out['ckpt_read_verify_s3_s']:.3f} s")
     finally:
         server.stop()
     return out

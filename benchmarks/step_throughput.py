@@ -221,7 +221,8 @@ def performance(a, **override) -> Performance:
 
 
 def hyper(method: str, a, perf: Performance | None = None) -> StepHyper:
-    return StepHyper(performance=perf or performance(a),method=method, alpha=1.0, lambda_sid=100.0, lambda_adv_theta=0.01, lambda_adv_psi=1.0,
+    return StepHyper(performance=perf or performance(a), method=method, alpha=1.0, lambda_sid=100.0, lambda_adv_theta=0.01,
+                     lambda_adv_psi=1.0,
                      sigma_init=2.5, t_max=800.0, p_mean=-1.2, p_std=1.2, fake_score_only_kimg=0.0, sid_until_kimg=0.0,
                      lr_psi=1e-5, lr_theta=1e-5, betas=(0.0, 0.999), eps=1e-8 if a.precision == "fp32" else 1e-6,
                      total_batch=a.batch, per_worker=a.per_worker, ema_mimg=0.5, ema_rampup=0.05,

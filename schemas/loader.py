@@ -10,7 +10,7 @@ import os
 import re
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Type, TypeVar
+from typing import Any, Iterable, Mapping, Type, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -22,7 +22,7 @@ class ConfigError(ValueError):
     """A user config is invalid; ``str(err)`` is meant to be shown as is."""
 
 
-def _section_fields(model: type | None, loc: tuple) -> list[str]:
+def _section_fields(model: Any, loc: tuple) -> list[str]:
     """The documented keys of the section at ``loc`` (walking nested pydantic models), or [] if unknown."""
     for part in loc:
         if model is None or not isinstance(part, str) or part not in getattr(model, "model_fields", {}):
@@ -32,7 +32,7 @@ def _section_fields(model: type | None, loc: tuple) -> list[str]:
     return sorted(getattr(model, "model_fields", {})) if model is not None else []
 
 
-def _describe(err: dict, model: type | None = None) -> str:
+def _describe(err: Mapping[str, Any], model: Any = None) -> str:
     loc_parts = tuple(p for p in err.get("loc", ()) if p != "__root__")
     loc = ".".join(str(p) for p in loc_parts)
     kind = err.get("type", "")

@@ -455,7 +455,6 @@ def load_images(cfg) -> ImageDataset:
         raw, labels = readers[kind](path)
         x = _convert(raw, str(path), res, ch)
         name = str(path)
-    num_classes = DIGITS_CLASSES if kind == "digits" else int(cfg.num_classes)
     label_dim = 0
     if cfg.cond:
         if labels is None:

@@ -210,7 +210,7 @@ class ShardedImages:
         item_shape = tuple(int(s) for s in manifest["shape"])
         shards = manifest["shards"]
         size = int(manifest["shard_size"])
-        for k, s in enumerate(shards[:-1]):
+        for s in shards[:-1]:
             if int(s["count"]) != size:
                 raise DataError(f"{folder}/{s['file']}: {s['count']} items, every shard but the last must hold {size}")
         offsets = tuple(_npy_offset(folder / s["file"], int(s["count"]), item_shape, manifest["dtype"]) for s in shards)

@@ -28,7 +28,8 @@ def heun_sample(net: nn.Module, latents: torch.Tensor, class_labels: Optional[to
         d_cur = (x_cur - net(x_cur.float(), t_cur.float().expand(x_cur.shape[0]), class_labels).to(torch.float64)) / t_cur
         x_next = x_cur + (t_next - t_cur) * d_cur
         if i < num_steps - 1:
-            d_prime = (x_next - net(x_next.float(), t_next.float().expand(x_cur.shape[0]), class_labels).to(torch.float64)) / t_next
+            denoised = net(x_next.float(), t_next.float().expand(x_cur.shape[0]), class_labels).to(torch.float64)
+            d_prime = (x_next - denoised) / t_next
             x_next = x_cur + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next.float()
 

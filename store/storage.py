@@ -122,7 +122,7 @@ class Storage:
     def from_config(cls, storage_cfg: Any, retry: RetryPolicy | None = None) -> Storage:
         """Build from a ``StorageConfig``-like object (secrets may be pydantic ``SecretStr``)."""
         def secret(name: str) -> str | None:
-            v = getattr(storage_cfg, name, None)
+            v: Any = getattr(storage_cfg, name, None)
             return v.get_secret_value() if hasattr(v, "get_secret_value") else v
 
         if retry is None:
@@ -232,7 +232,7 @@ class Storage:
 
         def fetch() -> None:
             with self.fs.open_input_stream(path) as src, open(tmp, "wb") as out:
-                shutil.copyfileobj(src, out, _CHUNK)  # type: ignore[misc]
+                shutil.copyfileobj(src, out, _CHUNK)
             os.replace(tmp, dest)
         try:
             self._retry(f"read {self._key(path)!r}", fetch)

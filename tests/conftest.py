@@ -10,7 +10,7 @@ pin_cpu_kernels()
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.s3_server import s3_bucket, s3_server  # noqa: F401  (a real moto S3 server, on demand)
+from tests.s3_server import s3_bucket, s3_server  # noqa: F401,E402  (a real moto S3 server, on demand)
 
 torch.set_num_threads(1)
 

@@ -353,7 +353,7 @@ def test_sida_corrects_a_biased_teacher_with_real_data(phi_biased, single_thread
     print(f"\n(b) SiD, biased teacher ({t1 - t0:.1f}s): {_fmt(sid)}\n    {sid_logs}"
           f"\n(b) SiDA, biased teacher + real data ({t2 - t1:.1f}s): {_fmt(sida)}\n    {sida_logs}")
     msg = f"\nSiD:  {_fmt(sid)}\nSiDA: {_fmt(sida)}"
-    (_, sid_true0, sid_teacher0, _), (_, sid_true, sid_teacher, sid_bias) = sid[0], sid[-1]
+    (_, _, sid_teacher0, _), (_, sid_true, sid_teacher, sid_bias) = sid[0], sid[-1]
     _, sida_true, sida_teacher, sida_bias = sida[-1]
     # SiD follows its (biased) teacher
     assert sid_teacher < 0.45 * sid_teacher0, msg

@@ -2,7 +2,6 @@
 validate_config; no cloud access), and broken ones fail with one line naming the file and the problem."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest

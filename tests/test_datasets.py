@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -62,7 +61,7 @@ def make_source(kind: str, root: Path) -> Path:
         (root / "idx").mkdir()
         g = x[..., 0]
         (root / "idx" / "train-images-idx3-ubyte").write_bytes(b"\0\0\x08\x03" + struct.pack(">3I", N, R, R) + g.tobytes())
-        (root / "idx" / "train-labels-idx1-ubyte").write_bytes(b"\0\0\x08\x01" + struct.pack(">I", N) + y.astype(np.uint8).tobytes())
+        (root / "idx" / "train-labels-idx1-ubyte").write_bytes(b"\0\0\x08\x01" + struct.pack(">I", N) + y.astype(np.uint8).tobytes())  # noqa: E501
         return root / "idx"
     if kind == "latents":
         rng = np.random.default_rng(1)

@@ -269,7 +269,8 @@ def test_distiller_normalises_trainable_nets_before_their_forwards_and_never_the
     try:
         for _ in range(3):
             seen.clear()
-            start = {tag: {n: m.weight.detach().clone() for n, m in mpconvs(net).items()} for tag, net in (("G", d.G), ("psi", d.psi))}
+            start = {tag: {n: m.weight.detach().clone() for n, m in mpconvs(net).items()}
+                     for tag, net in (("G", d.G), ("psi", d.psi))}
             st = d.step()
             assert st["stage"] == "sida" and st["psi_updated"] == st["G_updated"] == 1.0
             assert {t for t, _, _ in seen} == {"G", "psi"}

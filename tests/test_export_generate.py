@@ -195,7 +195,7 @@ def test_generate_is_deterministic_per_seed_and_independent_of_batch(run, tmp_pa
     assert a["arr_0"].shape == (1000, 8, 8, 1) and a["arr_0"].dtype == np.uint8
     assert a["seeds"].tolist() == list(range(1000)) and (a["labels"] == -1).all()
     assert len(np.unique(a["arr_0"].reshape(1000, -1), axis=0)) == 1000  # a different image per seed
-    again = npz(run, tmp_path / "again.npz", capsys, "--num", 1000, "--batch", 1000)
+    npz(run, tmp_path / "again.npz", capsys, "--num", 1000, "--batch", 1000)  # the same command again
     assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "again.npz").read_bytes()
     for batch in (64, 7):
         assert np.array_equal(npz(run, tmp_path / f"b{batch}.npz", capsys, "--seeds", "0-999", "--batch", batch)["arr_0"],

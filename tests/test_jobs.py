@@ -159,7 +159,7 @@ def _submit_in_process(args, capsys, monkeypatch, env: dict):
 
 REFUSED = [
     # (id, job fields, needles of the one-line error)
-    ("too_many_cpus", {"resources": {"num_workers": 8}, "overrides": TINY + ["batch.total=128"]}, ["resources", "8 worker(s)", "advertises 4 CPUs, 0 GPUs", "1 node"]),
+    ("too_many_cpus", {"resources": {"num_workers": 8}, "overrides": TINY + ["batch.total=128"]}, ["resources", "8 worker(s)", "advertises 4 CPUs, 0 GPUs", "1 node"]),  # noqa: E501
     ("gpus_on_a_cpu_cluster", {"resources": {"num_workers": 2, "use_gpu": True}}, ["2 GPUs", "advertises 4 CPUs, 0 GPUs"]),
     ("invalid_config", {"overrides": TINY + ["loss.alpha=abc"]}, ["invalid config", "digits.yaml", "loss.alpha"]),
     ("batch_not_divisible", {"resources": {"num_workers": 3}}, ["batch.total", "divisible"]),

@@ -403,7 +403,7 @@ def test_fake_score_loss_sida_hand_value_and_shared_noise(lam_psi):
     for i in range(B):
         for p in range(2):
             for q in range(2):
-                adv_eq10 -= math.log(1 / (1 + math.exp(-l_real[i, 0, p, q]))) + math.log(1 - 1 / (1 + math.exp(-l_fake[i, 0, p, q])))
+                adv_eq10 -= math.log(1 / (1 + math.exp(-l_real[i, 0, p, q]))) + math.log(1 - 1 / (1 + math.exp(-l_fake[i, 0, p, q])))  # noqa: E501
     adv_eq10 /= 2 * B * 4
     assert adv == pytest.approx(adv_eq10, rel=1e-10)
     for i in range(B):

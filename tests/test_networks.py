@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from sida_core.networks import EDMPrecond, MLPNet, SongUNet, build_denoiser, count_parameters
+from sida_core.networks import EDMPrecond, SongUNet, build_denoiser, count_parameters
 
 @pytest.fixture(autouse=True, scope="module")
 def _single_thread():

@@ -51,7 +51,8 @@ def test_sigkill_of_a_worker_resumes_from_checkpoint(tmp_path):
     try:
         deadline = time.time() + 400
         while time.time() < deadline and proc.poll() is None:
-            if any(store.storage.exists(f"{n}/manifest.json") for n in store.checkpoint_names()) if store.storage.exists("") else False:
+            names = store.checkpoint_names() if store.storage.exists("") else []
+            if any(store.storage.exists(f"{n}/manifest.json") for n in names):
                 workers = _train_workers(proc.pid)
                 if len(workers) == 2:
                     victim = workers[-1]

@@ -6,7 +6,6 @@ compute; most of the time is Ray starting workers.
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -19,7 +18,6 @@ from pipelines.train import run_train
 from store.run_store import RunStore
 from store.storage import Storage
 from schemas.loader import load_run_config
-from sida_core import checkpoint as ckpt
 from sida_core.data import load_dataset
 from sida_core.training_loop import build_distiller, load_network
 

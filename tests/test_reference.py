@@ -50,7 +50,7 @@ def test_compute_reference_manifest_and_npz_round_trip(space, train_images):
 
 def test_mismatched_manifest_is_refused_naming_the_field(space, train_images):
     m = compute_reference(train_images[:50], space, dataset_desc={}).manifest
-    cases = [(dict(extractor_id="inception-v3-fid/sha256:7ff4"), r"extractor 'inception-v3-fid/sha256:7ff4' does not match .*digits-cnn/"),
+    cases = [(dict(extractor_id="inception-v3-fid/sha256:7ff4"), r"extractor 'inception-v3-fid/sha256:7ff4' does not match .*digits-cnn/"),  # noqa: E501
              (dict(mode="legacy_tensorflow"), r"mode 'legacy_tensorflow' does not match the scorer's 'clean'"),
              (dict(feature_dim=2048), r"feature dim 2048 does not match fd_digits's 64")]
     for change, pattern in cases:

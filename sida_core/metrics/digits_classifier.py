@@ -158,7 +158,7 @@ def _read_checkpoint(path: Path) -> Optional[DigitsNet]:
     except Exception as e:  # noqa: BLE001 -- any damage to a cache file means: rebuild it
         why = (str(e).splitlines() or [""])[0][:160]
         warnings.warn(f"ignoring unreadable digits-classifier cache {str(path)!r} ({type(e).__name__}: {why}); "
-                      "retraining")
+                      "retraining", stacklevel=2)
         return None
 
 
