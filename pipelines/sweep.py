@@ -20,7 +20,6 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 from store.run_store import TERMINAL_STATES, RunState
-from schemas.loader import ConfigError
 
 
 def _log(msg: str) -> None:

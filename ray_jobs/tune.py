@@ -211,7 +211,8 @@ def run_tuner(trials: list[dict], root: Storage, *, trial_cpus: float, divergenc
     tuner = tune.Tuner(
         tune.with_resources(trial_main, resources),
         param_space={"trial": tune.grid_search(trials)},
-        tune_config=tune.TuneConfig(metric="best_fid" if scored else None, mode="min" if scored else None, scheduler=scheduler, max_concurrent_trials=n,
+        tune_config=tune.TuneConfig(metric="best_fid" if scored else None, mode="min" if scored else None,
+                                    scheduler=scheduler, max_concurrent_trials=n,
                                     trial_name_creator=lambda t: t.config["trial"]["name"],
                                     trial_dirname_creator=lambda t: t.config["trial"]["name"]),
         run_config=tune.RunConfig(name="tune", storage_path=storage_path, storage_filesystem=fs,

@@ -5,14 +5,16 @@ SPEC.md's defaults (paper Tables 6 and 7). Every model forbids unknown keys.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, SecretStr, field_validator, model_validator
 
 from sida_core.methods import get_method, method_names
 
-Method = Literal[method_names()]  # the registered methods (sida_core/methods/): the registry is the only list
+if TYPE_CHECKING:  # a Literal built at import time is not a static type; to a type checker a method is a str
+    Method = str
+else:
+    Method = Literal[method_names()]  # the registered methods (sida_core/methods/): the registry is the only list
 Precision = Literal["fp32", "fp16", "bf16"]
 
 
@@ -106,6 +108,19 @@ class LossConfig(Strict):
     p_mean: float = -1.2
     p_std: PositiveFloat = 1.2
     fake_score_logvar: bool = False  # EDM2 logvar head in the psi loss (see the class docstring)
+
+
+class AddOptions(Strict):
+    """ADD's own options (``method: add``; docs/methods/add.md). The discriminator heads train with
+    ``optimizer.lr_psi``; the distillation noise levels follow ``loss.t_max``; ``stages.fake_score_only_kimg`` is
+    a discriminator-only warm-up (ADD has no SiD stage)."""
+
+    lambda_adv: float = Field(1.0, ge=0)  # weight of the generator's adversarial term -sum_k mean D_k(x_g)
+    lambda_distill: float = Field(2.5, ge=0)  # ADD's lambda on the distillation loss
+    distill_weighting: Literal["exponential", "sds"] = "exponential"  # c(sigma): abar(sigma), or SDS's omega/(2 sigma)
+    r1_gamma: float = Field(0.0, ge=0)  # R1 penalty on real data (0: off)
+    feature_sigma: PositiveFloat = 0.002  # the noise level the frozen teacher encoder is told it sees (clean input)
+    head_channels: PositiveInt = 64  # hidden channels of each discriminator head
 
 
 class StagesConfig(Strict):
@@ -268,6 +283,7 @@ class RunConfig(Strict):
     ema: EMAConfig = Field(default_factory=EMAConfig)
     precision: Precision = "fp32"
     performance: PerformanceConfig = Field(default_factory=PerformanceConfig)
+    add: AddOptions = Field(default_factory=AddOptions)  # used by method add only (Method.options)
     total_kimg: PositiveFloat = 1000
     seed: int = 0
     checkpoint_every_kimg: PositiveFloat = 50
@@ -297,6 +313,10 @@ class RunConfig(Strict):
         if method.starts_from_generator and not self.init_generator:
             raise ValueError(f"init_generator is required for method {method.name!r} ({method.display} starts from a "
                              f"SiD generator checkpoint)")
+        if self.loss.fake_score_logvar and method.critic != "fake_score":
+            users = ", ".join(n for n in method_names() if get_method(n).critic == "fake_score")
+            raise ValueError(f"loss.fake_score_logvar applies to methods with a fake-score net ({users}), not "
+                             f"{method.name!r}")
         if not method.starts_from_generator and self.init_generator:
             users = " / ".join(repr(n) for n in method_names() if get_method(n).starts_from_generator)
             raise ValueError(f"init_generator is only used by method {users}, not {self.method!r}")

@@ -1,6 +1,7 @@
-"""One SiD / SiDA / SiD²A optimisation step, framework-free (SiDA Algorithm 1; SPEC.md).
+"""One distillation optimisation step (SiD / SiDA / SiD²A, ADD), framework-free (SiDA Algorithm 1; SPEC.md).
 
-:class:`Distiller` owns G_theta, f_psi (whose encoder is the discriminator), the frozen teacher f_phi, both
+:class:`Distiller` owns G_theta, the method's critic (SiD family: f_psi, whose encoder is SiDA's discriminator;
+ADD: discriminator heads on the frozen teacher's features), the frozen teacher f_phi, both
 Adam optimisers, the generator EMA and the fp16 loss scalers. :meth:`Distiller.step` performs one step:
 the psi update (eqs. 5 / 9-10) then, outside the fake-score-only stage, the theta update (eq. 6 or 8), each
 over ``rounds`` gradient-accumulation micro-batches of ``per_worker`` images; then the EMA update.
@@ -21,7 +22,7 @@ import copy
 import hashlib
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -29,7 +30,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from sida_core.data import EpochOrder
-from sida_core.losses import FakeScoreLoss, GeneratorLoss, check_logvar_head, generate, generator_weights
+from sida_core.losses import check_logvar_head, generate
 from sida_core.methods import Stage, get_method
 from sida_core.networks.edm2 import force_weight_norm_
 from sida_core.performance import (Performance, adam, check_single_forward, compile_networks, graph_breaks,
@@ -94,6 +95,7 @@ class StepHyper:
     fake_score_logvar: bool = False
     performance: Performance = Performance()
     xflip: bool = False  # mirror each real image with probability 1/2 (data.xflip; drawn from the batch's rng)
+    method_options: dict = field(default_factory=dict)  # the method's own config section (Method.options), validated
 
 
 def hyper_from_config(cfg) -> StepHyper:
@@ -109,7 +111,14 @@ def hyper_from_config(cfg) -> StepHyper:
         ema_mimg=cfg.ema.ema_mimg, ema_rampup=cfg.ema.rampup, precision=cfg.precision, seed=cfg.seed,
         psi_grad_clip=cfg.psi_grad_clip, fake_score_logvar=cfg.loss.fake_score_logvar,
         performance=performance_from_config(cfg.performance), xflip=cfg.data.xflip,
+        method_options=method_options_of(cfg),
     )
+
+
+def method_options_of(cfg) -> dict:
+    """The chosen method's own options (its config section, e.g. ``add:``) as a plain dict; {} if it has none."""
+    section = get_method(cfg.method).options
+    return getattr(cfg, section).model_dump() if section else {}
 
 
 def performance_from_config(p) -> Performance:
@@ -134,7 +143,7 @@ class Distiller:
         self.device = torch.device(device)
         self.rounds = h.total_batch // (h.per_worker * world_size)
         self.method = get_method(h.method)
-        self.use_adv = self.method.adversarial_psi
+        self.use_adv = self.method.needs_real  # the critic update takes a real batch
         if self.use_adv and real_images is None:
             raise ValueError(f"method {h.method!r} needs real images for the discriminator")
         self.real_images = real_images
@@ -147,8 +156,11 @@ class Distiller:
         set_tf32(perf.tf32)
         for net in (teacher, unwrap(generator), unwrap(fake_score)):
             prepare_network(net, perf)  # idempotent; hosts with DDP apply it before wrapping (build_distiller)
-        if perf.single_psi_forward and self.use_adv:
+        if perf.single_psi_forward and self.method.adversarial_psi:
             check_single_forward(fake_score)
+        elif perf.single_psi_forward:
+            self.perf_notes.append(f"performance.single_psi_forward has no effect for method {h.method!r} (it is "
+                                   f"SiDA's joint fake/real fake-score pass)")
         self.teacher = teacher.eval().requires_grad_(False)
         self.G, self.psi = generator, fake_score
         unwrap(self.G).train()
@@ -165,10 +177,8 @@ class Distiller:
                                          self.device, self.perf_notes)
         if h.fake_score_logvar:
             check_logvar_head(fake_score)
-        self.fake_loss = FakeScoreLoss(lambda_adv_psi=h.lambda_adv_psi, p_mean=h.p_mean, p_std=h.p_std,
-                                       use_adv=self.use_adv, use_logvar=h.fake_score_logvar,
-                                       single_forward=perf.single_psi_forward)
-        self.gen_loss = GeneratorLoss(alpha=h.alpha, lambda_sid=h.lambda_sid, lambda_adv_theta=h.lambda_adv_theta, t_max=h.t_max)
+        # the method's two losses: critic (f_psi: eqs. 5 / 9-10; ADD: hinge) and generator (eqs. 6 / 8; ADD)
+        self.fake_loss, self.gen_loss = self.method.implementation().build_losses(h)
 
         if h.precision not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"precision must be fp32, fp16 or bf16, got {h.precision!r}")
@@ -264,7 +274,8 @@ class Distiller:
                                      f"(kimg {self.cur_nimg / 1000:.1f}, on this or another worker)")
             self.fp16_skips += 1
             self._fp16_streak[what] = self._fp16_streak.get(what, 0) + 1
-            warnings.warn(f"fp16 overflow in {what} update at step {self.step_idx}: step skipped, loss scale reduced")
+            warnings.warn(f"fp16 overflow in {what} update at step {self.step_idx}: step skipped, loss scale reduced",
+                          stacklevel=2)
             if self._fp16_streak[what] > self.h.max_fp16_skips:
                 raise NonFiniteError(f"{what}: more than {self.h.max_fp16_skips} consecutive fp16 overflows "
                                      f"at step {self.step_idx}: training diverged")
@@ -334,8 +345,7 @@ class Distiller:
             stats["psi_updated"] = float(self._apply(self.opt_psi, self.scaler_psi, self.psi, h.psi_grad_clip,
                                                      "fake-score", finite))
 
-        # theta: generator update, eq. 6 (SiD stage) or eq. 8 (SiDA stage)
-        w_sid, w_adv = generator_weights(stage)
+        # theta: generator update, eq. 6 (SiD stage) or eq. 8 (SiDA stage) or the method's own
         if stage is not Stage.FAKE_SCORE:
             psi_plain = unwrap(self.psi)
             psi_plain.requires_grad_(False)
@@ -350,8 +360,8 @@ class Distiller:
                         with record_function("theta step: G forward"):
                             x_g = generate(self.G, z, labels, h.sigma_init)
                         with record_function("theta step: teacher + psi forwards"):
-                            loss_vec, st = self.gen_loss(self.teacher, psi_plain, x_g.float(), labels, w_sid=w_sid,
-                                                         w_adv=w_adv, generator=rng)
+                            loss_vec, st = self.gen_loss(self.teacher, psi_plain, x_g.float(), labels, stage,
+                                                         generator=rng)
                     finite &= self._check_finite(loss_vec, "generator")
                     loss = loss_vec.nan_to_num().sum() / b_total
                     with record_function("theta step: backward (+ DDP sync)"):
@@ -392,7 +402,7 @@ class Distiller:
         return {
             "generator": unwrap(self.G).state_dict(),
             "generator_ema": self.G_ema.state_dict(),
-            "fake_score": unwrap(self.psi).state_dict(),
+            self.method.critic: unwrap(self.psi).state_dict(),  # "fake_score" (SiD family), "discriminator" (ADD)
             "opt_G": self.opt_G.state_dict(),
             "opt_psi": self.opt_psi.state_dict(),
             "scaler_G": self.scaler_G.state_dict(),
@@ -403,7 +413,7 @@ class Distiller:
     def load_state_dict(self, state: dict) -> None:
         unwrap(self.G).load_state_dict(state["generator"])
         self.G_ema.load_state_dict(state["generator_ema"])
-        unwrap(self.psi).load_state_dict(state["fake_score"])
+        unwrap(self.psi).load_state_dict(state[self.method.critic])
         self.opt_G.load_state_dict(state["opt_G"])
         self.opt_psi.load_state_dict(state["opt_psi"])
         if state.get("scaler_G"):
@@ -419,10 +429,25 @@ def init_networks(teacher: nn.Module, sid_generator: Optional[nn.Module] = None,
 
     Parameters no loss reaches stay frozen (:func:`freeze_unused`): G never uses EDM2's logvar head, f_psi only with
     ``use_logvar`` (``loss.fake_score_logvar``)."""
-    fake_score = freeze_unused(copy.deepcopy(teacher).train().requires_grad_(True), use_logvar=use_logvar)
+    return init_generator_net(teacher, sid_generator), init_fake_score(teacher, use_logvar=use_logvar)
+
+
+def init_fake_score(teacher: nn.Module, *, use_logvar: bool = False) -> nn.Module:
+    """f_psi <- f_phi (SPEC "Initialisation"), trainable except the parts no loss reaches (:func:`freeze_unused`)."""
+    return freeze_unused(copy.deepcopy(teacher).train().requires_grad_(True), use_logvar=use_logvar)
+
+
+def init_generator_net(teacher: nn.Module, sid_generator: Optional[nn.Module] = None) -> nn.Module:
+    """theta <- phi, or <- a SiD generator (SiD²A); trainable except the parts no loss reaches."""
     source = sid_generator if sid_generator is not None else teacher
-    generator = freeze_unused(copy.deepcopy(source).train().requires_grad_(True), use_logvar=False)
-    return generator, fake_score
+    return freeze_unused(copy.deepcopy(source).train().requires_grad_(True), use_logvar=False)
+
+
+def init_method_networks(hyper: StepHyper, teacher: nn.Module, sid_generator: Optional[nn.Module] = None):
+    """(G_theta, critic) for ``hyper.method``: the generator as :func:`init_generator_net`, the critic as the
+    method builds it (SiD family: f_psi <- phi; ADD: discriminator heads on the frozen teacher)."""
+    critic = get_method(hyper.method).implementation().build_critic(teacher, hyper)
+    return init_generator_net(teacher, sid_generator), critic
 
 
 #: Submodules of published teachers that no SiD / SiDA loss uses: EDM's augmentation-label embedding (EDM trained its
@@ -452,6 +477,6 @@ def ema_beta(total_batch: int, ema_mimg: float, cur_nimg: int, rampup: Optional[
     return 0.5 ** (total_batch / h) if h > 0 else 0.0
 
 
-__all__ = ["Distiller", "NonFiniteError", "StepHyper", "derive_seed", "ema_beta", "freeze_unused", "hyper_from_config",
-           "init_networks",
-           "make_generator", "unwrap"]
+__all__ = ["Distiller", "NonFiniteError", "StepHyper", "derive_seed", "ema_beta", "freeze_unused",
+           "hyper_from_config", "init_fake_score", "init_generator_net", "init_method_networks", "init_networks",
+           "make_generator", "method_options_of", "unwrap"]

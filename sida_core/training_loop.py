@@ -20,7 +20,7 @@ from torch import nn
 from sida_core import checkpoint as ckpt
 from sida_core.data import ImageDataset
 from sida_core.determinism import cpu_threads
-from sida_core.distill import Distiller, hyper_from_config, init_networks
+from sida_core.distill import Distiller, hyper_from_config, init_method_networks
 from sida_core.performance import prepare_network
 from sida_core.importer import ImportError_, build_network, cached_import, is_importable
 from sida_core.methods import get_method
@@ -159,9 +159,9 @@ def build_distiller(cfg, teacher: nn.Module, train_set: ImageDataset, device, *,
     sid_generator = None
     if get_method(cfg.method).starts_from_generator:
         sid_generator, _ = load_network(init_generator or cfg.init_generator, "generator_ema", device)
-    generator, fake_score = init_networks(teacher, sid_generator, use_logvar=cfg.loss.fake_score_logvar)
-    generator, fake_score = generator.to(device), fake_score.to(device)
     hyper = hyper_from_config(cfg)
+    generator, fake_score = init_method_networks(hyper, teacher, sid_generator)
+    generator, fake_score = generator.to(device), fake_score.to(device)
     for net in (teacher, generator, fake_score):  # memory format etc. before DDP wraps them (it keeps grad layouts)
         prepare_network(net, hyper.performance)
     if wrap is not None:

@@ -43,7 +43,8 @@ METRIC_COLUMNS: dict[str, pa.DataType] = {
     "step": pa.int64(), "cur_nimg": pa.int64(), "kimg": pa.float64(), "stage": pa.string(),
     "loss_psi": pa.float64(), "loss_G": pa.float64(), "loss_sid": pa.float64(), "loss_adv_theta": pa.float64(),
     "loss_adv_psi": pa.float64(), "d_real": pa.float64(), "d_fake": pa.float64(), "psi_updated": pa.float64(),
-    "G_updated": pa.float64(), "images_per_s": pa.float64(), "num_workers": pa.int64(), "time": pa.float64(),
+    "G_updated": pa.float64(), "loss_distill": pa.float64(), "loss_r1": pa.float64(),  # the last two: ADD
+    "images_per_s": pa.float64(), "num_workers": pa.int64(), "time": pa.float64(),
 }
 METRIC_SCHEMA = pa.schema(list(METRIC_COLUMNS.items()))
 
@@ -152,8 +153,8 @@ class RunStore:
     # ----------------------------------------------------------------- checkpoints
     def checkpoint_names(self) -> list[str]:
         """Checkpoint folder names, oldest first (by images seen)."""
-        names = [n for n in self.storage.listdir() if ckpt.NAME_RE.match(n)]
-        return sorted(names, key=lambda n: int(ckpt.NAME_RE.match(n).group(1)))
+        matches = [m for m in map(ckpt.NAME_RE.match, self.storage.listdir()) if m]
+        return [m.group(0) for m in sorted(matches, key=lambda m: int(m.group(1)))]
 
     def rotate_checkpoints(self, keep: int) -> list[str]:
         """Delete all but the newest ``keep`` checkpoints (what Ray Train's ``num_to_keep`` does for ``sida train``;

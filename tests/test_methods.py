@@ -16,12 +16,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_registry_lists_the_methods_and_what_each_declares():
-    assert method_names() == ("sid", "sida", "sid2a")
-    sid, sida, sid2a = map(get_method, method_names())
+    assert method_names() == ("sid", "sida", "sid2a", "add")
+    sid, sida, sid2a, add = map(get_method, method_names())
     assert (sid.adversarial_psi, sid.final_stage, sid.starts_from_generator) == (False, Stage.SID, False)
     assert (sida.adversarial_psi, sida.final_stage, sida.starts_from_generator) == (True, Stage.SIDA, False)
     assert (sid2a.adversarial_psi, sid2a.final_stage, sid2a.starts_from_generator) == (True, Stage.SIDA, True)
-    assert [m.display for m in (sid, sida, sid2a)] == ["SiD", "SiDA", "SiD²A"]
+    assert (add.adversarial_psi, add.final_stage, add.starts_from_generator) == (False, Stage.ADD, False)
+    assert [m.needs_real for m in (sid, sida, sid2a, add)] == [False, True, True, True]
+    assert [m.critic for m in (sid, sida, sid2a, add)] == ["fake_score"] * 3 + ["discriminator"]
+    assert [m.display for m in (sid, sida, sid2a, add)] == ["SiD", "SiDA", "SiD²A", "ADD"]
+    for m in (sid, sida, sid2a, add):  # each names a torch module that builds its critic and losses
+        impl = m.implementation()
+        assert callable(impl.build_critic) and callable(impl.build_losses)
 
 
 def test_schemas_take_the_allowed_methods_from_the_registry():
@@ -33,7 +39,7 @@ def test_schemas_take_the_allowed_methods_from_the_registry():
 def test_a_name_is_registered_once():
     with pytest.raises(ValueError, match="registered twice"):
         register(Method(name="sida", display="x", summary="x", adversarial_psi=True, final_stage=Stage.SIDA))
-    assert method_names() == ("sid", "sida", "sid2a")
+    assert method_names() == ("sid", "sida", "sid2a", "add")
 
 
 def test_the_registry_needs_no_torch():
@@ -45,7 +51,7 @@ def test_the_registry_needs_no_torch():
 
 def test_no_method_name_chains_outside_the_registry():
     # a test of a method's name (`if method == "sid2a"`, `method in ("sida", ...)`); a loop over names is fine
-    chain = re.compile(r"""(?<!for )\bmethod["'\])]*\s*(==|!=|in\s*[(\[{])|[=!]=\s*["'](sid|sida|sid2a)["']""")
+    chain = re.compile(r"""(?<!for )\bmethod["'\])]*\s*(==|!=|in\s*[(\[{])|[=!]=\s*["'](sid|sida|sid2a|add)["']""")
     hits = []
     for folder in ("sida_core", "ray_jobs", "pipelines", "schemas", "benchmarks"):
         for path in sorted((ROOT / folder).rglob("*.py")):

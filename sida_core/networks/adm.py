@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sida_core.networks.songunet import (Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock, check_return_flag,
-                                         decoder_inputs, run_block)
+                                         decoder_inputs, encoder_features, run_block)
 
 
 class DhariwalUNet(nn.Module):
@@ -97,6 +97,8 @@ class DhariwalUNet(nn.Module):
         for block in self.enc.values():
             x = run_block(block, ckpt, x, emb) if isinstance(block, UNetBlock) else block(x)
             skips.append(x)
+        if return_flag == "features":
+            return encoder_features(skips)
         logits = x.float().mean(dim=1, keepdim=True)  # discriminator map: channel mean of the last encoder block
         if return_flag == "encoder":
             return logits

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sida_core import edm
-from sida_core.networks.songunet import check_return_flag, decoder_inputs, run_block
+from sida_core.networks.songunet import check_return_flag, decoder_inputs, encoder_features, run_block
 from sida_core.networks.precond import precond_inputs
 
 
@@ -245,6 +245,8 @@ class UNet(nn.Module):
         for name, block in self.enc.items():
             x = block(x) if "conv" in name else run_block(block, ckpt, x, emb)
             skips.append(x)
+        if return_flag == "features":
+            return encoder_features(skips)
         logits = x.float().mean(dim=1, keepdim=True)  # discriminator map (SiDA), no extra parameters
         if return_flag == "encoder":
             return logits
@@ -290,6 +292,8 @@ class EDM2Precond(nn.Module):
         c_skip, c_out, c_in, c_noise = edm.precond_coefficients(sigma, self.sigma_data)
         s = lambda v: edm.expand_sigma(v, x)  # noqa: E731 - broadcast (B,) against x
         out = self.unet(x * s(c_in), c_noise, class_labels, return_flag=return_flag, decoder_batch=decoder_batch)
+        if return_flag == "features":
+            return out
         n = x.shape[0] if decoder_batch is None else int(decoder_batch)  # decoder output (and u) for the first n only
         if return_flag == "encoder":
             result = (out,)

@@ -25,7 +25,8 @@ class MLPNet(nn.Module):
         self.map_noise = PositionalEmbedding(emb_channels)
         self.map_label = nn.Linear(label_dim, emb_channels) if label_dim else None
         self.map_emb = nn.Linear(emb_channels, emb_channels)
-        enc = [nn.Linear(self.dim + emb_channels, hidden)] + [nn.Linear(hidden + emb_channels, hidden) for _ in range(enc_layers - 1)]
+        enc = [nn.Linear(self.dim + emb_channels, hidden)]
+        enc += [nn.Linear(hidden + emb_channels, hidden) for _ in range(enc_layers - 1)]
         self.enc = nn.ModuleList(enc)
         self.dec = nn.ModuleList([nn.Linear(hidden + emb_channels, hidden) for _ in range(dec_layers)])
         self.out = nn.Linear(hidden, self.out_dim)
@@ -41,8 +42,12 @@ class MLPNet(nn.Module):
             emb = emb + self.map_label(class_labels.to(emb.dtype) * math.sqrt(class_labels.shape[1]))
         emb = F.silu(self.map_emb(emb)).to(x.dtype)
         h = x.reshape(b, -1)
+        hidden = []
         for layer in self.enc:
             h = F.silu(layer(torch.cat([h, emb], dim=1)))
+            hidden.append(h.reshape(b, -1, 1, 1))
+        if return_flag == "features":
+            return hidden  # each encoder layer's output as a B x hidden x 1 x 1 map
         logits = h.float().mean(dim=1).reshape(b, 1, 1, 1)
         if return_flag == "encoder":
             return logits

@@ -47,7 +47,7 @@ class _Precond(nn.Module):
         s = lambda v: edm.expand_sigma(v, x)  # noqa: E731 - broadcast (B,) against x
         split = {} if decoder_batch is None else {"decoder_batch": decoder_batch}  # only backbones that decode a part
         out = self.model(x * s(c_in), c_noise.flatten(), class_labels, return_flag=return_flag, **split)
-        if return_flag == "encoder":
+        if return_flag in ("encoder", "features"):
             return out
         if return_flag == "encoder_decoder":
             f_x, logits = out

@@ -23,12 +23,21 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-RETURN_FLAGS = ("decoder", "encoder", "encoder_decoder")
+RETURN_FLAGS = ("decoder", "encoder", "encoder_decoder", "features")
 
 
 def check_return_flag(return_flag: str) -> None:
     if return_flag not in RETURN_FLAGS:
         raise ValueError(f"return_flag must be one of {RETURN_FLAGS}, got {return_flag!r}")
+
+
+def encoder_features(skips: list) -> list:
+    """``return_flag='features'``: the encoder's output at each resolution (the last block there), highest
+    resolution first -- the per-resolution feature maps of ADD's discriminator (docs/methods/add.md)."""
+    last: dict = {}
+    for t in skips:
+        last[tuple(t.shape[2:])] = t  # insertion order = first appearance = high to low resolution
+    return list(last.values())
 
 
 def decoder_inputs(decoder_batch: int | None, x, emb, skips):
@@ -94,8 +103,10 @@ class Conv2d(nn.Module):
         self.in_channels, self.out_channels, self.up, self.down = in_channels, out_channels, up, down
         self.fused_resample = fused_resample
         fan_in, fan_out = in_channels * kernel * kernel, out_channels * kernel * kernel
-        self.weight = nn.Parameter(_init_weight([out_channels, in_channels, kernel, kernel], init_mode, fan_in, fan_out) * init_weight) if kernel else None
-        self.bias = nn.Parameter(_init_weight([out_channels], init_mode, fan_in, fan_out) * init_bias) if kernel and bias else None
+        w_shape = [out_channels, in_channels, kernel, kernel]
+        self.weight = nn.Parameter(_init_weight(w_shape, init_mode, fan_in, fan_out) * init_weight) if kernel else None
+        b_shape = [out_channels]
+        self.bias = nn.Parameter(_init_weight(b_shape, init_mode, fan_in, fan_out) * init_bias) if kernel and bias else None
         f = torch.as_tensor(resample_filter, dtype=torch.float32)
         f = f.ger(f).unsqueeze(0).unsqueeze(1) / f.sum().square()
         self.register_buffer("resample_filter", f if up or down else None)
@@ -135,7 +146,8 @@ class GroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x):
-        return F.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype), bias=self.bias.to(x.dtype), eps=self.eps)
+        return F.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype), bias=self.bias.to(x.dtype),
+                            eps=self.eps)
 
 
 class UNetBlock(nn.Module):
@@ -264,7 +276,8 @@ class SongUNet(nn.Module):
                             resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
                             init=init, init_zero=init_zero, init_attn=init_attn)
 
-        self.map_noise = PositionalEmbedding(noise_channels, endpoint=True) if embedding_type == "positional" else FourierEmbedding(noise_channels)
+        self.map_noise = (PositionalEmbedding(noise_channels, endpoint=True) if embedding_type == "positional"
+                          else FourierEmbedding(noise_channels))
         self.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
         self.map_augment = Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
@@ -305,7 +318,8 @@ class SongUNet(nn.Module):
                 self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block_kwargs)
             if decoder_type == "skip" or level == 0:
                 if decoder_type == "skip" and level < len(channel_mult) - 1:
-                    self.dec[f"{res}x{res}_aux_up"] = Conv2d(out_channels, out_channels, 0, up=True, resample_filter=resample_filter)
+                    self.dec[f"{res}x{res}_aux_up"] = Conv2d(out_channels, out_channels, 0, up=True,
+                                                             resample_filter=resample_filter)
                 self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(cout, eps=1e-6)
                 self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, 3, **init_zero)
 
@@ -340,6 +354,8 @@ class SongUNet(nn.Module):
             else:
                 x = run_block(block, ckpt, x, emb) if isinstance(block, UNetBlock) else block(x)
                 skips.append(x)
+        if return_flag == "features":
+            return encoder_features(skips)
         logits = x.float().mean(dim=1, keepdim=True)  # discriminator map: channel mean of the last encoder block
         if return_flag == "encoder":
             return logits
