@@ -1,7 +1,8 @@
 """``sida``: the one console script. Configs are validated here, once; errors print as one line.
 
 Subcommands: ``demo``, ``train`` (Ray), ``sweep`` (Ray Tune), ``pipeline`` (staged Tune experiments), ``report``,
-``leaderboard``, ``evaluate``, ``export`` / ``generate`` (a run's one-step generator as weights or images), ``distill`` (one process), ``teacher train``, ``teacher sample``, ``validate``,
+``leaderboard``, ``evaluate``, ``export`` / ``generate`` (a run's one-step generator as weights or images),
+``distill`` (one process), ``teacher train``, ``teacher sample``, ``validate``,
 ``submit`` / ``jobs status|logs|stop`` (Ray Jobs API), ``cluster validate`` (cluster-launcher YAMLs), ``fid-stats``
 (reference statistics), ``dataset prepare|stage`` (sharded datasets in storage).
 """
@@ -183,7 +184,8 @@ def cmd_teacher_sample(args) -> int:
 
     net, manifest = load_network(args.checkpoint, args.key)
     net.eval()
-    shape = (args.num, manifest["network"]["img_channels"], manifest["network"]["img_resolution"], manifest["network"]["img_resolution"])
+    spec = manifest["network"]
+    shape = (args.num, spec["img_channels"], spec["img_resolution"], spec["img_resolution"])
     z = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
     x = heun_sample(net, z, num_steps=args.steps)
     save_grid(x, args.out)
@@ -286,7 +288,8 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sida", description="SiD / SiDA / SiD²A one-step distillation of EDM-style diffusion models.")
+    parser = argparse.ArgumentParser(prog="sida",
+                                     description="SiD / SiDA / SiD²A one-step distillation of EDM-style diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="end-to-end demo on the built-in digits: teacher, SiDA distillation, FD-digits, sample grid")
@@ -423,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cluster_validate)
 
     p = sub.add_parser("fid-stats", help="reference statistics (mu, sigma + manifest) of a dataset for FD / FID scoring")
-    p.add_argument("dataset", metavar="DATASET", help="'digits' (the built-in train split) or a path (image folder, zip, .npz, IDX)")
+    p.add_argument("dataset", metavar="DATASET",
+                   help="'digits' (the built-in train split) or a path (image folder, zip, .npz, IDX)")
     p.add_argument("--out", required=True, metavar="URI", help="folder or s3://bucket/prefix for stats.npz + manifest.json")
     p.add_argument("--metric", choices=["fd_digits", "fid_inception"], default=None,
                    help="feature space (default: fd_digits for digits, fid_inception otherwise)")
@@ -462,7 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for an s3:// URI (else from env)")
     p.set_defaults(func=cmd_dataset_stage)
 
-    t = sub.add_parser("teacher", help="teacher utilities").add_subparsers(dest="teacher_command", required=True, metavar="ACTION")
+    t = sub.add_parser("teacher", help="teacher utilities").add_subparsers(dest="teacher_command", required=True,
+                                                                            metavar="ACTION")
     p = t.add_parser("train", help="train (or reuse) the EDM teacher a config describes (built-in data: on the CPU)")
     _add_config_args(p)
     p.set_defaults(func=cmd_teacher_train)

@@ -49,6 +49,22 @@ def collect_rows(uri: str, endpoint_url: Optional[str] = None, metric: Optional[
     return [r for r in rows if metric is None or r["metric"] == metric]
 
 
+def final_values(rows: list[dict]) -> dict[tuple, list[float]]:
+    """The ``sida evaluate`` re-scores (kind ``final``), grouped by (run_uri, checkpoint, metric)."""
+    finals: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r["kind"] == "final":
+            finals.setdefault((r["run_uri"], r["checkpoint"], r["metric"]), []).append(r["value"])
+    return finals
+
+
+def format_final(mean: Optional[float], std: Optional[float], n: int) -> str:
+    """``mean ± std (n=N)`` of a re-evaluation (no std for one seed); empty without one."""
+    if mean is None:
+        return ""
+    return f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "") + f" (n={n})"
+
+
 def rank(rows: list[dict], by: str = "checkpoint", top: Optional[int] = None) -> list[dict]:
     """Live rows, lowest value first: every checkpoint (``by="checkpoint"``) or each run's best (``"run"``).
 
@@ -57,10 +73,7 @@ def rank(rows: list[dict], by: str = "checkpoint", top: Optional[int] = None) ->
     if by not in ("checkpoint", "run"):
         raise ConfigError(f"--by: expected 'checkpoint' or 'run', got {by!r}")
     live = [r for r in rows if r["kind"] == "live"]
-    finals: dict[tuple, list[float]] = {}
-    for r in rows:
-        if r["kind"] == "final":
-            finals.setdefault((r["run_uri"], r["checkpoint"], r["metric"]), []).append(r["value"])
+    finals = final_values(rows)
     out = []
     for r in live:
         vals = finals.get((r["run_uri"], r["checkpoint"], r["metric"]))
@@ -87,9 +100,7 @@ def print_table(ranked: list[dict], title: str) -> None:
     for col in ("#", "run", "method", "alpha", "checkpoint", "kimg", "metric", "value", "final (mean ± std)", "images"):
         table.add_column(col, justify="right" if col in ("#", "alpha", "kimg", "value", "images") else "left")
     for i, r in enumerate(ranked, 1):
-        final = "" if r["final_mean"] is None else (
-            f"{r['final_mean']:.4f}" + (f" ± {r['final_std']:.4f}" if r["final_std"] is not None else "")
-            + f" (n={r['final_repeats']})")
+        final = format_final(r["final_mean"], r["final_std"], r["final_repeats"])
         table.add_row(str(i), r["run"] + (f" [{r['trial']}]" if r.get("trial") else ""), r["method"],
                       f"{r['alpha']:g}", r["checkpoint"], f"{r['kimg']:.1f}", r["metric"], f"{r['value']:.4f}",
                       final, str(r["num_images"]))

@@ -90,6 +90,7 @@ def run_pipeline(path: str, overrides: Sequence[str] = (), *, stop_after: Option
                 store = RunStore(Storage(best["run_uri"], endpoint_url=root.endpoint_url))
                 best["uri"] = store.storage.uri_of(store.checkpoint_ref(best["checkpoint"]))
             state["stages"][st.name] = {"state": "done", "stage": st.model_dump(mode="json"), "method": st.method,
+                                        "methods": st.methods(),
                                         "init_from": st.init_from, "best": best, "outcomes": outcomes,
                                         "finished": time.time()}
             state["current"] = None

@@ -14,6 +14,7 @@ can be made while trials still run. Written into ``--out`` and uploaded under ``
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -67,6 +68,15 @@ def _trials(storage, runs) -> tuple[str, list[dict], dict]:
     return kind, out, pipeline
 
 
+def _fmt_final(values: list[float]) -> str:
+    """A best checkpoint's re-scores as the leaderboard prints them (``mean ± std (n=N)``)."""
+    from pipelines.leaderboard import format_final
+
+    if not values:
+        return ""
+    return format_final(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
+
+
 def plot_best(trials: list[dict], path: Path, metric_label: str) -> Path:
     """A horizontal bar per trial: its best score (lower is better); stopped/diverged trials hatched."""
     import matplotlib
@@ -96,7 +106,7 @@ def plot_best(trials: list[dict], path: Path, metric_label: str) -> Path:
 def run_report(uri: str, out: str, *, endpoint_url: Optional[str] = None, upload: bool = True,
                log: Callable[[str], None] = _log) -> dict:
     """Write ``report.md`` and the plots for the runs at or below ``uri`` into ``out`` (and ``uri/report/``)."""
-    from pipelines.leaderboard import find_runs, plot_curves
+    from pipelines.leaderboard import final_values, find_runs, plot_curves
     from store.storage import Storage
 
     storage = Storage(uri, endpoint_url=endpoint_url)
@@ -104,6 +114,7 @@ def run_report(uri: str, out: str, *, endpoint_url: Optional[str] = None, upload
     kind, trials, pipeline = _trials(storage, runs)
     rows_by_run = {t["uri"]: t["store"].read_rows() for t in trials}
     rows = [r for rs in rows_by_run.values() for r in rs if math.isfinite(r["value"])]
+    finals = final_values(rows)  # the sida evaluate re-scores (finite), by (run, checkpoint, metric)
     if not rows:
         raise ConfigError(f"{storage.uri}: no scored checkpoint yet; nothing to report")
     metrics = sorted({r["metric"] for r in rows})
@@ -113,6 +124,7 @@ def run_report(uri: str, out: str, *, endpoint_url: Optional[str] = None, upload
         t["scored"] = len(live)
         t["best"] = t["store"].best_live_row(rows=live)
         t["method"] = t["best"]["method"] if t["best"] else t["store"].read_config().get("method")
+        t["final"] = finals.get((t["uri"], t["best"]["checkpoint"], t["best"]["metric"]), []) if t["best"] else []
         axes = ", ".join(f"{k}={_fmt(v)}" for k, v in t["axes"].items()) or t["name"]
         t["label"] = (f"{t['stage']}: " if t["stage"] else "") + axes
     by_uri = {t["uri"]: t for t in trials}
@@ -133,7 +145,7 @@ def run_report(uri: str, out: str, *, endpoint_url: Optional[str] = None, upload
             rows, out_dir / "methods.png", kimg_offset=offsets,
             label=lambda r: f"{method_display(r['method'])} alpha={r['alpha']:g} "
                             f"({by_uri[r['run_uri']]['stage']})",
-            title="SiD vs SiDA vs SiD²A (SiD²A drawn after the SiD kimg its generator started from)")
+            title=" vs ".join(dict.fromkeys(method_display(r["method"]) for r in rows)))
 
     md = [f"# {kind.capitalize()} report: `{storage.uri}`", "",
           f"{len(trials)} run(s); metric {metric_label} (lower is better); made {time.strftime('%Y-%m-%d %H:%M:%S')} "
@@ -144,10 +156,12 @@ def run_report(uri: str, out: str, *, endpoint_url: Optional[str] = None, upload
         md += [f"**Best**: {b['label']} — {b['best']['metric']} {b['best']['value']:.4f} at {b['best']['kimg']:g} kimg "
                f"(`{b['best']['checkpoint']}`, run `{b['uri']}`).", ""]
     if kind == "pipeline":
-        md += ["## Stages", "", "| stage | method | from | chosen checkpoint | score | content hash |", "|---|---|---|---|---|---|"]
+        md += ["## Stages", "", "| stage | method | from | chosen checkpoint | score | content hash |",
+               "|---|---|---|---|---|---|"]
         for name, st in pipeline["stages"].items():
             best = st.get("best") or {}
-            md.append(f"| {name} | {method_display(st.get('method'))} | "
+            shown = ", ".join(method_display(m) for m in st.get("methods") or [st.get("method")])
+            md.append(f"| {name} | {shown} | "
                       f"{st.get('init_from') or 'teacher'} | `{best.get('uri', '—')}` | "
                       f"{best.get('value', float('nan')):.4f} | `{str(best.get('checkpoint_hash', ''))[:16]}` |")
         md += ["", "SiD²A lineage (each run's `lineage.json`: the checkpoint theta started from):", ""]
@@ -157,8 +171,19 @@ def run_report(uri: str, out: str, *, endpoint_url: Optional[str] = None, upload
                 md.append(f"- `{t['label']}` ← `{lineage['uri']}` (hash `{lineage['content_hash'][:16]}`, "
                           f"{lineage.get('kimg')} kimg)")
         md.append("")
-    md += ["## Trials", "", "| trial | method | axes | best | at kimg | checkpoint | scored | state |",
-           "|---|---|---|---|---|---|---|---|"]
+    best_of_method: dict[str, dict] = {}  # each method's trial with the lowest live score
+    for t in sorted((t for t in trials if t["best"]), key=lambda t: t["best"]["value"]):
+        best_of_method.setdefault(t["method"], t)
+    if len(best_of_method) > 1:
+        md += ["## Best per method", "", "Each method's lowest live score, and its checkpoint re-scored with fresh "
+               "generation seeds (`sida evaluate --best`: mean ± sample std over n seeds) where that was run.", "",
+               "| method | trial | best live | at kimg | re-scored (mean ± std, n) |", "|---|---|---|---|---|"]
+        for m, t in best_of_method.items():
+            md.append(f"| {method_display(m)} | {t['label']} | {t['best']['value']:.4f} | {t['best']['kimg']:g} | "
+                      f"{_fmt_final(t['final'])} |")
+        md.append("")
+    md += ["## Trials", "", "| trial | method | axes | best | at kimg | checkpoint | re-scored | scored | state |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for t in sorted(trials, key=lambda t: (t["stage"] or "", t["best"]["value"] if t["best"] else math.inf)):
         b = t["best"]
         state = t["state"] + (f": {t['reason']}" if t["reason"] else "")
@@ -166,10 +191,12 @@ def run_report(uri: str, out: str, *, endpoint_url: Optional[str] = None, upload
         axes = ", ".join(f"{k}={_fmt(v)}" for k, v in t["axes"].items())
         best = ("", "", "") if b is None else (f"{b['value']:.4f}", f"{b['kimg']:g}", f"`{b['checkpoint']}`")
         md.append(f"| {name} | {method_display(t['method'])} | {axes} | {best[0]} | {best[1]} | "
-                  f"{best[2]} | {t['scored']} | {state.replace('|', chr(92) + '|')} |")
+                  f"{best[2]} | {_fmt_final(t['final'])} | {t['scored']} | {state.replace('|', chr(92) + '|')} |")
     md += ["", "## Plots", ""]
     captions = {"fd_vs_kimg.png": f"{metric_label} vs kimg, one curve per trial (the paper's Figure 2 for an alpha grid)",
-                "best_per_trial.png": "best score per trial", "methods.png": "SiD vs SiDA vs SiD²A (Figures 4-5)"}
+                "best_per_trial.png": "best score per trial",
+                "methods.png": "the methods side by side (Figures 4-5); a run that started from an earlier run's "
+                               "generator (SiD²A) is drawn after the kimg it started from"}
     for name in plots:
         md += [f"![{captions[name]}]({name})", "", f"*{captions[name]}*", ""]
     (out_dir / "report.md").write_text("\n".join(md))

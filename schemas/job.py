@@ -149,14 +149,21 @@ class CheckedJob:
     warnings: list[str] = field(default_factory=list)
     staged: dict[str, str] = field(default_factory=dict)  # file name -> text for the working_dir (default: the config)
 
+    @property
+    def config_file(self) -> Path:
+        """The config file of a kind that has one (every kind but ``evaluate``)."""
+        if self.config_path is None:
+            raise ValueError(f"a {self.spec.kind} job has no config file")
+        return self.config_path
+
     def entrypoint(self, config_arg: Optional[str] = None) -> str:
         """The shell command run on the cluster; ``config_arg``: the config's path there (default: its name)."""
         s = self.spec
-        words = [s.kind]
+        words: list[str] = [s.kind]
         if s.kind == "evaluate":
-            words.append(s.run_uri)
+            words.append(str(s.run_uri))
         else:
-            words.append(config_arg or self.config_path.name)
+            words.append(config_arg or self.config_file.name)
         if s.kind == "train":
             words += ["--name", self.name] if self.name else []
             words += [w for o in self.overrides for w in ("--set", o)]
@@ -178,8 +185,8 @@ def _check_train(job: CheckedJob) -> None:
     if s.storage is not None:
         derived += [f"storage.{k}={v}" for k, v in s.storage.model_dump().items() if v is not None]
     job.overrides = [*s.overrides, *derived]
-    data = apply_overrides(read_yaml(job.config_path), job.overrides)
-    cfg = validate(RunConfig, data, source=str(job.config_path))
+    data = apply_overrides(read_yaml(job.config_file), job.overrides)
+    cfg = validate(RunConfig, data, source=str(job.config_file))
     job.config = cfg
     job.storage_uri = cfg.storage.uri
     m = cfg.metric
@@ -217,13 +224,19 @@ def _check_search(job: CheckedJob) -> None:
     The request is one trial: its driver CPUs, workers and scorers (Tune runs more in parallel if they fit)."""
     import yaml
 
-    from schemas.sweep import load_pipeline, load_sweep, plan_trials, storage_config
+    from schemas.sweep import (PipelineConfig, SearchConfig, SweepConfig, load_pipeline, load_sweep, plan_trials,
+                               storage_config)
 
     sweep = job.spec.kind == "sweep"
-    cfg, base, base_path = (load_sweep if sweep else load_pipeline)(job.config_path)
-    searches = [(cfg, [cfg.set], None)] if sweep else [(st, [cfg.set, st.set], st.method) for st in cfg.stages]
+    cfg: SweepConfig | PipelineConfig
+    if sweep:
+        cfg, base, base_path = load_sweep(job.config_file)
+        searches: list[tuple[SearchConfig, list[dict], Optional[str]]] = [(cfg, [cfg.set], None)]
+    else:
+        cfg, base, base_path = load_pipeline(job.config_file)
+        searches = [(st, [cfg.set, st.set], st.method) for st in cfg.stages]
     plans = [p for search, layers, method in searches
-             for p in plan_trials(search, base, source=str(job.config_path), storage_uri="s3://submit-check/runs",
+             for p in plan_trials(search, base, source=str(job.config_file), storage_uri="s3://submit-check/runs",
                                   layers=layers, method=method)]
     uri = storage_config(base, [cfg.set]).uri
     for p in plans:
@@ -237,14 +250,15 @@ def _check_search(job: CheckedJob) -> None:
                           scorer_gpus=m.num_scorers * m.gpus_per_scorer if m.enabled else 0.0)
     job.storage_uri = uri
     base_name = Path(base_path).name
-    if base_name == job.config_path.name:
+    if base_name == job.config_file.name:
         base_name = f"base-{base_name}"
-    staged = dict(read_yaml(job.config_path), base=base_name)
-    job.staged = {job.config_path.name: yaml.safe_dump(staged, sort_keys=False), base_name: Path(base_path).read_text()}
+    staged = dict(read_yaml(job.config_file), base=base_name)
+    job.staged = {job.config_file.name: yaml.safe_dump(staged, sort_keys=False), base_name: Path(base_path).read_text()}
 
 
-# The one place a kind's config validator plugs in. A validator fills job.overrides / job.request / job.config (and may add warnings); without one, the file
-# is only checked to be a YAML mapping and the request comes from the spec's ``resources``.
+# The one place a kind's config validator plugs in. A validator fills job.overrides / job.request / job.config (and
+# may add warnings); without one, the file is only checked to be a YAML mapping and the request comes from the spec's
+# ``resources``.
 CONFIG_VALIDATORS: dict[str, Callable[[CheckedJob], None]] = {"train": _check_train, "sweep": _check_search,
                                                               "pipeline": _check_search}
 
@@ -286,7 +300,7 @@ def check_job(spec: JobSpec) -> CheckedJob:
     elif job.config_path is not None:
         job.warnings.append(f"{spec.kind} config {job.config_path.name} is not validated before submission yet "
                             f"(no {spec.kind} config schema); sida {spec.kind} validates it on the cluster")
-    if spec.kind == "evaluate" and not is_remote(spec.run_uri) and not os.path.isabs(spec.run_uri):
+    if spec.kind == "evaluate" and spec.run_uri and not is_remote(spec.run_uri) and not os.path.isabs(spec.run_uri):
         raise ConfigError(f"run_uri {spec.run_uri!r} is a relative local path: use the run's s3:// URI "
                           f"(or, on a single-node cluster, an absolute path)")
     return job

@@ -213,6 +213,12 @@ class StageConfig(SearchConfig):
             self.axes = {"method": [self.method or "sida"]}  # a stage may be a single run
         return super()._check()
 
+    def methods(self) -> list[str]:
+        """The methods this stage's trials run: its ``method`` axis (several methods side by side, same budget),
+        else its ``method`` (default sida)."""
+        axis = (self.axes or {}).get("method")
+        return [str(m) for m in axis] if isinstance(axis, list) and axis else [self.method or "sida"]
+
 
 class PipelineConfig(Strict):
     """``sida pipeline staged.yaml``: stages run in order in one storage folder; resumable stage by stage."""
@@ -240,13 +246,14 @@ class PipelineConfig(Strict):
                 where = "a later stage" if st.init_from in [s.name for s in self.stages] else "no stage"
                 raise ValueError(f"stages[{i}] ({st.name}).init_from: {st.init_from!r} is {where}; expected one of "
                                  f"the stages before it: {', '.join(seen) or 'none'}")
-            method = get_method(st.method)
-            if method.starts_from_generator != (st.init_from is not None):
-                raise ValueError(f"stages[{i}] ({st.name}): method {method.name!r} and init_from go together "
-                                 f"({method.display} starts from an earlier stage's best generator)"
-                                 if method.starts_from_generator else
-                                 f"stages[{i}] ({st.name}).init_from: method {method.name!r} starts from the teacher; "
-                                 f"init_from is for a method that starts from a SiD generator")
+            for name in st.methods():
+                method = get_method(name)
+                if method.starts_from_generator != (st.init_from is not None):
+                    raise ValueError(f"stages[{i}] ({st.name}): method {method.name!r} and init_from go together "
+                                     f"({method.display} starts from an earlier stage's best generator)"
+                                     if method.starts_from_generator else
+                                     f"stages[{i}] ({st.name}).init_from: method {method.name!r} starts from the "
+                                     f"teacher; init_from is for a method that starts from a SiD generator")
             seen.append(st.name)
         return self
 

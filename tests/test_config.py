@@ -1,7 +1,6 @@
 """Config presets (paper Tables 6 and 7), ``--set`` overrides, and one-line error messages for bad configs."""
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import pytest
@@ -158,7 +157,7 @@ BAD = [
      ["batch.total", "divisible", "batch.per_worker", "scaling.num_workers"]),
     ("batch_not_divisible_workers", "batch:\n  total: 256\n  per_worker: 32\nscaling:\n  num_workers: 3\n", [],
      ["batch.total", "divisible", "32 x 3"]),
-    ("unknown_method", "method: gan\n", [], ["method", "'sid', 'sida' or 'sid2a'", "'gan'"]),
+    ("unknown_method", "method: gan\n", [], ["method", "'sid', 'sida', 'sid2a' or 'add'", "'gan'"]),
     ("unknown_precision", "precision: fp8\n", [], ["precision", "'fp32', 'fp16' or 'bf16'", "'fp8'"]),
     ("t_max_too_large", "loss:\n  t_max: 1200\n", [], ["loss.t_max", "less than or equal to 1000"]),
     ("negative_lambda", "loss:\n  lambda_adv_psi: -1\n", [], ["loss.lambda_adv_psi", "greater than or equal to 0"]),
@@ -176,16 +175,16 @@ BAD = [
     ("negative_lr", "optimizer:\n  lr_theta: -1e-5\n", [], ["optimizer.lr_theta", "greater than 0"]),
     ("adam_beta2_one", "optimizer:\n  beta2: 1.0\n", [], ["optimizer.beta2", "less than 1"]),
     ("channels_2", "data:\n  channels: 2\n", [], ["data.channels", "1, 3 or 4", "2"]),
-    ("channels_4_images", "data:\n  channels: 4\n", [], ["data.channels must be 4 exactly for data.kind 'latents'", "got 4 with data.kind 'digits'"]),
+    ("channels_4_images", "data:\n  channels: 4\n", [], ["data.channels must be 4 exactly for data.kind 'latents'", "got 4 with data.kind 'digits'"]),  # noqa: E501
     ("cond_without_classes", "data:\n  cond: true\n  num_classes: 0\n", [], ["data.num_classes", ">= 2", "data.cond"]),
     ("unknown_metric", "metric:\n  name: is50k\n", [], ["metric.name", "'fd_digits' or 'fid_inception'"]),
-    ("unknown_arch", "teacher:\n  network:\n    arch: unet9\n", [], ["teacher.network.arch", "'songunet', 'adm', 'edm2' or 'mlp'"]),
+    ("unknown_arch", "teacher:\n  network:\n    arch: unet9\n", [], ["teacher.network.arch", "'songunet', 'adm', 'edm2' or 'mlp'"]),  # noqa: E501
     ("section_not_mapping", "loss: 3\n", [], ["loss", "mapping"]),
     ("two_errors", "loss:\n  alpha: abc\n  t_max: 2000\n", [], ["loss.alpha", "; loss.t_max"]),
     ("bad_bool_from_set", "name: x\n", ["scaling.use_gpu=maybe"], ["scaling.use_gpu", "valid boolean"]),
     ("set_without_equals", "name: x\n", ["loss.alpha"], ["--set", "'loss.alpha'", "KEY=VALUE"]),
     ("set_through_a_value", "name: x\n", ["name.first=1"], ["--set", "name", "not a section"]),
-    ("missing_teacher_file", "teacher:\n  path: nowhere/teacher.pkl\n", [], ["teacher.path", "nowhere/teacher.pkl", "does not exist"]),
+    ("missing_teacher_file", "teacher:\n  path: nowhere/teacher.pkl\n", [], ["teacher.path", "nowhere/teacher.pkl", "does not exist"]),  # noqa: E501
     ("missing_data_file", "teacher:\n  path: teacher.pkl\ndata:\n  kind: zip\n  path: nowhere/data.zip\n"
      "metric:\n  reference: teacher.pkl\n", [],
      ["data.path", "nowhere/data.zip", "does not exist"]),
@@ -241,7 +240,18 @@ def test_committed_sweep_plans_valid_trials(path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "pipelines").glob("*.yaml")), ids=lambda p: p.stem)
 def test_committed_pipeline_loads(path):
+    from schemas.sweep import load_pipeline, plan_trials
+
+    pipeline, base, _ = load_pipeline(path)
+    assert pipeline.stages
+    for st in pipeline.stages:  # every stage's trials validate, running the stage's methods
+        plans = plan_trials(st, base, source=str(path), storage_uri=f"runs/pipelines/x/{st.name}",
+                            layers=[pipeline.set, st.set], method=st.method)
+        assert sorted({p.cfg.method for p in plans}) == sorted(set(st.methods()))
+
+
+def test_a_pipeline_stage_may_run_several_methods_side_by_side():
     from schemas.sweep import load_pipeline
 
-    pipeline, _, _ = load_pipeline(path)
-    assert pipeline.stages
+    pipeline, _, _ = load_pipeline(ROOT / "configs" / "pipelines" / "digits_methods.yaml")
+    assert [st.methods() for st in pipeline.stages] == [["sid"], ["sida", "add"], ["sid2a"]]

@@ -166,10 +166,15 @@ def test_pipeline_stops_between_stages_and_resumes_at_the_next(staged):
 
 def test_pipeline_report_compares_the_methods(staged, capsys):
     pipe, _, _, tmp = staged
+    ev = run_cli(capsys, ["evaluate", pipe.child("sid", "t00_alpha=1").uri, "--best", "--repeats", "2"])
     rep = run_cli(capsys, ["report", pipe.uri, "--out", str(tmp / "report")])
     assert rep["kind"] == "pipeline" and rep["runs"] == 3 and "methods.png" in rep["files"]
     md = (tmp / "report" / "report.md").read_text()
     assert "## Stages" in md and "SiD²A" in md and "lineage" in md and "sid2a/t01_alpha=1.2" in md
+    # best per method, with the 2-seed re-score of SiD's best checkpoint (mean ± sample std)
+    assert "## Best per method" in md
+    sid_line = next(line for line in md.splitlines() if line.startswith("| SiD |"))
+    assert f"{ev['mean']:.4f} ± {ev['std']:.4f} (n=2)" in sid_line, sid_line
     assert (tmp / "report" / "methods.png").stat().st_size > 10_000 and pipe.exists("report/methods.png")
 
 
@@ -207,6 +212,8 @@ def test_sid2a_starts_from_the_best_sid_checkpoint(staged):
     ([{"name": "sid", "method": "sid"}, {"name": "b", "method": "sida", "init_from": "sid"}],
      ["stages[1] (b).init_from: method 'sida' starts from the teacher"]),
     ([{"name": "sid", "method": "sid"}, {"name": "sid", "method": "sida"}], ["'sid' is used twice"]),
+    ([{"name": "sid", "method": "sid"}, {"name": "b", "axes": {"method": ["sida", "sid2a"]}}],
+     ["stages[1] (b): method 'sid2a' and init_from go together"]),  # each method of a method axis is checked
     ([{"name": "sid", "method": "sid", "axes": {"alpha": []}}], ["stages.0.axes.alpha: empty grid"]),
     ([], ["stages: give at least one stage"]),
 ])
