@@ -109,6 +109,10 @@ class ExactDenoiser(nn.Module):
     frozen by construction; it is differentiable with respect to ``x``.
     """
 
+    means: torch.Tensor  # buffers (registered in __init__)
+    variances: torch.Tensor
+    log_weights: torch.Tensor
+
     def __init__(self, mixture: GaussianMixture):
         super().__init__()
         self.img_shape = mixture.shape

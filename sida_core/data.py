@@ -25,7 +25,7 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, cast
 
 import numpy as np
 import torch
@@ -86,7 +86,8 @@ class ImageDataset:
         """One-hot float32 labels (len(indices), label_dim), or None when label_dim is 0."""
         if self.label_dim == 0:
             return None
-        return torch.nn.functional.one_hot(self.labels[indices], self.label_dim).float()
+        labels = cast(torch.Tensor, self.labels)  # a dataset with label_dim > 0 carries labels
+        return torch.nn.functional.one_hot(labels[indices], self.label_dim).float()
 
 
 # ----------------------------------------------------------------------------------------------- readers
@@ -99,6 +100,7 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 def _decode_image(data, name: str) -> np.ndarray:
     """Decode one PNG/JPEG (path or file object) to uint8 HWC with 1 or 3 channels."""
+    img: Image.Image  # the opened file, then possibly its L / RGB conversion
     try:
         with Image.open(data) as img:
             img.load()
@@ -285,6 +287,8 @@ def _npz_to_0_255(x: np.ndarray, where: str) -> np.ndarray:
     if x.dtype == np.uint8:
         return x.astype(np.float32)
     if np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_:
+        lo: float
+        hi: float
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi > 255:
             raise DataError(f"{where}: integer images must lie in 0..255, got {lo}..{hi}")
@@ -397,7 +401,7 @@ def _convert(images, names_where: str, resolution: int, channels: int) -> torch.
         elif c == 1 and channels == 3:
             img = np.repeat(img, 3, axis=2)
         if h != resolution:
-            flt = Image.BOX if h > resolution else Image.BICUBIC
+            flt = Image.Resampling.BOX if h > resolution else Image.Resampling.BICUBIC  # == Image.BOX / Image.BICUBIC
             img = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(img[:, :, k])).resize((resolution, resolution), flt))
                             for k in range(channels)], axis=2)
         out[i] = img

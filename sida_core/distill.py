@@ -23,7 +23,7 @@ import hashlib
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import nn
@@ -167,8 +167,8 @@ class Distiller:
         unwrap(self.psi).train()
         self.G_ema = copy.deepcopy(unwrap(generator)).eval().requires_grad_(False)
         net = unwrap(generator)
-        self.img_shape = (net.img_channels, net.img_resolution, net.img_resolution)
-        self.label_dim = net.label_dim
+        self.img_shape = cast(tuple[int, int, int], (net.img_channels, net.img_resolution, net.img_resolution))
+        self.label_dim = cast(int, net.label_dim)
 
         self.opt_psi = adam(self.psi.parameters(), lr=h.lr_psi, betas=self.betas, eps=h.eps, perf=perf, notes=self.perf_notes)
         self.opt_G = adam(self.G.parameters(), lr=h.lr_theta, betas=self.betas, eps=h.eps, perf=perf, notes=self.perf_notes)
@@ -205,7 +205,8 @@ class Distiller:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def _sync(self, module: nn.Module, last_round: bool):
-        return contextlib.nullcontext() if last_round or not hasattr(module, "no_sync") else module.no_sync()
+        # no_sync: DistributedDataParallel's (or a similar wrapper's) method, present when hasattr says so
+        return contextlib.nullcontext() if last_round or not hasattr(module, "no_sync") else cast(Any, module).no_sync()
 
     def _rng(self, r: int, purpose: str) -> torch.Generator:
         return make_generator(self.device, self.h.seed, self.step_idx, self.rank * self.rounds + r, purpose)
@@ -225,6 +226,7 @@ class Distiller:
         # split among workers and rounds does not change which images a step sees, and resume continues the epoch.
         n = self.h.per_worker
         start = self.cur_nimg + (self.rank * self.rounds + r) * n
+        assert self.real_order is not None and self.real_images is not None  # use_adv requires real images (__init__)
         idx = torch.from_numpy(self.real_order.indices(start, n))
         if isinstance(self.real_images, torch.Tensor):
             idx = idx.to(self.real_images.device)
@@ -316,7 +318,7 @@ class Distiller:
         h = self.h
         stage = self.stage()
         b_total = h.per_worker * self.rounds  # per-worker total batch (SPEC: loss = sum_i L_i / B_worker_total)
-        stats: dict[str, float] = {}
+        stats: dict[str, float | str] = {}  # losses and counters; "stage" is the stage's name
         sums: dict[str, float] = {}
 
         def acc(d, scale=1.0):
@@ -391,6 +393,7 @@ class Distiller:
         """EMA with half-life ema_mimg * 1e6 images, ramped up as min(h, rampup * cur_nimg) (SPEC.md)."""
         beta = ema_beta(self.h.total_batch, self.h.ema_mimg, self.cur_nimg, self.h.ema_rampup)
         src = unwrap(self.G)
+        ema: list[torch.Tensor]
         ema, cur = list(self.G_ema.parameters()), [p.detach() for p in src.parameters()]
         torch._foreach_copy_(ema, torch._foreach_lerp(cur, ema, beta))  # p_ema <- lerp(p, p_ema, beta), all at once
         ema_b, cur_b = list(self.G_ema.buffers()), list(src.buffers())

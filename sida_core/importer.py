@@ -104,7 +104,7 @@ def _load_storage_bytes(b: bytes):
 try:  # numpy >= 2 spells it numpy._core; pickles written under numpy 1.x say numpy.core (both are allowed)
     from numpy._core import multiarray as _multiarray
 except ImportError:  # pragma: no cover - numpy 1.x
-    from numpy.core import multiarray as _multiarray
+    from numpy.core import multiarray as _multiarray  # type: ignore[no-redef]  # same module, numpy 1.x name
 _NUMPY_MULTIARRAY = {"scalar": _multiarray.scalar, "_reconstruct": _multiarray._reconstruct}
 
 def _codecs_encode(text, encoding="utf-8", errors="strict"):
@@ -372,6 +372,7 @@ def _pick(obj: Any, key: Optional[str], path: Path) -> tuple[Any, str]:
 def _read_state_dict(path: Path, fmt: str, key: Optional[str]) -> dict[str, torch.Tensor]:
     if path.stat().st_size == 0:
         raise ImportError_(f"{path}: empty file")
+    sd: Any  # whatever the file holds; checked below
     try:
         if fmt == "safetensors":
             from safetensors.torch import load_file

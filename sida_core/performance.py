@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -84,7 +84,7 @@ def prepare_network(net: nn.Module, perf: Performance) -> nn.Module:
     if perf.channels_last:
         net.to(memory_format=torch.channels_last)
     if perf.activation_checkpointing:
-        backbones = [m for m in net.modules() if hasattr(m, "enc") and hasattr(m, "dec")]
+        backbones: list[Any] = [m for m in net.modules() if hasattr(m, "enc") and hasattr(m, "dec")]  # U-Nets
         if not backbones:
             raise ValueError(f"performance.activation_checkpointing: {type(net).__name__} has no U-Net blocks to "
                              f"checkpoint")
@@ -153,7 +153,7 @@ def set_tf32(flag: Optional[bool]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- optimiser
-def fused_adam_unsupported(params: list[torch.Tensor]) -> Optional[str]:
+def fused_adam_unsupported(params: Sequence[torch.Tensor]) -> Optional[str]:
     """Why torch's fused Adam kernel cannot take these parameters (None if it can)."""
     try:
         from torch.utils._foreach_utils import _get_fused_kernels_supported_devices

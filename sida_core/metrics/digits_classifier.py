@@ -19,7 +19,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from ..data import LUMA, load_digits_arrays, split_indices
 from ..determinism import cpu_threads
 from .frechet import FeatureSpace, Stats
 
-RECIPE = dict(version=1, arch="cnn16-32-fc64", split=dict(holdout_fraction=0.2, split_seed=0), seed=0, epochs=20,
+RECIPE: dict[str, Any] = dict(version=1, arch="cnn16-32-fc64", split=dict(holdout_fraction=0.2, split_seed=0), seed=0, epochs=20,
               batch=64, optimizer="adam", lr_max=3e-3, schedule="onecycle", shift_pixels=1, shift_prob=0.5)
 FEATURE_DIM = 64
 TRAIN_COUNT = 0  # how many classifiers this process has trained (tests check that the cache is reused)

@@ -24,7 +24,7 @@ import hashlib
 import os
 import threading
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Union, cast
 
 import torch
 from torch import nn
@@ -82,7 +82,7 @@ def package_weights_path() -> Optional[Path]:
         dist = metadata.distribution(PACKAGE[0])
     except metadata.PackageNotFoundError:
         return None
-    p = Path(dist.locate_file(PACKAGE[2]))
+    p = Path(cast("os.PathLike[str]", dist.locate_file(PACKAGE[2])))  # typeshed: SimplePath; a pathlib.Path here
     return p if p.is_file() else None
 
 

@@ -11,7 +11,7 @@ SiD code (mingyuanzhou/SiD, branch ``sida``, sida_training/sida_networks.py, ``D
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence, cast
 
 import numpy as np
 import torch
@@ -34,15 +34,16 @@ class DhariwalUNet(nn.Module):
         self.img_resolution, self.in_channels, self.out_channels = img_resolution, in_channels, out_channels
         self.label_dim, self.label_dropout = label_dim, label_dropout
         emb_channels = model_channels * channel_mult_emb
-        init = dict(init_mode="kaiming_uniform", init_weight=np.sqrt(1 / 3), init_bias=np.sqrt(1 / 3))
-        init_zero = dict(init_mode="kaiming_uniform", init_weight=0, init_bias=0)
-        block_kwargs = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init, init_zero=init_zero)
+        init: dict[str, Any] = dict(init_mode="kaiming_uniform", init_weight=np.sqrt(1 / 3), init_bias=np.sqrt(1 / 3))
+        init_zero: dict[str, Any] = dict(init_mode="kaiming_uniform", init_weight=0, init_bias=0)
+        block_kwargs: dict[str, Any] = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init,
+                                            init_zero=init_zero)
 
         self.map_noise = PositionalEmbedding(model_channels, endpoint=False)
         self.map_augment = Linear(augment_dim, model_channels, bias=False, **init_zero) if augment_dim else None
         self.map_layer0 = Linear(model_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
-        label_init = dict(init_mode="kaiming_normal", init_weight=np.sqrt(label_dim))
+        label_init: dict[str, Any] = dict(init_mode="kaiming_normal", init_weight=np.sqrt(label_dim))
         self.map_label = Linear(label_dim, emb_channels, bias=False, **label_init) if label_dim else None
 
         self.enc = nn.ModuleDict()
@@ -58,7 +59,7 @@ class DhariwalUNet(nn.Module):
                 cin, cout = cout, model_channels * mult
                 attn = res in attn_resolutions
                 self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block_kwargs)
-        skips = [block.out_channels for block in self.enc.values()]
+        skips: list[int] = [cast(int, block.out_channels) for block in self.enc.values()]
 
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):

@@ -20,7 +20,7 @@ Differences from EDM2, on purpose:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 from torch import nn
@@ -80,6 +80,9 @@ def resample(x: torch.Tensor, f: Sequence[float] = (1, 1), mode: str = "keep") -
 
 class MPFourier(nn.Module):
     """Magnitude-preserving Fourier features (EDM2 eq. 75): sqrt(2) cos(2 pi (f x + phi)), fixed random f, phi."""
+
+    freqs: torch.Tensor  # buffers (registered in __init__)
+    phases: torch.Tensor
 
     def __init__(self, num_channels: int, bandwidth: float = 1):
         super().__init__()
@@ -170,6 +173,7 @@ class Block(nn.Module):
         x = mp_sum(x, y, t=self.res_balance)
         if self.num_heads:
             # channels of attn_qkv are laid out as (head, channel, q/k/v), as in EDM2
+            assert self.attn_qkv is not None and self.attn_proj is not None  # built whenever num_heads > 0
             y = self.attn_qkv(x)
             y = y.reshape(y.shape[0], self.num_heads, -1, 3, y.shape[2] * y.shape[3])
             q, k, v = normalize(y, dim=2).unbind(3)  # pixel norm per head, then split
@@ -217,7 +221,7 @@ class UNet(nn.Module):
                                                             attention=res in attn_resolutions, **block_kwargs)
 
         self.dec = nn.ModuleDict()
-        skips = [block.out_channels for block in self.enc.values()]
+        skips: list[int] = [cast(int, block.out_channels) for block in self.enc.values()]
         for level, channels in reversed(list(enumerate(cblock))):
             res = img_resolution >> level
             if level == len(cblock) - 1:
@@ -237,7 +241,8 @@ class UNet(nn.Module):
         ckpt = getattr(self, "activation_checkpointing", False)
         emb = self.emb_noise(self.emb_fourier(noise_labels))
         if self.emb_label is not None:
-            emb = mp_sum(emb, self.emb_label(class_labels * math.sqrt(class_labels.shape[1])), t=self.label_balance)
+            labels = cast(torch.Tensor, class_labels)  # a label-conditional net needs labels (EDM2Precond supplies zeros)
+            emb = mp_sum(emb, self.emb_label(labels * math.sqrt(labels.shape[1])), t=self.label_balance)
         emb = mp_silu(emb)
 
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
@@ -295,6 +300,7 @@ class EDM2Precond(nn.Module):
         if return_flag == "features":
             return out
         n = x.shape[0] if decoder_batch is None else int(decoder_batch)  # decoder output (and u) for the first n only
+        result: tuple[torch.Tensor, ...]
         if return_flag == "encoder":
             result = (out,)
         else:
@@ -309,6 +315,7 @@ class EDM2Precond(nn.Module):
         """u(sigma) of EDM2 eq. 21 as B x 1 x 1 x 1 float32, from c_noise = ln(sigma)/4."""
         if self.logvar_linear is None:
             raise ValueError("this EDM2 net has no logvar head (built with logvar_channels=0)")
+        assert self.logvar_fourier is not None  # built together with logvar_linear
         return self.logvar_linear(self.logvar_fourier(c_noise)).float().reshape(-1, 1, 1, 1)
 
 

@@ -16,7 +16,7 @@ No parameters are added for the discriminator.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence, cast
 
 import numpy as np
 import torch
@@ -269,12 +269,12 @@ class SongUNet(nn.Module):
         self.label_dim, self.label_dropout = label_dim, label_dropout
         emb_channels = model_channels * channel_mult_emb
         noise_channels = model_channels * channel_mult_noise
-        init = dict(init_mode="xavier_uniform")
-        init_zero = dict(init_mode="xavier_uniform", init_weight=1e-5)
-        init_attn = dict(init_mode="xavier_uniform", init_weight=np.sqrt(0.2))
-        block_kwargs = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=np.sqrt(0.5), eps=1e-6,
-                            resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
-                            init=init, init_zero=init_zero, init_attn=init_attn)
+        init: dict[str, Any] = dict(init_mode="xavier_uniform")
+        init_zero: dict[str, Any] = dict(init_mode="xavier_uniform", init_weight=1e-5)
+        init_attn: dict[str, Any] = dict(init_mode="xavier_uniform", init_weight=np.sqrt(0.2))
+        block_kwargs: dict[str, Any] = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=np.sqrt(0.5),
+                                            eps=1e-6, resample_filter=resample_filter, resample_proj=True,
+                                            adaptive_scale=False, init=init, init_zero=init_zero, init_attn=init_attn)
 
         self.map_noise = (PositionalEmbedding(noise_channels, endpoint=True) if embedding_type == "positional"
                           else FourierEmbedding(noise_channels))
@@ -302,7 +302,7 @@ class SongUNet(nn.Module):
             for idx in range(num_blocks):
                 cin, cout = cout, model_channels * mult
                 self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=(res in attn_resolutions), **block_kwargs)
-        skips = [block.out_channels for name, block in self.enc.items() if "aux" not in name]
+        skips: list[int] = [cast(int, block.out_channels) for name, block in self.enc.items() if "aux" not in name]
 
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
@@ -342,8 +342,8 @@ class SongUNet(nn.Module):
         check_return_flag(return_flag)
         ckpt = getattr(self, "activation_checkpointing", False)
         emb = self.embed(noise_labels, class_labels, augment_labels).to(x.dtype)
-        skips = []
-        aux = x
+        skips: list[torch.Tensor] = []
+        aux: torch.Tensor | None = x
         for name, block in self.enc.items():
             if "aux_down" in name:
                 aux = block(aux)
@@ -360,13 +360,15 @@ class SongUNet(nn.Module):
         if return_flag == "encoder":
             return logits
         x, emb, skips = decoder_inputs(decoder_batch, x, emb, skips)
-        aux = tmp = None
+        aux = None
+        tmp: torch.Tensor | None = None
         for name, block in self.dec.items():
             if "aux_up" in name:
                 aux = block(aux)
             elif "aux_norm" in name:
                 tmp = block(x)
             elif "aux_conv" in name:
+                assert tmp is not None  # every level's aux_norm comes right before its aux_conv
                 tmp = block(F.silu(tmp))
                 aux = tmp if aux is None else tmp + aux
             else:
