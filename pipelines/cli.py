@@ -99,8 +99,16 @@ def cmd_report(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from pipelines.leaderboard import collect_rows, plot_curves, print_table, rank
+    from pipelines.leaderboard import collect_rows, plot_curves, print_table, rank, watch
 
+    if args.watch is not None:
+        from schemas.loader import ConfigError
+
+        if args.json or args.plot:
+            raise ConfigError("--watch draws the table; it does not combine with --json or --plot")
+        watch(args.uri, endpoint_url=args.endpoint_url, metric=args.metric, by=args.by, top=args.top,
+              interval=args.watch)
+        return 0
     rows = collect_rows(args.uri, args.endpoint_url, args.metric)
     ranked = rank(rows, by=args.by, top=args.top)
     if args.plot:
@@ -177,7 +185,7 @@ def cmd_teacher_import(args) -> int:
 def cmd_teacher_sample(args) -> int:
     import torch
 
-    from pipelines.images import save_grid
+    from sida_core.sampling import save_grid
     from sida_core.edm import heun_nfe
     from sida_core.teacher import heun_sample
     from sida_core.training_loop import load_network
@@ -340,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default=None, help="only this metric (fd_digits, fid_inception)")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="also draw score vs kimg (log x), one curve per run")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    p.add_argument("--watch", type=float, nargs="?", const=5.0, default=None, metavar="SECONDS",
+                   help="redraw the table (with each run's state) every SECONDS (default 5) until every run has ended")
     p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for s3:// URIs (else from env)")
     p.set_defaults(func=cmd_leaderboard)
 

@@ -85,7 +85,7 @@ def run_demo(config: Optional[str] = None, overrides: Sequence[str] = (), out_di
              repeats: int = 10, teacher_repeats: int = 1) -> dict:
     from tqdm.auto import tqdm
 
-    from pipelines.images import save_grid
+    from sida_core.sampling import save_grid
     from pipelines.leaderboard import plot_curves, run_evaluate
     from pipelines.train import run_train
     from store.run_store import RunStore

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -91,20 +92,82 @@ def rank(rows: list[dict], by: str = "checkpoint", top: Optional[int] = None) ->
     return out[:top] if top else out
 
 
-def print_table(ranked: list[dict], title: str) -> None:
-    """A rich table on stdout."""
-    from rich.console import Console
+def build_table(ranked: list[dict], title: str, states: Optional[dict[str, str]] = None):
+    """The leaderboard as a rich Table; ``states``: {run_uri: state} adds each run's state column."""
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("#", "run", "method", "alpha", "checkpoint", "kimg", "metric", "value", "final (mean ± std)", "images"):
+    cols = ["#", "run", "method", "alpha", "checkpoint", "kimg", "metric", "value", "final (mean ± std)", "images"]
+    for col in cols + (["state"] if states is not None else []):
         table.add_column(col, justify="right" if col in ("#", "alpha", "kimg", "value", "images") else "left")
     for i, r in enumerate(ranked, 1):
         final = format_final(r["final_mean"], r["final_std"], r["final_repeats"])
-        table.add_row(str(i), r["run"] + (f" [{r['trial']}]" if r.get("trial") else ""), r["method"],
-                      f"{r['alpha']:g}", r["checkpoint"], f"{r['kimg']:.1f}", r["metric"], f"{r['value']:.4f}",
-                      final, str(r["num_images"]))
-    Console(width=None if sys.stdout.isatty() else 240).print(table)  # piped: never cut a checkpoint name
+        cells = [str(i), r["run"] + (f" [{r['trial']}]" if r.get("trial") else ""), r["method"],
+                 f"{r['alpha']:g}", r["checkpoint"], f"{r['kimg']:.1f}", r["metric"], f"{r['value']:.4f}",
+                 final, str(r["num_images"])]
+        table.add_row(*cells, *([states.get(r["run_uri"], "training")] if states is not None else []))
+    return table
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 240)  # piped: never cut a checkpoint name
+
+
+def print_table(ranked: list[dict], title: str) -> None:
+    """A rich table on stdout."""
+    _console().print(build_table(ranked, title))
+
+
+def run_states(stores: list) -> dict[str, str]:
+    """{run_uri: how the run ended (``status.json``), or "training" while it has no status}."""
+    return {s.uri: s.state() or "training" for s in stores}
+
+
+def watch(uri: str, *, endpoint_url: Optional[str] = None, metric: Optional[str] = None, by: str = "checkpoint",
+          top: Optional[int] = None, interval: float = 5.0, sleep: Callable[[float], None] = time.sleep) -> int:
+    """``sida leaderboard --watch``: redraw the table (with each run's state) every ``interval`` seconds until
+    every run below ``uri`` has ended (finished / diverged / stopped / failed) or the user presses Ctrl-C.
+    Runs that appear later (a sweep's next trials) join the table; before the first run exists it waits.
+    On a terminal the table is redrawn in place; piped, each refresh is printed after the last. Returns the
+    number of refreshes drawn."""
+    if not interval > 0:
+        raise ConfigError(f"--watch: expected a positive number of seconds, got {interval:g}")
+    console = _console()
+    rounds = 0
+    try:
+        while True:
+            try:
+                stores = find_runs(uri, endpoint_url)
+            except ConfigError:  # nothing there yet (a sweep starting): keep looking
+                stores = []
+            rows = [r for s in stores for r in s.read_rows() if metric is None or r["metric"] == metric]
+            states = run_states(stores)
+            ended = sum(st != "training" for st in states.values())
+            stamp = time.strftime("%H:%M:%S")
+            title = (f"{uri} — {ended} of {len(stores)} run(s) ended, {len(rows)} score(s); {stamp}, every "
+                     f"{interval:g} s (Ctrl-C to stop)")
+            if console.is_terminal:
+                console.clear()
+            console.print(build_table(rank(rows, by=by, top=top), title, states))
+            rounds += 1
+            if stores and ended == len(stores):
+                return rounds
+            sleep(interval)
+    except KeyboardInterrupt:
+        return rounds
+
+
+def alpha_label(row: dict) -> str:
+    """``alpha=A`` of a leaderboard row, or "" for a method whose generator loss has no alpha (ADD)."""
+    from sida_core.methods import get_method
+
+    try:
+        uses_alpha = get_method(row["method"]).uses_alpha
+    except ValueError:  # a row of a method this checkout does not know
+        uses_alpha = True
+    return f"alpha={row['alpha']:g}" if uses_alpha else ""
 
 
 def plot_curves(rows: list[dict], path: Path, title: str = "", hlines: Optional[dict[str, float]] = None,
@@ -132,8 +195,9 @@ def plot_curves(rows: list[dict], path: Path, title: str = "", hlines: Optional[
         curves.setdefault((r["run_uri"], r["metric"]), []).append(r)
     for (run_uri, metric), pts in sorted(curves.items()):
         pts.sort(key=lambda r: r["kimg"])
+        what = ", ".join(filter(None, (pts[0]["method"], alpha_label(pts[0]))))
         line, = ax.plot([p["kimg"] for p in pts], [p["value"] for p in pts], "o-", ms=3,
-                        label=label(pts[0]) if label else f"{pts[0]['run']} ({pts[0]['method']}, alpha={pts[0]['alpha']:g})")
+                        label=label(pts[0]) if label else f"{pts[0]['run']} ({what})")
         finals = [r for r in rows if r["kind"] == "final" and r["run_uri"] == run_uri and r["metric"] == metric]
         for ck in sorted({r["checkpoint"] for r in finals}):
             vals = [r["value"] for r in finals if r["checkpoint"] == ck]

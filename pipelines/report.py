@@ -3,6 +3,7 @@
 - ``fd_vs_kimg.png``: score vs kimg, one curve per trial labelled by its axis values (for an alpha sweep: the
   paper's Figure 2);
 - ``best_per_trial.png``: each trial's best score (hatched: trials stopped or diverged);
+- ``samples-K.png``: the gallery (fixed-seed one-step samples) of the K-th best trial's best checkpoint;
 - pipelines: ``methods.png``: SiD vs SiDA vs SiD²A (each stage's trials; SiD²A drawn after the SiD images its
   generator had already seen), like the paper's Figures 4-5;
 - ``report.md``: the trials (stage, method, axis values, best score and where, scored checkpoints, state and the
@@ -103,10 +104,26 @@ def plot_best(trials: list[dict], path: Path, metric_label: str) -> Path:
     return Path(path)
 
 
+MAX_GALLERIES = 12  # sample grids in a report: the best trials'
+
+
+def _samples(ranked: list[dict], out_dir: Path) -> list[tuple[dict, str]]:
+    """Copy each trial's best-checkpoint gallery (``gallery/CKPT.png``, written by its live scorer) into
+    ``out_dir`` as ``samples-K.png`` (K: its rank); trials scored before galleries existed are left out."""
+    out = []
+    for k, t in enumerate(ranked, 1):
+        store, ckpt_name = t["store"], t["best"]["checkpoint"]
+        if store.has_gallery(ckpt_name):
+            name = f"samples-{k}.png"
+            (out_dir / name).write_bytes(store.storage.read_bytes(store.gallery_ref(ckpt_name)))
+            out.append((t, name))
+    return out
+
+
 def run_report(uri: str, out: str, *, endpoint_url: Optional[str] = None, upload: bool = True,
                log: Callable[[str], None] = _log) -> dict:
     """Write ``report.md`` and the plots for the runs at or below ``uri`` into ``out`` (and ``uri/report/``)."""
-    from pipelines.leaderboard import final_values, find_runs, plot_curves
+    from pipelines.leaderboard import alpha_label, final_values, find_runs, plot_curves
     from store.storage import Storage
 
     storage = Storage(uri, endpoint_url=endpoint_url)
@@ -143,8 +160,8 @@ def run_report(uri: str, out: str, *, endpoint_url: Optional[str] = None, upload
                 offsets[t["uri"]] = float(lineage["kimg"])
         plots["methods.png"] = plot_curves(
             rows, out_dir / "methods.png", kimg_offset=offsets,
-            label=lambda r: f"{method_display(r['method'])} alpha={r['alpha']:g} "
-                            f"({by_uri[r['run_uri']]['stage']})",
+            label=lambda r: " ".join(filter(None, (method_display(r["method"]), alpha_label(r),
+                                                   f"({by_uri[r['run_uri']]['stage']})"))),
             title=" vs ".join(dict.fromkeys(method_display(r["method"]) for r in rows)))
 
     md = [f"# {kind.capitalize()} report: `{storage.uri}`", "",
@@ -199,8 +216,16 @@ def run_report(uri: str, out: str, *, endpoint_url: Optional[str] = None, upload
                                "generator (SiD²A) is drawn after the kimg it started from"}
     for name in plots:
         md += [f"![{captions[name]}]({name})", "", f"*{captions[name]}*", ""]
+    samples = _samples(ranked[:MAX_GALLERIES], out_dir)
+    if samples:
+        md += ["## Samples", "", f"Each trial's best checkpoint: one-step samples of the same seeds (0 .. n-1, "
+               f"`metric.gallery`) for every checkpoint of every run, so they compare by eye "
+               f"(best {len(samples)} trial(s)).", "", "| trial | best | at kimg | samples |", "|---|---|---|---|"]
+        for t, name in samples:
+            md.append(f"| {t['label']} | {t['best']['value']:.4f} | {t['best']['kimg']:g} | ![{t['label']}]({name}) |")
+        md.append("")
     (out_dir / "report.md").write_text("\n".join(md))
-    files = ["report.md", *plots]
+    files = ["report.md", *plots, *(name for _, name in samples)]
     if upload:
         for name in files:
             storage.upload_file(out_dir / name, f"report/{name}")

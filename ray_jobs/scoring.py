@@ -131,6 +131,7 @@ class CheckpointScorer:
         from schemas.leaderboard import LeaderboardRow
         from schemas.run import MetricConfig, RunConfig
         from sida_core.metrics.score import score_generator
+        from sida_core.sampling import gallery_png
         from sida_core.training_loop import load_network
 
         store = RunStore(storage)
@@ -150,6 +151,9 @@ class CheckpointScorer:
                                                                            net["img_resolution"]),
                                 label_dim=net["label_dim"], batch_size=m.batch_size, device=self._device(),
                                 decode=self.decoder(cfg, m) if m.vae else None)
+        if kind == "live" and m.gallery:  # before the row: whoever sees the row finds the gallery
+            store.write_gallery(name, gallery_png(generator, m.gallery, sigma_init=cfg.loss.sigma_init,
+                                                  device=self._device(), decode=self.decoder(cfg, m) if m.vae else None))
         l, o = cfg.loss, cfg.optimizer
         row = LeaderboardRow(
             run=store.name, run_uri=storage.uri, trial=trial,

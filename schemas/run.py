@@ -190,6 +190,8 @@ class MetricConfig(Strict):
     max_backlog: PositiveInt = 2
     batch_size: PositiveInt = 500    # images per generator/extractor batch
     pin_best: bool = True            # copy the lowest-value checkpoint to pinned/ (outside keep-last-K)
+    gallery: int = Field(64, ge=0, le=1024)  # a live score also writes gallery/CKPT.png: the one-step samples of
+    #                                        seeds 0..gallery-1, the same for every checkpoint (0: none)
     drain_timeout_s: PositiveFloat = 1800  # after training: how long to wait for the last scores
     # latent-space runs (EDM2): the SD-VAE that decodes generated latents before the feature extractor; a diffusers
     # AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors), local or s3://, never downloaded

@@ -9,8 +9,11 @@ conditional net then gets zeros, as :class:`EDMPrecond` does). Images become uin
 """
 from __future__ import annotations
 
+import io
+import math
 import re
-from typing import Iterator, Optional, Sequence, Union
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union, cast
 
 import numpy as np
 import torch
@@ -88,14 +91,59 @@ def seed_inputs(seeds: Sequence[int], img_shape: tuple[int, int, int], label_dim
 def sample_seeds(net: torch.nn.Module, seeds: Sequence[int], *, sigma_init: float, batch: int = 256,
                  class_labels: ClassLabels = "random", device="cpu") -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """(seeds, x_g = G(sigma_init z, c) as float32 on the CPU, class indices) batch by batch, in seed order."""
-    shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    shape = cast(tuple[int, int, int], (net.img_channels, net.img_resolution, net.img_resolution))
     for k in range(0, len(seeds), batch):
         chunk = list(seeds[k: k + batch])
-        z, labels = seed_inputs(chunk, shape, net.label_dim, class_labels)
-        c = torch.nn.functional.one_hot(labels, net.label_dim).float().to(device) if (labels >= 0).any() else None
+        z, labels = seed_inputs(chunk, shape, cast(int, net.label_dim), class_labels)
+        c = torch.nn.functional.one_hot(labels, cast(int, net.label_dim)).float().to(device) if (labels >= 0).any() else None
         yield chunk, generate(net, z.to(device), c, sigma_init).float().cpu(), labels
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, as EDM's generate.py converts."""
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def grid_png(images: torch.Tensor, cols: Optional[int] = None, scale: Optional[int] = None, pad: int = 1) -> bytes:
+    """``images`` (N, C, H, W) in [-1, 1] as one PNG grid (bytes; white padding): about square, small images
+    enlarged (nearest) to at least 32 px per tile so that 8x8 digits stay visible."""
+    from PIL import Image
+
+    x = to_uint8(images.detach().float().cpu())
+    n, h, w, c = x.shape
+    cols = cols or int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    scale = scale or max(1, 32 // max(h, w))
+    th, tw = h * scale + pad, w * scale + pad
+    grid = np.full((rows * th + pad, cols * tw + pad, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, k = divmod(i, cols)
+        grid[pad + r * th: pad + r * th + h * scale, pad + k * tw: pad + k * tw + w * scale] = \
+            x[i].repeat(scale, axis=0).repeat(scale, axis=1)
+    buf = io.BytesIO()
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_grid(images: torch.Tensor, path, cols: Optional[int] = None, scale: Optional[int] = None,
+              pad: int = 1) -> Path:
+    """Write :func:`grid_png` of ``images`` to the local file ``path`` (folders created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(grid_png(images, cols, scale, pad))
+    return path
+
+
+GALLERY_SEED0 = 0  # a gallery's images are seeds 0 .. n-1: the same for every checkpoint of every run
+
+
+def gallery_png(generator: torch.nn.Module, num: int, *, sigma_init: float, device="cpu",
+                decode=None) -> bytes:
+    """The fixed-seed sample grid of a one-step generator: seeds GALLERY_SEED0 .. +num-1 (random class labels
+    by seed), so that galleries of different checkpoints can be compared by eye. ``decode``: latents -> images."""
+    seeds = range(GALLERY_SEED0, GALLERY_SEED0 + num)
+    parts = [x for _, x, _ in sample_seeds(generator, seeds, sigma_init=sigma_init, device=device)]
+    images = torch.cat(parts)
+    if decode is not None:
+        images = decode(images).float().cpu()
+    return grid_png(images)

@@ -14,6 +14,8 @@
       leaderboard/<key>.parquet   one scored checkpoint per file (schemas.leaderboard.LeaderboardRow), key =
                                   checkpoint-metric-kind-seed: a retried or repeated score replaces its file
       scoring/skipped/<ckpt>.json checkpoints the scorers skipped (behind, deleted by rotation, failing), and why
+      gallery/<ckpt>.png          each live-scored checkpoint's samples of seeds 0..metric.gallery-1 (same seeds
+                                  for every checkpoint: compare them by eye), kept after rotation
       status.json                 how the run ended: finished / diverged / stopped (with the reason)
       init_generator/             SiD²A: a verified copy of the generator checkpoint theta starts from
       lineage.json                SiD²A: where that copy came from (source run, checkpoint, URI, content hash)
@@ -257,6 +259,18 @@ class RunStore:
         live = [r for r in (self.read_rows() if rows is None else rows)
                 if r["kind"] == "live" and (metric is None or r["metric"] == metric) and math.isfinite(r["value"])]
         return min(live, key=lambda r: r["value"], default=None)
+
+    def write_gallery(self, name: str, png: bytes) -> None:
+        """Checkpoint ``name``'s fixed-seed sample grid (``gallery/NAME.png``, written by its live scorer; kept when
+        the checkpoint itself is rotated away)."""
+        self.storage.write_bytes(self.gallery_ref(name), png)
+
+    @staticmethod
+    def gallery_ref(name: str) -> str:
+        return f"gallery/{name}.png"
+
+    def has_gallery(self, name: str) -> bool:
+        return self.storage.exists(self.gallery_ref(name))
 
     def record_skip(self, name: str, reason: str) -> None:
         self.storage.write_json(f"scoring/skipped/{name}.json", {"checkpoint": name, "reason": reason, "time": time.time()})

@@ -5,6 +5,8 @@ Every subprocess gets a private SIDA_CACHE and one CPU thread. Sizes are tiny: a
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -181,6 +183,30 @@ def test_distill_tiny_run_scores_into_a_run_folder_the_leaderboard_reads(trained
             "print(rc, sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')), file=sys.stderr)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0 and proc.stderr.strip().splitlines()[-1] == "[0, 0] []", proc.stderr[-2000:]
+
+    # --watch on a finished run: one table with its state, then exit 0
+    proc = sida(["leaderboard", run_dir, "--watch", "0.05"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("1 of 1 run(s) ended") == 1 and "finished" in proc.stdout, proc.stdout
+    # ... on a run still training (no status.json yet): redrawn until its status appears
+    status = (run_dir / "status.json").read_text()
+    (run_dir / "status.json").unlink()
+    naps: list[float] = []
+
+    def nap(seconds: float) -> None:  # the watcher's sleep: the run "ends" during the second wait
+        naps.append(seconds)
+        if len(naps) == 2:
+            (run_dir / "status.json").write_text(status)
+
+    from pipelines.leaderboard import watch
+
+    with contextlib.redirect_stdout(io.StringIO()) as shown:
+        assert watch(str(run_dir), interval=0.5, sleep=nap) == 3
+    text = shown.getvalue()
+    assert naps == [0.5, 0.5] and text.count("0 of 1 run(s) ended") == 2 and text.count("1 of 1 run(s) ended") == 1
+    assert "training" in text and "finished" in text
+    proc = sida(["leaderboard", run_dir, "--watch", "2", "--json"], env)
+    assert proc.returncode == 2 and "--watch" in proc.stderr and "Traceback" not in proc.stderr
 
 
 

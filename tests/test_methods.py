@@ -61,3 +61,12 @@ def test_no_method_name_chains_outside_the_registry():
                 if chain.search(line):
                     hits.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
     assert not hits, "\n".join(hits)
+
+
+def test_labels_show_alpha_only_for_methods_whose_loss_has_it():
+    from pipelines.leaderboard import alpha_label
+
+    assert [get_method(m).uses_alpha for m in method_names()] == [m != "add" for m in method_names()]
+    assert alpha_label({"method": "sida", "alpha": 1.2}) == "alpha=1.2"
+    assert alpha_label({"method": "add", "alpha": 1.0}) == ""
+    assert alpha_label({"method": "from-a-newer-checkout", "alpha": 0.5}) == "alpha=0.5"

@@ -7,6 +7,7 @@ test cache); generators are tiny MLPs, so a score of a few hundred images takes 
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from pipelines.cli import main
 from pipelines.train import run_train
@@ -127,6 +129,17 @@ def test_actor_scores_equal_in_process_scores_and_track_the_weights(ray_cluster,
         ("ckpt-000000000064", 3, "live"), ("ckpt-000000000128", 3, "live")]  # the rewrite did not duplicate
     assert rows[0]["checkpoint_uri"] == store.storage.uri_of("ckpt-000000000064") and rows[0]["num_images"] == 400
     assert rows[0]["extractor_id"].startswith("digits-cnn/") and rows[0]["method"] == "sida"
+    # each live score wrote its checkpoint's gallery: 64 fixed seeds (8 x 8 tiles of 32 px + 1 px padding),
+    # whatever the scoring seed (the in-process re-score with seed 3 rewrote the actor's bytes identically)
+    galleries = {n: store.storage.read_bytes(store.gallery_ref(n)) for n in ("ckpt-000000000064", "ckpt-000000000128")}
+    with Image.open(io.BytesIO(galleries["ckpt-000000000064"])) as im:
+        assert im.format == "PNG" and im.size == (8 * 33 + 1, 8 * 33 + 1) and im.mode == "L"
+    assert galleries["ckpt-000000000064"] != galleries["ckpt-000000000128"]  # the noised weights look different
+    CheckpointScorer().score(store.storage, "ckpt-000000000064", seed=4)
+    assert store.storage.read_bytes(store.gallery_ref("ckpt-000000000064")) == galleries["ckpt-000000000064"]
+    store.storage.delete(store.gallery_ref("ckpt-000000000128"))
+    CheckpointScorer().score(store.storage, "ckpt-000000000128", seed=5, kind="final")  # re-scores: no gallery
+    assert not store.has_gallery("ckpt-000000000128") and store.has_gallery("ckpt-000000000064")
     ray.kill(actor)
 
 

@@ -109,6 +109,12 @@ def test_grid_sweep_stops_the_diverging_trial_and_finishes_the_others(where, ray
     for png in ("fd_vs_kimg.png", "best_per_trial.png"):
         assert (tmp_path / "report" / png).stat().st_size > 10_000
         assert sweep.read_bytes(f"report/{png}") == (tmp_path / "report" / png).read_bytes()
+    # the samples of each trial's best checkpoint (its scorer's gallery), best trial first
+    samples = [f for f in rep["files"] if f.startswith("samples-")]
+    assert "## Samples" in md and samples[:2] == ["samples-1.png", "samples-2.png"] and "](samples-1.png)" in md
+    best = RunStore(sweep.child(out["best"]["trial"]))
+    assert (tmp_path / "report" / "samples-1.png").read_bytes() == best.storage.read_bytes(
+        best.gallery_ref(out["best"]["checkpoint"]))
 
 
 def bad_file_error(tmp_path, capsys, kind: str, data: dict) -> str:

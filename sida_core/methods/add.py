@@ -8,4 +8,4 @@ ADD = register(Method(
     summary="adversarial diffusion distillation: hinge discriminator heads on the frozen teacher's encoder + "
             "weighted L2 to the teacher's denoised prediction (docs/methods/add.md)",
     adversarial_psi=False, uses_real=True, final_stage=Stage.ADD, sid_stage=False, critic="discriminator",
-    impl="sida_core.methods.add_impl", options="add"))
+    impl="sida_core.methods.add_impl", options="add", uses_alpha=False))

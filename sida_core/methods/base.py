@@ -41,6 +41,7 @@ class Method:
     critic: str = "fake_score"  # the critic's name in checkpoints and step stats
     impl: str = "sida_core.methods.sid_family_impl"  # torch module with build_critic(teacher, hyper) and build_losses(hyper)
     options: Optional[str] = None  # the config section holding this method's own options (e.g. ``add``)
+    uses_alpha: bool = True  # its generator loss has SiD's alpha (eq. 6); labels show alpha only then
 
     @property
     def needs_real(self) -> bool:
