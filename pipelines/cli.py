@@ -101,6 +101,11 @@ def cmd_report(args) -> int:
 def cmd_leaderboard(args) -> int:
     from pipelines.leaderboard import collect_rows, plot_curves, print_table, rank, watch
 
+    if args.serve:
+        from pipelines.web import serve
+
+        serve(args.uri, endpoint_url=args.endpoint_url, host=args.host, port=args.port, refresh_s=args.refresh)
+        return 0
     if args.watch is not None:
         from schemas.loader import ConfigError
 
@@ -350,6 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     p.add_argument("--watch", type=float, nargs="?", const=5.0, default=None, metavar="SECONDS",
                    help="redraw the table (with each run's state) every SECONDS (default 5) until every run has ended")
+    p.add_argument("--serve", action="store_true",
+                   help="serve a live web page of the runs (ranked runs, curves, galleries, states) until Ctrl-C")
+    p.add_argument("--host", default="127.0.0.1", help="--serve: address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8600, help="--serve: port (default 8600; 0: any free port)")
+    p.add_argument("--refresh", type=float, default=5.0, metavar="SECONDS",
+                   help="--serve: re-read storage every SECONDS (default 5)")
     p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for s3:// URIs (else from env)")
     p.set_defaults(func=cmd_leaderboard)
 
