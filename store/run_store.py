@@ -122,8 +122,9 @@ class RunStore:
         status = self.read_status()
         return status.get("state") if status else None
 
-    def record_end(self, state: str, *, cur_nimg: int, **info) -> None:
+    def record_end(self, state: RunState | str, *, cur_nimg: int, **info) -> None:
         """How training ended (``finished`` / ``diverged`` with its ``reason``): ``status.json`` and the event."""
+        state = RunState(state).value  # the plain value everywhere (an f-string of the enum would say RunState.X)
         self.write_status(state, kimg=cur_nimg / 1000, **info)
         self.log_event(state, cur_nimg=cur_nimg, **info)
 

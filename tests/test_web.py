@@ -77,6 +77,8 @@ def test_json_endpoint_holds_what_storage_holds_and_galleries_are_served(server,
     assert runs["good"]["best"]["checkpoint"] == best["checkpoint"] and runs["good"]["state"] == "finished"
     assert [p["checkpoint"] for p in runs["good"]["rows"] if p["pinned"]] == good.pinned() == [best["checkpoint"]]
     assert runs["bad"]["state"] == "diverged" and runs["bad"]["reason"] == REASON
+    events = good.storage.listdir("events")  # named by the state's value (not "RunState.FINISHED")
+    assert [n.split("-", 1)[1] for n in events] == ["start.json", "finished.json"], events
     assert runs["good"]["gallery_best"] == best["checkpoint"] and runs["good"]["gallery_newest"] == rows[-1]["checkpoint"]
 
     status, ctype, png = get(f"{url}gallery/{runs['good']['id']}/{best['checkpoint']}.png")
