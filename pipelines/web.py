@@ -237,7 +237,7 @@ const ESC = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"
 const esc = s => String(s ?? "").replace(/[&<>"']/g, c => ESC[c]);
 function folderLink(uri) {
   const href = uri.startsWith("/") ? "file://" + uri : uri;
-  return `<a href="${esc(href)}">${esc(uri)}</a>`;
+  return `<a href="${esc(href)}" title="${esc(uri)}">${esc(uri.split("/").slice(-2).join("/"))}</a>`;
 }
 function drawRuns(data) {
   const body = document.querySelector("#runs tbody");
