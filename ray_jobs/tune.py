@@ -82,8 +82,7 @@ def trial_main(config: dict[str, Any]) -> None:
 
         if (store.read_status() or {}).get("state") not in TERMINAL_STATES:  # stopped by the stopper: Tune ending the
             reason = root_cause(exc)                                  # trial is what breaks fit(); keep its reason
-            store.write_status(RunState.FAILED, reason=reason)
-            store.log_event(RunState.FAILED, reason=reason)
+            store.record_end(RunState.FAILED, cur_nimg=None, reason=reason)
         raise
     finally:
         if scoring is not None:
@@ -151,8 +150,9 @@ class DivergenceStopper(Stopper):
         self.reasons[name] = reason
         store = RunStore(self.root.child(name))
         if not result.get("diverged"):  # the Ray Train loop records its own NaN/Inf end
-            store.write_status(RunState.STOPPED, reason=reason, kimg=result.get("kimg"), by="divergence stopper")
-            store.log_event(RunState.STOPPED, reason=reason, kimg=result.get("kimg"))
+            kimg = result.get("kimg")
+            store.record_end(RunState.STOPPED, cur_nimg=None if kimg is None else int(round(kimg * 1000)), reason=reason,
+                             by="divergence stopper")
         _log(f"[{name}] stopped: {reason}")
         return True
 

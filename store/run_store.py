@@ -122,10 +122,13 @@ class RunStore:
         status = self.read_status()
         return status.get("state") if status else None
 
-    def record_end(self, state: RunState | str, *, cur_nimg: int, **info) -> None:
-        """How training ended (``finished`` / ``diverged`` with its ``reason``): ``status.json`` and the event."""
-        state = RunState(state).value  # the plain value everywhere (an f-string of the enum would say RunState.X)
-        self.write_status(state, kimg=cur_nimg / 1000, **info)
+    def record_end(self, state: RunState | str, *, cur_nimg: Optional[int], **info) -> None:
+        """How the run ended (a :class:`RunState`: finished, diverged / stopped / failed with its ``reason``), by any
+        host (the training loop, a sweep's stopper, a failed Tune trial): ``status.json`` and the event, written
+        with the state's plain value (an f-string of the enum would say ``RunState.FINISHED``). ``cur_nimg``: where
+        it ended, if known."""
+        state = RunState(state).value
+        self.write_status(state, kimg=None if cur_nimg is None else cur_nimg / 1000, **info)
         self.log_event(state, cur_nimg=cur_nimg, **info)
 
     def read_status(self) -> Optional[dict]:

@@ -74,6 +74,7 @@ def test_grid_sweep_stops_the_diverging_trial_and_finishes_the_others(where, ray
     assert bad["state"] == "stopped" and "loss_psi blew up" in bad["reason"] and "loss_factor" in bad["reason"]
     bad_store = RunStore(sweep.child(bad["name"]))
     assert [e["kind"] for e in bad_store.events()] == ["start", "stopped"]
+    assert bad_store.storage.listdir("events")[-1].endswith("-stopped.json")  # the state's value, not RunState.STOPPED
     assert bad_store.read_status()["reason"] == bad["reason"]
     assert bad_store.checkpoint_names()  # what it wrote before it was stopped stays
 
