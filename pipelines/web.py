@@ -105,7 +105,14 @@ class LeaderboardServer:
         self._js: Optional[bytes] = None
 
     def refresh(self) -> None:
-        self.data, self.files = snapshot(self.uri, self.endpoint_url)
+        """A new snapshot; if storage cannot be read now (an outage, a corrupt file), the last one stays on the page
+        with a one-line message saying why, and the next refresh tries again."""
+        try:
+            self.data, self.files = snapshot(self.uri, self.endpoint_url)
+        except Exception as exc:  # the page must outlive a storage hiccup
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self.data = {**self.data, "message": f"could not re-read storage at {time.strftime('%H:%M:%S')} "
+                                                 f"(showing the last good read): {reason}"}
 
     def app(self):
         from aiohttp import web

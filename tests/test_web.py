@@ -147,3 +147,18 @@ def test_page_benchmark_runs_small():
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["rows"] == 12 and out["runs_shown"] == 3 and out["snapshot_s"] > 0 and out["api_s"] > 0
     assert (out["first_paint_s"] is not None) == CHROMIUM.is_file()
+
+
+def test_a_storage_read_that_fails_keeps_the_last_snapshot_with_a_message(tmp_path):
+    from store.run_store import RunStore as Store
+
+    good = Store(Storage(str(tmp_path / "runs" / "r1")))
+    good.write_config({"name": "r1", "method": "sida", "loss": {"alpha": 1.0}})
+    srv = LeaderboardServer(str(tmp_path / "runs"), refresh_s=1)
+    assert [r["run"] for r in srv.data["runs"]] == ["r1"] and srv.data["message"] is None
+    good.storage.write_bytes("leaderboard/ckpt-000000000064-fd_digits-live-s0.parquet", b"not parquet")
+    srv.refresh()
+    assert [r["run"] for r in srv.data["runs"]] == ["r1"] and "could not re-read storage" in srv.data["message"]
+    good.storage.delete("leaderboard/ckpt-000000000064-fd_digits-live-s0.parquet")
+    srv.refresh()
+    assert srv.data["message"] is None
