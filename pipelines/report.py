@@ -210,7 +210,9 @@ def run_report(uri: str, out: str, *, endpoint_url: Optional[str] = None, upload
         md.append(f"| {name} | {method_display(t['method'])} | {axes} | {best[0]} | {best[1]} | "
                   f"{best[2]} | {_fmt_final(t['final'])} | {t['scored']} | {state.replace('|', chr(92) + '|')} |")
     md += ["", "## Plots", ""]
-    captions = {"fd_vs_kimg.png": f"{metric_label} vs kimg, one curve per trial (the paper's Figure 2 for an alpha grid)",
+    alpha_grid = any("alpha" in t["axes"] or "loss.alpha" in t["axes"] for t in trials)
+    captions = {"fd_vs_kimg.png": f"{metric_label} vs kimg, one curve per trial"
+                                  + (" (the paper's Figure 2 for an alpha grid)" if alpha_grid else ""),
                 "best_per_trial.png": "best score per trial",
                 "methods.png": "the methods side by side (Figures 4-5); a run that started from an earlier run's "
                                "generator (SiD²A) is drawn after the kimg it started from"}

@@ -107,6 +107,7 @@ def test_grid_sweep_stops_the_diverging_trial_and_finishes_the_others(where, ray
     assert rep["kind"] == "sweep" and rep["runs"] == 3 and rep["best"]["value"] == pytest.approx(out["best"]["value"])
     md = (tmp_path / "report" / "report.md").read_text()
     assert "loss_psi blew up" in md and "t00_alpha=0.5" in md and "alpha=1.2, lr=1000" in md
+    assert "Figure 2 for an alpha grid" in md  # an alpha sweep: the caption names the paper's figure
     for png in ("fd_vs_kimg.png", "best_per_trial.png"):
         assert (tmp_path / "report" / png).stat().st_size > 10_000
         assert sweep.read_bytes(f"report/{png}") == (tmp_path / "report" / png).read_bytes()
