@@ -192,6 +192,8 @@ def _dumps(data: dict) -> str:
 def serve(uri: str, *, endpoint_url: Optional[str] = None, host: str = "127.0.0.1", port: int = 8600,
           refresh_s: float = 5.0) -> None:
     """``sida leaderboard URI --serve``: serve the page until Ctrl-C."""
+    if not 0 <= port <= 65535:  # before storage is read (aiohttp would raise OverflowError at bind time)
+        raise ConfigError(f"--port: expected 0..65535 (0: any free port), got {port}")
     server = LeaderboardServer(uri, endpoint_url=endpoint_url, refresh_s=refresh_s)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {host}: anyone who reaches it can read the leaderboard (no authentication)",

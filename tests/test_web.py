@@ -162,3 +162,13 @@ def test_a_storage_read_that_fails_keeps_the_last_snapshot_with_a_message(tmp_pa
     good.storage.delete("leaderboard/ckpt-000000000064-fd_digits-live-s0.parquet")
     srv.refresh()
     assert srv.data["message"] is None
+
+
+@pytest.mark.parametrize("argv,expected", [(["--port", "99999"], "--port: expected 0..65535"),
+                                           (["--refresh", "0"], "--refresh: expected a positive number")])
+def test_bad_serve_options_get_one_line_errors(tmp_path, capsys, argv, expected):
+    from pipelines.cli import main
+
+    assert main(["leaderboard", str(tmp_path), "--serve", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err and "Traceback" not in err, err
