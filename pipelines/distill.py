@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 # What a run folder holds besides config.json and the teacher: cleared by ``resume=False`` ("start afresh").
-TRAINING_OUTPUTS = ("metrics", "leaderboard", "pinned", "pins", "scoring", "events", "status.json")
+TRAINING_OUTPUTS = ("metrics", "leaderboard", "pinned", "pins", "scoring", "events", "status.json", "tensorboard")
 
 
 def _log(msg: str) -> None:
@@ -52,12 +52,10 @@ def run_distill(cfg, store, *, resume: bool = True, progress: bool = True, log: 
     from tqdm.auto import tqdm
 
     from ray_jobs.datasets import load_run_dataset
+    from ray_jobs.tracking import Tracker
     from ray_jobs.train import public_config
     from schemas.loader import ConfigError
-    from store.run_store import RunState
-    from sida_core.distill import NonFiniteError
-    from sida_core.loop import cadence, kimg_to_nimg
-    from sida_core.training_loop import build_distiller, get_teacher, load_network, resolve_device, save_distill_checkpoint
+    from sida_core.training_loop import build_distiller, get_teacher, load_network, resolve_device
 
     t0 = time.time()
     if score and not cfg.metric.enabled:
@@ -99,6 +97,26 @@ def run_distill(cfg, store, *, resume: bool = True, progress: bool = True, log: 
         distiller.load_state_dict(state)
         log(f"resumed from {store.storage.uri_of(last)} at kimg {distiller.cur_nimg / 1000:.3f}")
     store.record_start(cur_nimg=distiller.cur_nimg, workers=1, checkpoint=last)
+    tracker = Tracker.for_run(store, cfg, log)  # logging: TensorBoard / MLflow / W&B mirrors of the rows
+    if tracker is not None:
+        tracker.start()
+    try:
+        return _distill_loop(cfg, store, distiller, scorer, previous_best, last, spec, progress=progress, log=log,
+                             on_checkpoint=on_checkpoint, t0=t0)
+    finally:
+        if tracker is not None:
+            tracker.close()
+
+
+def _distill_loop(cfg, store, distiller, scorer, previous_best, last, spec, *, progress, log, on_checkpoint, t0) -> dict:
+    """The steps, checkpoints and in-process scores of :func:`run_distill` (its run folder is prepared)."""
+    from tqdm.auto import tqdm
+
+    from ray_jobs.train import public_config
+    from store.run_store import RunState
+    from sida_core.distill import NonFiniteError
+    from sida_core.loop import cadence, kimg_to_nimg
+    from sida_core.training_loop import save_distill_checkpoint
 
     bar = tqdm(total=kimg_to_nimg(cfg.total_kimg), initial=distiller.cur_nimg, desc=cfg.method, unit="img",
                unit_scale=True, disable=not progress)

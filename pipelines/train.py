@@ -60,6 +60,7 @@ def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, wo
     from ray_jobs.cluster import connect, worker_env
     from store.run_store import RunStore
     from ray_jobs.scoring import ScoringCoordinator, check_reference, make_scorers
+    from ray_jobs.tracking import Tracker
     from store.storage import StorageError
     from ray_jobs.train import build_trainer, public_config, root_cause
     from ray_jobs.datasets import load_run_dataset
@@ -87,10 +88,13 @@ def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, wo
     m = cfg.metric
     started = connect(address, num_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
                       + (m.num_scorers * m.cpus_per_scorer if m.enabled else 0), env=worker_env(cfg.storage))
-    scoring = None
+    scoring = tracker = None
     try:
         if m.enabled:  # asynchronous scorers: training never waits for them
             scoring = ScoringCoordinator(store, make_scorers(m), m, log=log).start()
+        tracker = Tracker.for_run(store, cfg, log)  # logging: TensorBoard / MLflow / W&B mirrors of the rows
+        if tracker is not None:
+            tracker.start()
         result = build_trainer(cfg, run_name, root).fit()
         scores = scoring.finish() if scoring is not None else None
     except Exception as exc:  # Ray wraps worker errors; surface the root cause as one line
@@ -104,6 +108,8 @@ def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, wo
     finally:
         if scoring is not None:
             scoring.close()
+        if tracker is not None:  # after the scorers' drain: the last scores are mirrored too
+            tracker.close()
         if started:
             import ray
 

@@ -124,7 +124,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             continue
         if rank == 0:
             store.append_metrics(tick.row)
-        report = {**tick.row, **(scores.fields() if scores else {})}  # what Tune sees (TuneReportCallback: rank 0's)
+        # what Tune sees (TuneReportCallback: rank 0's); timesteps_total is the x-axis of Tune's own TensorBoard files
+        report = {**tick.row, "timesteps_total": tick.row["cur_nimg"], **(scores.fields() if scores else {})}
         if not tick.checkpoint:
             ray.train.report(report)
             continue

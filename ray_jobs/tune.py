@@ -57,6 +57,7 @@ def trial_main(config: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ray_jobs.scoring import ScoringCoordinator, make_scorers
+    from ray_jobs.tracking import Tracker
     from ray_jobs.train import build_trainer
     from schemas.run import RunConfig
 
@@ -69,11 +70,14 @@ def trial_main(config: dict[str, Any]) -> None:
         tune.report(final_metrics(store, cfg))
         return
     m = cfg.metric
-    scoring = None
+    scoring = tracker = None
     try:
         if m.enabled:
             scoring = ScoringCoordinator(store, make_scorers(m), m, trial=trial["name"],
                                          log=lambda s: _log(f"[{trial['name']}] {s}")).start()
+        tracker = Tracker.for_run(store, cfg, log=lambda s: _log(f"[{trial['name']}] {s}"))
+        if tracker is not None:
+            tracker.start()
         build_trainer(cfg, trial["name"], root, callbacks=[TuneReportCallback()]).fit()
         if scoring is not None:
             scoring.finish()
@@ -87,6 +91,8 @@ def trial_main(config: dict[str, Any]) -> None:
     finally:
         if scoring is not None:
             scoring.close()
+        if tracker is not None:
+            tracker.close()
     tune.report(final_metrics(store, cfg))
 
 

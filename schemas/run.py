@@ -271,6 +271,44 @@ class PerformanceConfig(Strict):
         return list(dict.fromkeys(v))
 
 
+class MlflowLogging(Strict):
+    """Where ``logging.mlflow`` sends a run: ``file:./mlruns`` (offline), ``sqlite:///mlflow.db`` or ``http://host:5000``."""
+
+    tracking_uri: str
+    experiment: str = "sida"
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("tracking_uri is empty: give e.g. file:./mlruns, sqlite:///mlflow.db or http://host:5000")
+        return v
+
+
+class WandbLogging(Strict):
+    """``logging.wandb``: Weights & Biases (``pip install wandb``; configured but not tested offline here)."""
+
+    project: str
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    mode: Literal["online", "offline"] = "online"
+
+
+class LoggingConfig(Strict):
+    """Mirrors of a run's metric rows (losses, images/s, stage at their ``cur_nimg``) and leaderboard rows (each
+    score at its checkpoint's ``cur_nimg``, not when it arrived) into the tools people watch (ray_jobs/tracking.py).
+    Off by default; storage stays the record, the mirrors are rebuilt from it."""
+
+    tensorboard: bool = False  # event files under RUN/tensorboard/ (tensorboard --logdir RUN_OR_ROOT)
+    mlflow: Optional[MlflowLogging] = None
+    wandb: Optional[WandbLogging] = None
+    every_s: PositiveFloat = 10.0  # how often the driver copies new rows
+
+    @property
+    def enabled(self) -> bool:
+        return self.tensorboard or self.mlflow is not None or self.wandb is not None
+
+
 class RunConfig(Strict):
     """One distillation run."""
 
@@ -296,6 +334,7 @@ class RunConfig(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     metric: MetricConfig = Field(default_factory=MetricConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @field_validator("name")

@@ -151,6 +151,18 @@ class RunStore:
         self.storage.write_parquet(f"metrics/part-{int(row['cur_nimg']):012d}.parquet",
                                    pa.table(values, schema=METRIC_SCHEMA))
 
+    def metric_parts(self) -> list[str]:
+        """The names of the metric row files, one per reported ``cur_nimg`` (read one with :meth:`read_metric_part`)."""
+        return sorted(n for n in self.storage.listdir("metrics") if n.endswith(".parquet"))
+
+    def read_metric_part(self, name: str) -> dict:
+        return self._read_one(f"metrics/{name}")
+
+    def _read_one(self, rel: str) -> dict:
+        import pyarrow.parquet as pq
+
+        return pq.read_table(pa.BufferReader(self.storage.read_bytes(rel))).to_pylist()[0]
+
     def read_metrics(self) -> Optional[pa.Table]:
         """All metric rows so far, ordered by ``cur_nimg`` (None before the first report)."""
         table = self.storage.read_parquet_dir("metrics")
@@ -251,6 +263,10 @@ class RunStore:
     def row_keys(self) -> set[str]:
         return {n.removesuffix(".parquet") for n in self.storage.listdir("leaderboard") if n.endswith(".parquet")}
 
+    def read_row(self, key: str) -> dict:
+        """One leaderboard row by its key (:meth:`row_keys`)."""
+        return self._read_one(f"leaderboard/{key}.parquet")
+
     def read_rows(self) -> list[dict]:
         """Every leaderboard row of this run (live and final), oldest checkpoint first."""
         table = self.storage.read_parquet_dir("leaderboard")
@@ -288,14 +304,12 @@ class RunStore:
                     ) -> dict[str, tuple[float, float]]:
         """{row key: (kimg, value)} of the live scores of ``metric``/``seed``; ``seen`` (a previous answer) is
         reused, so a poll costs one listing plus the new rows."""
-        import pyarrow.parquet as pq
-
         out = dict(seen or {})
         suffix = f"-{metric}-live-s{seed}"
         for key in sorted(self.row_keys() - set(out)):
             if key.endswith(suffix):
                 try:
-                    row = pq.read_table(pa.BufferReader(self.storage.read_bytes(f"leaderboard/{key}.parquet"))).to_pylist()[0]
+                    row = self.read_row(key)
                 except FileNotFoundError:
                     continue
                 out[key] = (float(row["kimg"]), float(row["value"]))

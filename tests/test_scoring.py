@@ -22,6 +22,7 @@ from pipelines.cli import main
 from pipelines.train import run_train
 from store.run_store import RunStore
 from ray_jobs.scoring import CheckpointScorer, ScoringCoordinator, make_scorers
+from ray_jobs.tracking import Tracker
 from store.storage import Storage
 from ray_jobs.train import public_config
 from schemas.loader import load_run_config
@@ -187,6 +188,9 @@ def test_scorer_killed_mid_run_loses_and_duplicates_nothing(ray_cluster, tmp_pat
 
 
 # ---------------------------------------------------------------------------------------------- live, end to end
+MLFLOW: dict[str, str] = {}  # live_run's MLflow file stores, by storage kind
+
+
 @pytest.fixture(scope="module")
 def live_run(ray_cluster, tmp_path_factory, s3_server):
     """One `sida train` per storage kind with scoring on; checkpoints every 2 steps."""
@@ -195,9 +199,12 @@ def live_run(ray_cluster, tmp_path_factory, s3_server):
     runs = {}
     for where in ("local", "s3"):
         uri = str(tmp_path_factory.mktemp("live") / "runs") if where == "local" else f"s3://{bucket}/runs"
+        MLFLOW[where] = f"file:{tmp_path_factory.mktemp('mlruns')}"
         sets = TINY_TEACHER + TINY_STEPS + SCORING + [
             f"storage.uri={uri}", "total_kimg=0.96", "checkpoint_every_kimg=0.064", "keep_checkpoints=20",
-            "metric.max_backlog=20", "scaling.cpus_per_worker=1"]
+            "metric.max_backlog=20", "scaling.cpus_per_worker=1",
+            # the mirrors of test_tensorboard_and_mlflow_...: synced twice a second while the run trains
+            "logging.tensorboard=true", f"logging.mlflow.tracking_uri={MLFLOW[where]}", "logging.every_s=0.5"]
         if where == "s3":
             sets.append(f"storage.endpoint_url={s3_server.endpoint_url}")
         out = run_train(str(CONFIG), sets, workers=2, name="live", log=lambda m: None)
@@ -218,6 +225,67 @@ def test_scores_appear_while_training_runs_and_best_is_pinned(live_run, where):
     best = min(rows, key=lambda r: r["value"])
     assert out["scoring"]["best"]["checkpoint"] == best["checkpoint"] and store.pinned() == [best["checkpoint"]]
     assert store.checkpoint_ref(best["checkpoint"]) == f"pinned/{best['checkpoint']}"
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_tensorboard_and_mlflow_mirror_losses_and_scores_at_their_steps(live_run, where, tmp_path):
+    """logging.tensorboard / logging.mlflow of a real `sida train`, read back with TensorBoard's and MLflow's own
+    readers: every loss at the cur_nimg of its metric row, every live score at its checkpoint's cur_nimg (not when
+    it arrived), the stage as its index, and no point twice."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sida_core.methods.base import Stage
+
+    out, store = live_run[where]
+    metrics = store.read_metrics().to_pylist()
+    live = sorted((r["cur_nimg"], r["value"]) for r in store.read_rows() if r["kind"] == "live")
+    assert len(metrics) >= 10 and len(live) >= 5
+    losses = {key: [(r["cur_nimg"], r[key]) for r in metrics if r[key] is not None] for key in ("loss_psi", "loss_G")}
+    assert losses["loss_G"] and len(losses["loss_G"]) < len(metrics)  # G starts after the fake-score stage
+    stages = [(r["cur_nimg"], float([s.value for s in Stage].index(r["stage"]))) for r in metrics]
+    metric = out["scoring"]["best"]["metric"]
+
+    names = store.storage.listdir("tensorboard")
+    assert len(names) == 1 and "tfevents" in names[0]  # one session, one file
+    (tmp_path / names[0]).write_bytes(store.storage.read_bytes(f"tensorboard/{names[0]}"))
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+
+    def tb(tag):
+        return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+    def same(got, want, rel=1e-6):  # the same steps, the same values (float32 in event files)
+        return [s for s, _ in got] == [s for s, _ in want] and [v for _, v in got] == pytest.approx([v for _, v in want], rel=rel)
+
+    for key, series in losses.items():
+        assert same(tb(f"train/{key}"), series)
+    assert tb("train/stage") == stages
+    assert same(sorted(tb(f"score/{metric}")), live)
+
+    client = MlflowClient(tracking_uri=MLFLOW[where])
+    [run] = client.search_runs([client.get_experiment_by_name("sida").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["sida.run_uri"] == store.uri
+    assert run.data.params["method"] == "sida" and run.data.params["loss.alpha"] == "1.0"
+
+    def history(key):
+        return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+
+    for key, series in losses.items():
+        assert same(history(f"train/{key}"), series, rel=1e-12)
+    assert same(history(f"score/{metric}"), live, rel=1e-12)
+
+    # a second tracker session (a resumed run's driver): the same MLflow run, no point twice; one TensorBoard file
+    cfg = load_run_config(str(CONFIG), ["logging.tensorboard=true", f"logging.mlflow.tracking_uri={MLFLOW[where]}"])
+    tracker = Tracker.for_run(store, cfg, log=pytest.fail)
+    assert tracker is not None and tracker.sync() > 0 and tracker.sync() == 0  # replays storage once, then nothing new
+    tracker.close()
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    for key, series in losses.items():
+        assert same(history(f"train/{key}"), series, rel=1e-12)
+    assert same(history(f"score/{metric}"), live, rel=1e-12)
+    again = store.storage.listdir("tensorboard")
+    assert len(again) == 1 and again != names  # the new session's file replaced the old one
 
 
 def test_leaderboard_views_and_evaluate(live_run, capsys, tmp_path):
