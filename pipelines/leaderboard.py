@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from schemas.loader import ConfigError
+from store.run_store import TRAINING, shown_state
 
 MAX_DEPTH = 3
 FINAL_SEED0 = 1_000_000  # `sida evaluate` seeds: disjoint from the live scores' metric.seed
@@ -105,7 +106,7 @@ def build_table(ranked: list[dict], title: str, states: Optional[dict[str, str]]
         cells = [str(i), r["run"] + (f" [{r['trial']}]" if r.get("trial") else ""), r["method"],
                  f"{r['alpha']:g}", r["checkpoint"], f"{r['kimg']:.1f}", r["metric"], f"{r['value']:.4f}",
                  final, str(r["num_images"])]
-        table.add_row(*cells, *([states.get(r["run_uri"], "training")] if states is not None else []))
+        table.add_row(*cells, *([states.get(r["run_uri"], TRAINING)] if states is not None else []))
     return table
 
 
@@ -122,7 +123,7 @@ def print_table(ranked: list[dict], title: str) -> None:
 
 def run_states(stores: list) -> dict[str, str]:
     """{run_uri: how the run ended (``status.json``), or "training" while it has no status}."""
-    return {s.uri: s.state() or "training" for s in stores}
+    return {s.uri: shown_state(s.read_status()) for s in stores}
 
 
 def watch(uri: str, *, endpoint_url: Optional[str] = None, metric: Optional[str] = None, by: str = "checkpoint",
@@ -144,7 +145,7 @@ def watch(uri: str, *, endpoint_url: Optional[str] = None, metric: Optional[str]
                 stores = []
             rows = [r for s in stores for r in s.read_rows() if metric is None or r["metric"] == metric]
             states = run_states(stores)
-            ended = sum(st != "training" for st in states.values())
+            ended = sum(st != TRAINING for st in states.values())
             stamp = time.strftime("%H:%M:%S")
             title = (f"{uri} — {ended} of {len(stores)} run(s) ended, {len(rows)} score(s); {stamp}, every "
                      f"{interval:g} s (Ctrl-C to stop)")

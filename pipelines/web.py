@@ -25,6 +25,7 @@ import time
 from typing import Callable, Optional
 
 from schemas.loader import ConfigError
+from store.run_store import TRAINING, shown_state
 
 _GALLERY_RE = re.compile(r"^(ckpt-\d{12})\.png$")
 
@@ -50,7 +51,7 @@ def run_entry(run_id: int, root_uri: str, store) -> dict:
     return {
         "id": run_id, "run": rel, "uri": store.uri, "method": first.get("method"),
         "alpha": alpha_label(first) if first else "",
-        "state": status.get("state", "training"), "reason": status.get("reason"),
+        "state": shown_state(status), "reason": status.get("reason"),
         "best": None if best is None else {k: best[k] for k in ("checkpoint", "kimg", "metric", "value")},
         "final": None if not finals else {"mean": statistics.fmean(finals), "n": len(finals),
                                           "std": statistics.stdev(finals) if len(finals) > 1 else None},
@@ -82,7 +83,7 @@ def snapshot(uri: str, endpoint_url: Optional[str] = None) -> tuple[dict, dict]:
     runs.sort(key=lambda r: (r["best"] is None, r["best"]["metric"] if r["best"] else "",
                              r["best"]["value"] if r["best"] else 0.0, r["run"]))
     files = {r["id"]: (stores[r["id"]], r.pop("_galleries")) for r in runs}
-    ended = sum(r["state"] != "training" for r in runs)
+    ended = sum(r["state"] != TRAINING for r in runs)
     return {"uri": root, "time": t0, "seconds": round(time.time() - t0, 3), "runs": runs, "ended": ended,
             "message": None}, files
 

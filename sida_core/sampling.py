@@ -135,6 +135,7 @@ def save_grid(images: torch.Tensor, path, cols: Optional[int] = None, scale: Opt
 
 
 GALLERY_SEED0 = 0  # a gallery's images are seeds 0 .. n-1: the same for every checkpoint of every run
+GALLERY_TILE = 128  # larger images (EDM2's 512 px decodes) are area-downscaled to this many pixels on their long side
 
 
 def gallery_png(generator: torch.nn.Module, num: int, *, sigma_init: float, device="cpu",
@@ -146,4 +147,15 @@ def gallery_png(generator: torch.nn.Module, num: int, *, sigma_init: float, devi
     images = torch.cat(parts)
     if decode is not None:
         images = decode(images).float().cpu()
-    return grid_png(images)
+    return grid_png(fit_tiles(images, GALLERY_TILE))
+
+
+def fit_tiles(images: torch.Tensor, tile: int) -> torch.Tensor:
+    """``images`` (N, C, H, W) area-downscaled so that the long side is at most ``tile`` pixels (aspect kept): a
+    64-image gallery of 512 px samples is ~1 MB instead of tens of MB. Smaller images are returned as they are."""
+    h, w = images.shape[-2:]
+    if max(h, w) <= tile:
+        return images
+    f = tile / max(h, w)
+    size = (max(1, round(h * f)), max(1, round(w * f)))
+    return torch.nn.functional.interpolate(images.float(), size=size, mode="area")

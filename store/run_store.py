@@ -66,6 +66,12 @@ class RunState(str, enum.Enum):
 
 
 TERMINAL_STATES = tuple(s.value for s in RunState if s.terminal)
+TRAINING = "training"  # what views show for a run without status.json (still training, or killed without a word)
+
+
+def shown_state(status: Optional[dict]) -> str:
+    """A run's state for display from its ``status.json`` (None: none yet): the one rule every view uses."""
+    return (status or {}).get("state") or TRAINING
 
 
 class RunStore:

@@ -63,7 +63,7 @@ GRID = {"name": "grid", "base": str(CONFIG), "axes": {"alpha": [0.5, 1.0]},
 def test_grid_sweep_stops_the_diverging_trial_and_finishes_the_others(where, ray_cluster, tmp_path, s3_bucket, capsys):
     uri, endpoint = (str(tmp_path / "sweeps"), None) if where == "local" else (s3_bucket.uri + "/sweeps",
                                                                                  s3_bucket.endpoint_url)
-    extra = [f"storage.uri={uri}"] + ([f"storage.endpoint_url={endpoint}"] if endpoint else [])
+    extra = [f"storage.uri={uri}", "logging.tensorboard=true"] + ([f"storage.endpoint_url={endpoint}"] if endpoint else [])
     out = run_cli(capsys, ["sweep", write_yaml(tmp_path / "grid.yaml", GRID), *sets(TINY_TUNE + extra)])
     sweep = Storage(uri, endpoint_url=endpoint).child("grid")
     assert out["sweep_uri"] == sweep.uri
@@ -89,6 +89,9 @@ def test_grid_sweep_stops_the_diverging_trial_and_finishes_the_others(where, ray
         results = [json.loads(line) for line in sweep.read_bytes(f"tune/{name}/result.json").decode().splitlines()]
         assert results[-1]["final"] == 1.0 and results[-1]["best_fid"] == pytest.approx(t["best"]["value"])
         assert all(r["fid_metric"] == "fd_digits" and "best_fid" in r for r in results[:-1])  # ... in every report
+        # Tune's own TensorBoard x-axis is images seen; the trial's tracker mirrored its rows at their cur_nimg
+        assert [r["timesteps_total"] for r in results[:-1]] == [r["cur_nimg"] for r in results[:-1]]
+        assert_tensorboard_mirror(store, tmp_path / "tb" / name)
         # what rank 0 adds to a report: the newest and the best live score from the leaderboard (how many of them
         # land before training ends depends on timing; this reads the same rows after the end)
         live = LiveScores(store, RunConfig.model_validate(store.read_config()).metric).fields()
@@ -117,6 +120,22 @@ def test_grid_sweep_stops_the_diverging_trial_and_finishes_the_others(where, ray
     best = RunStore(sweep.child(out["best"]["trial"]))
     assert (tmp_path / "report" / "samples-1.png").read_bytes() == best.storage.read_bytes(
         best.gallery_ref(out["best"]["checkpoint"]))
+
+
+def assert_tensorboard_mirror(store: RunStore, local: Path) -> None:
+    """The run's TensorBoard file (logging.tensorboard) holds loss_psi at each metric row's cur_nimg and each live
+    score at its checkpoint's cur_nimg, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    [name] = store.storage.listdir("tensorboard")
+    local.mkdir(parents=True)
+    (local / name).write_bytes(store.storage.read_bytes(f"tensorboard/{name}"))
+    acc = EventAccumulator(str(local))
+    acc.Reload()
+    metrics = store.read_metrics().to_pylist()
+    assert [e.step for e in acc.Scalars("train/loss_psi")] == [r["cur_nimg"] for r in metrics]
+    live = sorted(r["cur_nimg"] for r in store.read_rows() if r["kind"] == "live")
+    assert sorted(e.step for e in acc.Scalars("score/fd_digits")) == live
 
 
 def bad_file_error(tmp_path, capsys, kind: str, data: dict) -> str:

@@ -61,3 +61,22 @@ def test_config_rules(tmp_path, vae_dir):
         load_run_config(CONFIG, base + [f"metric.vae={tmp_path / 'missing'}"])
     with pytest.raises(ConfigError, match="metric.vae is only used by latent-space runs"):
         load_run_config(CONFIG, [f"metric.vae={vae_dir}"])
+
+
+def test_gallery_tiles_of_large_decodes_are_downscaled_by_area():
+    """EDM2 galleries decode to 512 px: tiles are area-downscaled to GALLERY_TILE px (the mean of each block, aspect
+    kept); small images (digits, CIFAR-10) pass through untouched."""
+    import io
+
+    from PIL import Image
+
+    from sida_core.sampling import GALLERY_TILE, fit_tiles, grid_png
+
+    big = torch.rand(4, 3, 512, 256) * 2 - 1
+    small = fit_tiles(big, GALLERY_TILE)
+    assert small.shape == (4, 3, 128, 64)
+    assert torch.allclose(small[0, 0, 0, 0], big[0, 0, :4, :4].mean(), atol=1e-6)  # a 4x4 block's mean
+    cifar = torch.rand(2, 3, 32, 32)
+    assert fit_tiles(cifar, GALLERY_TILE) is cifar
+    png = Image.open(io.BytesIO(grid_png(small)))
+    assert png.size == (2 * 65 + 1, 2 * 129 + 1)  # 2 x 2 tiles of 64 x 128 + 1 px padding
