@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -27,7 +26,11 @@ def _log(msg: str) -> None:
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    """:func:`pipelines.leaderboard.mean_std` with a spread of 0 for one value (one teacher seed)."""
+    from pipelines.leaderboard import mean_std
+
+    mean, std = mean_std(values)
+    return mean, std or 0.0
 
 
 def beats_teacher(generator_fds: Sequence[float], teacher_fds: Sequence[float], z: float = 2.0) -> dict:

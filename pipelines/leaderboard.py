@@ -60,6 +60,13 @@ def final_values(rows: list[dict]) -> dict[tuple, list[float]]:
     return finals
 
 
+def mean_std(values) -> tuple[float, Optional[float]]:
+    """Mean and sample standard deviation of repeated scores (std None for fewer than two): the one place the
+    leaderboard, ``sida evaluate``, reports, the web page and the demo take ``mean ± std`` from."""
+    values = list(values)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
 def format_final(mean: Optional[float], std: Optional[float], n: int) -> str:
     """``mean ± std (n=N)`` of a re-evaluation (no std for one seed); empty without one."""
     if mean is None:
@@ -79,8 +86,8 @@ def rank(rows: list[dict], by: str = "checkpoint", top: Optional[int] = None) ->
     out = []
     for r in live:
         vals = finals.get((r["run_uri"], r["checkpoint"], r["metric"]))
-        out.append({**r, "final_mean": statistics.fmean(vals) if vals else None,
-                    "final_std": statistics.stdev(vals) if vals and len(vals) > 1 else None,
+        mean, std = mean_std(vals) if vals else (None, None)
+        out.append({**r, "final_mean": mean, "final_std": std,
                     "final_repeats": len(vals) if vals else 0})
     if by == "run":
         best: dict[tuple, dict] = {}
@@ -203,7 +210,8 @@ def plot_curves(rows: list[dict], path: Path, title: str = "", hlines: Optional[
         for ck in sorted({r["checkpoint"] for r in finals}):
             vals = [r["value"] for r in finals if r["checkpoint"] == ck]
             kimg = next(r["kimg"] for r in finals if r["checkpoint"] == ck)
-            ax.errorbar([kimg], [statistics.fmean(vals)], yerr=[statistics.stdev(vals) if len(vals) > 1 else 0],
+            mean, std = mean_std(vals)
+            ax.errorbar([kimg], [mean], yerr=[std or 0.0],
                         fmt="s", color=line.get_color(), capsize=3, ms=5)
     for (label, value), style in zip((hlines or {}).items(), ("--", ":", "-.")):
         ax.axhline(value, color="gray", ls=style, label=label)
@@ -299,8 +307,8 @@ def run_evaluate(run_uri: str, *, checkpoint: Optional[str] = None, repeats: int
     ref_row = out_row or final[-1]
     return {"run_uri": store.uri, "checkpoint": checkpoint, "source": store.storage.uri_of(source),
             "kimg": ref_row["kimg"], "metric": ref_row["metric"], "num_images": ref_row["num_images"],
-            "repeats": repeats, "values": [round(v, 6) for v in values], "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "repeats": repeats, "values": [round(v, 6) for v in values], "mean": mean_std(values)[0],
+            "std": mean_std(values)[1] or 0.0,
             "live_value": next((r["value"] for r in live if r["checkpoint"] == checkpoint), None)}
 
 

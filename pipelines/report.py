@@ -15,7 +15,6 @@ can be made while trials still run. Written into ``--out`` and uploaded under ``
 from __future__ import annotations
 
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -71,11 +70,11 @@ def _trials(storage, runs) -> tuple[str, list[dict], dict]:
 
 def _fmt_final(values: list[float]) -> str:
     """A best checkpoint's re-scores as the leaderboard prints them (``mean ± std (n=N)``)."""
-    from pipelines.leaderboard import format_final
+    from pipelines.leaderboard import format_final, mean_std
 
     if not values:
         return ""
-    return format_final(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
+    return format_final(*mean_std(values), len(values))
 
 
 def plot_best(trials: list[dict], path: Path, metric_label: str) -> Path:

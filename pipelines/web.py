@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-import statistics
 import sys
 import threading
 import time
@@ -33,7 +32,7 @@ _GALLERY_RE = re.compile(r"^(ckpt-\d{12})\.png$")
 def run_entry(run_id: int, root_uri: str, store) -> dict:
     """One run's part of the snapshot: state (and why it ended), best live row, its re-scores, live rows with a
     pinned mark, which checkpoints have a gallery, lineage. Reads each of the run's files once."""
-    from pipelines.leaderboard import alpha_label, final_values
+    from pipelines.leaderboard import alpha_label, final_values, mean_std
 
     rows = store.read_rows()
     status = store.read_status() or {}
@@ -53,8 +52,7 @@ def run_entry(run_id: int, root_uri: str, store) -> dict:
         "alpha": alpha_label(first) if first else "",
         "state": shown_state(status), "reason": status.get("reason"),
         "best": None if best is None else {k: best[k] for k in ("checkpoint", "kimg", "metric", "value")},
-        "final": None if not finals else {"mean": statistics.fmean(finals), "n": len(finals),
-                                          "std": statistics.stdev(finals) if len(finals) > 1 else None},
+        "final": None if not finals else dict(zip(("mean", "std"), mean_std(finals)), n=len(finals)),
         "scored": len(live),
         "gallery_best": best["checkpoint"] if best and best["checkpoint"] in galleries else None,
         "gallery_newest": newest,

@@ -28,7 +28,7 @@ from schemas.loader import ConfigError
 from store.run_store import RunStore
 
 Point = tuple[str, float, int]  # (series, value, cur_nimg)
-NOT_SERIES = ("step", "cur_nimg", "time")
+NOT_SERIES = ("step", "cur_nimg", "kimg", "time")  # counters: the step axis itself
 
 
 def metric_points(row: dict) -> list[Point]:
@@ -190,18 +190,31 @@ class Tracker:
 
     def __init__(self, store: RunStore, logging_cfg, config: dict, log: Callable[[str], None] = print):
         self.store, self.cfg, self.log = store, logging_cfg, log
-        self.sinks: list[Any] = []
+        makers: list[tuple[str, Callable[[], Any]]] = []
         if logging_cfg.tensorboard:
-            self.sinks.append(TensorBoardSink(store))
+            makers.append(("tensorboard", lambda: TensorBoardSink(store)))
         if logging_cfg.mlflow is not None:
-            self.sinks.append(MlflowSink(store, logging_cfg.mlflow, config))
+            makers.append(("mlflow", lambda: MlflowSink(store, logging_cfg.mlflow, config)))
         if logging_cfg.wandb is not None:
-            self.sinks.append(WandbSink(store, logging_cfg.wandb, config))
-        self.pending: list[list[Point]] = [[] for _ in self.sinks]  # points a failing sink has not taken yet
+            makers.append(("wandb", lambda: WandbSink(store, logging_cfg.wandb, config)))
+        self.makers = dict(makers)
+        self.sinks: list[Any] = [None] * len(makers)  # a sink whose service is down at start is made at a later sync
+        self.pending: list[list[Point]] = [[] for _ in makers]  # points a sink has not taken yet
+        self._connect()  # a missing package (ConfigError) stops the run here, before training
         self.parts: set[str] = set()
         self.rows: set[str] = set()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+
+    def _connect(self) -> None:
+        for i, (name, make) in enumerate(self.makers.items()):
+            if self.sinks[i] is None:
+                try:
+                    self.sinks[i] = make()
+                except ConfigError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 -- a tracking server down: train anyway, retry at each sync
+                    self.log(f"logging: {name} unavailable, retried at the next sync ({_one_line(exc)})")
 
     @classmethod
     def for_run(cls, store: RunStore, cfg, log: Callable[[str], None] = print) -> Optional["Tracker"]:
@@ -227,14 +240,17 @@ class Tracker:
             except FileNotFoundError:
                 continue
             self.rows.add(key)
+        self._connect()
         for i, sink in enumerate(self.sinks):
             self.pending[i] += points
+            if sink is None:
+                continue
             try:
                 sink.write(self.pending[i])
                 sink.flush()
                 self.pending[i] = []
             except Exception as exc:  # noqa: BLE001 -- a mirror must never end the run; the next sync retries
-                self.log(f"logging: {type(sink).__name__} unavailable this sync ({' '.join(str(exc).split())[:200]})")
+                self.log(f"logging: {type(sink).__name__} unavailable this sync ({_one_line(exc)})")
         return len(points)
 
     def _loop(self) -> None:
@@ -242,7 +258,7 @@ class Tracker:
             try:
                 self.sync()
             except Exception as exc:  # noqa: BLE001 -- storage hiccup: the next sync retries
-                self.log(f"logging: storage unavailable this sync ({' '.join(str(exc).split())[:200]})")
+                self.log(f"logging: storage unavailable this sync ({_one_line(exc)})")
 
     def start(self) -> "Tracker":
         self._thread = threading.Thread(target=self._loop, name="sida-tracker", daemon=True)
@@ -258,10 +274,15 @@ class Tracker:
             self.sync()
             state = (self.store.read_status() or {}).get("state")
         except Exception as exc:  # noqa: BLE001
-            self.log(f"logging: last sync failed ({' '.join(str(exc).split())[:200]})")
+            self.log(f"logging: last sync failed ({_one_line(exc)})")
             state = None
         for sink in self.sinks:
             try:
-                sink.close(state)
+                if sink is not None:
+                    sink.close(state)
             except Exception as exc:  # noqa: BLE001
-                self.log(f"logging: closing {type(sink).__name__} failed ({' '.join(str(exc).split())[:200]})")
+                self.log(f"logging: closing {type(sink).__name__} failed ({_one_line(exc)})")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 
 from ray.tune.stopper import Stopper
 
+from sida_core.loop import kimg_to_nimg
 from store.run_store import TERMINAL_STATES, RunState, RunStore
 from store.storage import Storage
 
@@ -157,7 +158,7 @@ class DivergenceStopper(Stopper):
         store = RunStore(self.root.child(name))
         if not result.get("diverged"):  # the Ray Train loop records its own NaN/Inf end
             kimg = result.get("kimg")
-            store.record_end(RunState.STOPPED, cur_nimg=None if kimg is None else int(round(kimg * 1000)), reason=reason,
+            store.record_end(RunState.STOPPED, cur_nimg=None if kimg is None else kimg_to_nimg(kimg), reason=reason,
                              by="divergence stopper")
         _log(f"[{name}] stopped: {reason}")
         return True

@@ -14,6 +14,7 @@ from torch import nn
 
 from sida_core import edm
 from sida_core.distill import ema_beta, make_generator
+from sida_core.loop import kimg_to_nimg
 from sida_core.losses import EDMLoss
 
 
@@ -43,7 +44,7 @@ def train_teacher(net: nn.Module, images: torch.Tensor, labels: Optional[torch.T
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
     loss_fn = EDMLoss(p_mean=p_mean, p_std=p_std)
-    total = int(kimg * 1000)
+    total = kimg_to_nimg(kimg)
     cur_nimg, step = 0, 0
     while cur_nimg < total:
         rng = make_generator(device, "teacher", seed, step)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from sida_core import checkpoint as ckpt
+from sida_core.loop import kimg_to_nimg
 from sida_core.data import ImageDataset
 from sida_core.determinism import cpu_threads
 from sida_core.distill import Distiller, hyper_from_config, init_method_networks
@@ -132,7 +133,7 @@ def get_teacher(cfg, train_set: ImageDataset, device, log: Callable[[str], None]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(t.seed)  # weight init is part of the recipe the cache key stands for
         net = build_from_spec(spec)
-    bar = progress_factory(int(t.kimg * 1000), "teacher") if progress_factory else None
+    bar = progress_factory(kimg_to_nimg(t.kimg), "teacher") if progress_factory else None
     t0 = time.time()
     # A fixed CPU thread count whatever the process was given: the cached teacher must not depend on the machine.
     with cpu_threads(TEACHER_CPU_THREADS) if torch.device(device).type == "cpu" else contextlib.nullcontext():
@@ -142,7 +143,7 @@ def get_teacher(cfg, train_set: ImageDataset, device, log: Callable[[str], None]
                             seed=t.seed, device=device, progress=(lambda n, loss: bar.update(n)) if bar else None)
     if bar:
         bar.close()
-    ckpt.save_checkpoint(path, {"net": ema.state_dict()}, kind="teacher", kimg=t.kimg, cur_nimg=int(t.kimg * 1000),
+    ckpt.save_checkpoint(path, {"net": ema.state_dict()}, kind="teacher", kimg=t.kimg, cur_nimg=kimg_to_nimg(t.kimg),
                          config=cfg.model_dump(mode="json"), network=spec,
                          extra={"train_seconds": round(time.time() - t0, 1)})
     return ema.eval().requires_grad_(False), path
