@@ -52,12 +52,13 @@ def run_distill(cfg, store, *, resume: bool = True, progress: bool = True, log: 
     from tqdm.auto import tqdm
 
     from ray_jobs.datasets import load_run_dataset
-    from ray_jobs.tracking import Tracker
+    from ray_jobs.tracking import Tracker, check_logging
     from ray_jobs.train import public_config
     from schemas.loader import ConfigError
     from sida_core.training_loop import build_distiller, get_teacher, load_network, resolve_device
 
     t0 = time.time()
+    check_logging(cfg.logging)  # a missing package stops here, before the run folder is touched
     if score and not cfg.metric.enabled:
         raise ConfigError("--score needs a metric, but metric.enabled is false in the config "
                           "(--set metric.enabled=true, or drop --score)")

@@ -305,10 +305,10 @@ def run_evaluate(run_uri: str, *, checkpoint: Optional[str] = None, repeats: int
         log(f"evaluate: {checkpoint} seed {seed}: {out_row['metric']} = {out_row['value']:.4f}")
     final = [r for r in store.read_rows() if r["kind"] == "final" and r["checkpoint"] == checkpoint]
     ref_row = out_row or final[-1]
+    mean, std = mean_std(values)
     return {"run_uri": store.uri, "checkpoint": checkpoint, "source": store.storage.uri_of(source),
             "kimg": ref_row["kimg"], "metric": ref_row["metric"], "num_images": ref_row["num_images"],
-            "repeats": repeats, "values": [round(v, 6) for v in values], "mean": mean_std(values)[0],
-            "std": mean_std(values)[1] or 0.0,
+            "repeats": repeats, "values": [round(v, 6) for v in values], "mean": mean, "std": std or 0.0,
             "live_value": next((r["value"] for r in live if r["checkpoint"] == checkpoint), None)}
 
 

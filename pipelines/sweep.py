@@ -141,6 +141,7 @@ def best_of(outcomes: list[dict]) -> Optional[dict]:
 def run_sweep(path: str, overrides: Sequence[str] = (), *, address: Optional[str] = None,
               log: Callable[[str], None] = _log) -> dict:
     """Run (or continue) the sweep in ``path``; returns the summary ``sida sweep`` prints."""
+    from ray_jobs.tracking import check_logging
     from schemas.sweep import load_sweep, parse_overrides, plan_trials
 
     t0 = time.time()
@@ -150,6 +151,8 @@ def run_sweep(path: str, overrides: Sequence[str] = (), *, address: Optional[str
     root.check()
     exp_root = root.child(sweep.name)
     plans = plan_trials(sweep, base, source=str(path), storage_uri=exp_root.uri, layers=[sweep.set, ov])
+    for p in plans:  # before sweep.json or any trial folder is written
+        check_logging(p.cfg.logging)
     record = {"kind": "sweep", "name": sweep.name, "file": str(path), "sweep": sweep.model_dump(mode="json"),
               "trials": [{"name": p.name, "axes": p.axes} for p in plans], "time": time.time()}
     exp_root.write_json("sweep.json", record)

@@ -60,7 +60,7 @@ def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, wo
     from ray_jobs.cluster import connect, worker_env
     from store.run_store import RunStore
     from ray_jobs.scoring import ScoringCoordinator, check_reference, make_scorers
-    from ray_jobs.tracking import Tracker
+    from ray_jobs.tracking import Tracker, check_logging
     from store.storage import StorageError
     from ray_jobs.train import build_trainer, public_config, root_cause
     from ray_jobs.datasets import load_run_dataset
@@ -71,6 +71,7 @@ def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, wo
                                                endpoint_url=endpoint_url)
     root.check()
     check_reference(cfg)
+    check_logging(cfg.logging)
     store = RunStore(root.child(run_name))
     if not resumed and store.exists():
         raise ConfigError(f"run {store.uri} already exists: continue it with --resume {store.uri}, "

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ray_jobs.scoring import _one_line
 from schemas.loader import ConfigError
 from store.run_store import RunStore
 
@@ -53,6 +54,23 @@ def score_points(row: dict) -> list[Point]:
     if row["kind"] == "live":
         return [(f"score/{row['metric']}", float(row["value"]), int(row["cur_nimg"]))]
     return [(f"eval/{row['metric']}/seed{row['seed']}", float(row["value"]), int(row["cur_nimg"]))]
+
+
+PACKAGES = {"tensorboard": ("tensorboardX", "tensorboardX"), "mlflow": ("mlflow", "mlflow-skinny"),
+            "wandb": ("wandb", "wandb")}  # logging.<field>: (module, what to pip install)
+
+
+def check_logging(logging_cfg) -> None:
+    """Refuse, in one line, a ``logging`` section whose package is not installed: called by every entry point before
+    it writes a run folder or starts Ray (the sinks themselves are made later, once training starts)."""
+    import importlib.util
+
+    wanted = {"tensorboard": logging_cfg.tensorboard, "mlflow": logging_cfg.mlflow is not None,
+              "wandb": logging_cfg.wandb is not None}
+    for field, on in wanted.items():
+        module, pip = PACKAGES[field]
+        if on and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"logging.{field} needs the {module} package: pip install {pip}")
 
 
 def run_params(config: dict) -> dict[str, str]:
@@ -113,11 +131,9 @@ class MlflowSink:
         if cfg.tracking_uri.startswith("file:") or "://" not in cfg.tracking_uri:
             # MLflow 3 keeps its file store only on request; an offline folder is what logging.mlflow promises
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        try:
-            from mlflow.entities import Param
-            from mlflow.tracking import MlflowClient
-        except ImportError:
-            raise ConfigError("logging.mlflow needs the mlflow package: pip install mlflow-skinny") from None
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
         self.client = client = MlflowClient(tracking_uri=cfg.tracking_uri)
         experiment = client.get_experiment_by_name(cfg.experiment)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment)
@@ -161,10 +177,8 @@ class WandbSink:
     logged with ``cur_nimg`` as the x-axis metric, so late scores land at their checkpoint's images."""
 
     def __init__(self, store: RunStore, cfg, config: dict):
-        try:
-            import wandb
-        except ImportError:
-            raise ConfigError("logging.wandb needs the wandb package: pip install wandb") from None
+        import wandb
+
         run_id = hashlib.sha256(store.uri.encode()).hexdigest()[:16]  # the same W&B run when the run resumes
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, mode=cfg.mode, id=run_id,
                               name=store.name, resume="allow", config=run_params(config), reinit=True)
@@ -200,7 +214,8 @@ class Tracker:
         self.makers = dict(makers)
         self.sinks: list[Any] = [None] * len(makers)  # a sink whose service is down at start is made at a later sync
         self.pending: list[list[Point]] = [[] for _ in makers]  # points a sink has not taken yet
-        self._connect()  # a missing package (ConfigError) stops the run here, before training
+        check_logging(logging_cfg)  # the entry points checked already, before writing; this guards direct use
+        self._connect()
         self.parts: set[str] = set()
         self.rows: set[str] = set()
         self._stop = threading.Event()
@@ -211,8 +226,6 @@ class Tracker:
             if self.sinks[i] is None:
                 try:
                     self.sinks[i] = make()
-                except ConfigError:
-                    raise
                 except Exception as exc:  # noqa: BLE001 -- a tracking server down: train anyway, retry at each sync
                     self.log(f"logging: {name} unavailable, retried at the next sync ({_one_line(exc)})")
 
@@ -282,7 +295,3 @@ class Tracker:
                     sink.close(state)
             except Exception as exc:  # noqa: BLE001
                 self.log(f"logging: closing {type(sink).__name__} failed ({_one_line(exc)})")
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200] or type(exc).__name__

@@ -48,3 +48,16 @@ def test_metric_points_skip_counters_missing_and_non_finite_values():
     row = {"step": 3, "cur_nimg": 96, "kimg": 0.096, "stage": "fake_score", "loss_psi": float("nan"), "loss_G": None,
            "images_per_s": 12.5, "time": 1.0}
     assert sorted(metric_points(row)) == [("train/images_per_s", 12.5, 96), ("train/stage", 0.0, 96)]
+
+
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("wandb") is not None, reason="wandb is installed here")
+@pytest.mark.parametrize("command", ["train", "distill"])
+def test_a_logging_package_that_is_missing_is_one_line_before_anything_is_written(command, tmp_path, capsys):
+    from pipelines.cli import main
+    from tests.recipes import CONFIG
+
+    runs = tmp_path / "runs"
+    code = main([command, str(CONFIG), "--set", f"storage.uri={runs}", "--set", "logging.wandb.project=p"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == "error: logging.wandb needs the wandb package: pip install wandb"
+    assert not runs.exists() or not any(runs.iterdir())  # no run folder, no teacher, no Ray start
