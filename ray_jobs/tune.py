@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 from ray.tune.stopper import Stopper
 
 from sida_core.loop import kimg_to_nimg
+from store.lease import TTL_S as LEASE_TTL_S, RunLease
 from store.run_store import TERMINAL_STATES, RunState, RunStore
 from store.storage import Storage
 
@@ -72,6 +73,9 @@ def trial_main(config: dict[str, Any]) -> None:
         return
     m = cfg.metric
     scoring = tracker = None
+    # one writer per run: a trial resumed right after its sweep's driver died on another node waits for the
+    # dead holder's lease to go stale (on this node a dead holder is seen at once)
+    lease = RunLease(store.storage, log=lambda s: _log(f"[{trial['name']}] {s}")).acquire(wait_s=1.5 * LEASE_TTL_S)
     try:
         if m.enabled:
             scoring = ScoringCoordinator(store, make_scorers(m), m, trial=trial["name"],
@@ -94,6 +98,7 @@ def trial_main(config: dict[str, Any]) -> None:
             scoring.close()
         if tracker is not None:
             tracker.close()
+        lease.release()
     tune.report(final_metrics(store, cfg))
 
 
@@ -184,6 +189,21 @@ def concurrency(footprint: dict, available: dict, wanted: Optional[int]) -> int:
     return max(1, min(fits, wanted) if wanted else fits)
 
 
+def keep_secrets_out_of_trial_runtime_env() -> None:
+    """Tune copies the driver's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN into every trial
+    actor's runtime_env (``ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE``, Ray 2.60), and Ray writes a
+    runtime_env in clear to the node's runtime_env_agent.log. The trial processes inherit the keys from their
+    node instead (a local Ray from this driver, a cluster's nodes from their own environment: ray_jobs.cluster);
+    tests/test_secrets.py fails if a Ray upgrade brings the copy back under another name."""
+    from ray.tune.execution import class_cache
+
+    from schemas.job import SECRET_ENV
+
+    propagated = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
+    if isinstance(propagated, set):
+        propagated.difference_update({*SECRET_ENV, "AWS_SECURITY_TOKEN"})
+
+
 def run_tuner(trials: list[dict], root: Storage, *, trial_cpus: float, divergence, early_stopping=None,
               max_concurrent: Optional[int] = None, total_kimg: float, log: Callable[[str], None] = _log) -> dict:
     """Run ``trials`` (dicts as :func:`trial_main` takes them) as one Tune experiment under ``root/tune``.
@@ -215,6 +235,7 @@ def run_tuner(trials: list[dict], root: Storage, *, trial_cpus: float, divergenc
     stopper = DivergenceStopper(divergence, root)
     scored = all(c.metric.enabled for c in cfgs.values())  # else no score to optimise: Tune just runs the trials
     storage_path, fs = root.ray_storage()
+    keep_secrets_out_of_trial_runtime_env()
     tuner = tune.Tuner(
         tune.with_resources(trial_main, resources),
         param_space={"trial": tune.grid_search(trials)},

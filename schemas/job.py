@@ -32,9 +32,23 @@ class JobResources(Strict):
     driver_cpus: NonNegativeFloat = 0.0               # reserved for the job's driver (the sida process itself)
 
 
+# Secrets never travel in a runtime_env: Ray writes it in plain text to every node's runtime_env_agent.log, and
+# the dashboard and `ray job list` show it to anyone holding the cluster's token. Credentials come from the
+# nodes' own environment (instance profile, or ~/.sida/storage.env exported before `ray start`).
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN")
+
+
+def _no_secrets(names: Any, field: str) -> None:
+    found = [n for n in names if n in SECRET_ENV]
+    if found:
+        raise ValueError(f"{field}: {', '.join(found)} would be written in clear to the cluster's Ray logs and "
+                         "shown in its dashboard; give the nodes their own credentials (an instance profile, or "
+                         "~/.sida/storage.env exported before `ray start`, see README) and remove it here")
+
+
 class JobStorage(Strict):
     """Where the job's runs go (``train``: overrides the run config's ``storage`` section). No secrets here:
-    credentials come from the cluster (instance profile, or variables named in ``forward_env``)."""
+    credentials come from the cluster's nodes (instance profile, or their environment: SECRET_ENV)."""
 
     uri: str
     endpoint_url: Optional[str] = None
@@ -51,6 +65,8 @@ class RuntimeEnvSpec(Strict):
     @field_validator("env_vars", mode="before")
     @classmethod
     def _strings(cls, v: Any) -> Any:  # YAML reads 1 and true as numbers/bools; Ray wants strings
+        if isinstance(v, dict):
+            _no_secrets(v, "runtime_env.env_vars")
         return {k: (str(x).lower() if isinstance(x, bool) else str(x)) for k, x in v.items()} if isinstance(v, dict) else v
 
 
@@ -65,10 +81,16 @@ class JobSpec(Strict):
     args: list[str] = Field(default_factory=list)       # extra arguments for the command, e.g. ["--repeats", "3"]
     resources: JobResources = Field(default_factory=JobResources)
     runtime_env: Union[RuntimeEnvSpec, str] = Field(default_factory=RuntimeEnvSpec)  # or a YAML file of one
-    forward_env: list[str] = Field(default_factory=list)  # variables copied from the submitting shell
+    forward_env: list[str] = Field(default_factory=list)  # variables copied from the submitting shell (no SECRET_ENV)
     storage: Optional[JobStorage] = None
     tags: dict[str, str] = Field(default_factory=dict)  # Ray job metadata
     program: str = "sida"              # how the cluster runs sida (installed by the cluster's setup commands)
+
+    @field_validator("forward_env")
+    @classmethod
+    def _forward_no_secrets(cls, v: list[str]) -> list[str]:
+        _no_secrets(v, "forward_env")
+        return v
 
     @field_validator("kind", mode="before")
     @classmethod

@@ -66,6 +66,7 @@ class Storage:
                  retry: RetryPolicy = RetryPolicy()):
         self.retry = retry
         self._fs_kw: dict[str, Any] = {}  # S3FileSystem arguments besides the retry policy's
+        self._keys: dict[str, str] = {}  # explicit credentials: this process's fs only, never pickled
         scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
         if scheme not in ("", "file", "s3"):
             raise ValueError(f"storage.uri: unsupported scheme {scheme + '://'!r} in {uri!r}; "
@@ -98,24 +99,35 @@ class Storage:
             raise ValueError("storage: give both access_key_id and secret_access_key, or neither (then the "
                              "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY environment variables are used)")
         if access_key_id:
-            kw.update(access_key=access_key_id, secret_key=secret_access_key)
+            self._keys = {"access_key": access_key_id, "secret_key": str(secret_access_key)}
         self.fs = self._make_fs()
 
-    def _make_fs(self, sdk_attempts: int = 1) -> pafs.FileSystem:
-        """sdk_attempts=1: no retries inside the AWS SDK, ``_retry`` does them (and counts them right)."""
+    def _make_fs(self, sdk_attempts: int = 1, with_keys: bool = True) -> pafs.FileSystem:
+        """sdk_attempts=1: no retries inside the AWS SDK, ``_retry`` does them (and counts them right).
+        ``with_keys=False``: the default credential chain (environment, profile, instance role) even when keys
+        were given, for a filesystem that is pickled (an S3FileSystem pickles its explicit keys in clear)."""
         if not self.is_s3:
             return pafs.LocalFileSystem()
         return pafs.S3FileSystem(
             connect_timeout=self.retry.connect_timeout_s, request_timeout=self.retry.request_timeout_s,
             allow_delayed_open=True,  # small writes become one PutObject instead of a 3-call multipart upload
-            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=sdk_attempts), **self._fs_kw)
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=sdk_attempts), **self._fs_kw,
+            **(self._keys if with_keys else {}))
 
-    # pickling (Ray ships Storage to workers): S3FileSystem pickles drop the retry strategy, so rebuild the fs
+    # pickling (Ray ships Storage to workers and scorers; Tune pickles its RunConfig into tuner.pkl in storage):
+    # S3FileSystem pickles drop the retry strategy, so rebuild the fs; explicit keys never travel (the receiving
+    # process uses its own environment, which a local Ray inherits from the driver: ray_jobs.cluster)
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "fs"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("fs", "_keys")}
+
+    def __copy__(self) -> Storage:  # in this process: the same filesystem and keys (child())
+        new = object.__new__(Storage)
+        new.__dict__.update(self.__dict__)
+        return new
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._keys = {}
         self.fs = self._make_fs()
 
     @classmethod
@@ -155,8 +167,9 @@ class Storage:
     def ray_storage(self) -> tuple[str, pafs.FileSystem | None]:
         """``(storage_path, storage_filesystem)`` for ``ray.train.RunConfig`` (no ``s3://`` with a filesystem).
         Ray's own I/O bypasses ``_retry``, so this filesystem lets the AWS SDK retry (in the driver; the
-        pickled copies Ray sends to workers fall back to the SDK default of 3 attempts)."""
-        return self.root, (self._make_fs(sdk_attempts=self.retry.attempts) if self.is_s3 else None)
+        pickled copies Ray sends to workers fall back to the SDK default of 3 attempts). Without explicit keys:
+        Ray and Tune pickle it (Tune into ``tuner.pkl`` in storage)."""
+        return self.root, (self._make_fs(sdk_attempts=self.retry.attempts, with_keys=False) if self.is_s3 else None)
 
     def _where(self) -> str:
         if not self.is_s3:

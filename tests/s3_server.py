@@ -58,6 +58,13 @@ class MotoServer:
         return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
                             aws_access_key_id="testing", aws_secret_access_key="testing")
 
+    def objects(self, bucket: str) -> Iterator[tuple[str, bytes]]:
+        """Every object of ``bucket``, as (key, bytes)."""
+        c = self.client()
+        for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for o in page.get("Contents", []):
+                yield o["Key"], c.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+
     def create_bucket(self, name: str) -> None:
         self.client().create_bucket(Bucket=name)
 

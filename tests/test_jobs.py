@@ -93,7 +93,7 @@ def test_submit_train_job_follow_to_succeeded_and_find_the_run_in_s3(head, clien
         "total_kimg=0.128", "checkpoint_every_kimg=0.064"],
         resources={"num_workers": 2, "cpus_per_worker": 1},
         storage={"uri": uri, "endpoint_url": s3_bucket.endpoint_url, "region": "us-east-1"},
-        forward_env=["SIDA_CACHE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"], tags={"suite": "test_jobs"})
+        forward_env=["SIDA_CACHE"], tags={"suite": "test_jobs"})  # S3 keys: the head's own environment
     t0 = time.time()
     proc = sida(["submit", job, "--address", head.dashboard_url], client_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -118,6 +118,10 @@ def test_submit_train_job_follow_to_succeeded_and_find_the_run_in_s3(head, clien
         store.load_checkpoint(name)  # verifies the hashes
     assert store.read_metrics().column("cur_nimg").to_pylist() == [32, 64, 96, 128]
     assert_leaderboard(store)
+    # the cluster's auth token is in neither the job's logs nor anything the job wrote (issue 18: secrets)
+    token = head.token_file.read_text().strip().encode()
+    assert token not in (logs.stdout + logs.stderr + proc.stdout + proc.stderr).encode()
+    assert not [key for key, data in s3_bucket.server.objects(s3_bucket.name) if token in data]
 
 
 def test_stop_a_running_job(head, client_env, tmp_path):
@@ -168,6 +172,11 @@ REFUSED = [
     ("relative_storage", {"storage": {"uri": "runs"}}, ["storage.uri 'runs'", "relative", "s3://"]),
     ("missing_config", {"config": "nowhere.yaml"}, ["nowhere.yaml", "does not exist"]),
     ("unset_forward_env", {"forward_env": ["SIDA_SURELY_UNSET_VAR"]}, ["forward_env", "SIDA_SURELY_UNSET_VAR"]),
+    # secrets never travel in a runtime_env (Ray logs it in clear on every node and shows it in the dashboard)
+    ("secret_in_forward_env", {"forward_env": ["SIDA_CACHE", "AWS_SECRET_ACCESS_KEY"]},
+     ["forward_env", "AWS_SECRET_ACCESS_KEY", "in clear", "storage.env"]),
+    ("secret_in_env_vars", {"runtime_env": {"env_vars": {"AWS_ACCESS_KEY_ID": "AKIA-x", "RAY_AUTH_TOKEN": "t"}}},
+     ["runtime_env.env_vars", "AWS_ACCESS_KEY_ID, RAY_AUTH_TOKEN", "in clear"]),
 ]
 
 
