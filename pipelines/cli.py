@@ -27,6 +27,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipelines.train import TrainingError
     from ray_jobs.jobs import JobError
     from store.reference import ReferenceStatsError
+    from store.lease import LeaseError
     from store.storage import StorageError
     from sida_core.metrics.inception import InceptionWeightsError
     from sida_core.metrics.reference import ReferenceMismatch
@@ -34,7 +35,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (ConfigError, CheckpointError, DataError, NonFiniteError, FileNotFoundError, StorageError, TrainingError,
             JobError, ReferenceStatsError, InceptionWeightsError, ReferenceMismatch, PipelineError, ImportError_,
-            ExportError, VAEError)
+            ExportError, VAEError, LeaseError)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -59,7 +60,8 @@ def cmd_distill(args) -> int:
     cfg = load_run_config(args.config, args.overrides)
     store = run_store_of(cfg, args.run_dir)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731 (stdout: the one JSON line)
-    out = run_distill(cfg, store, resume=not args.no_resume, progress=not args.quiet, log=log, score=args.score)
+    out = run_distill(cfg, store, resume=not args.no_resume, progress=not args.quiet, log=log, score=args.score,
+                      steal_lease=args.steal_lease)
     print(json.dumps({"run_dir": out["run_dir"], "checkpoint": out["checkpoint"], "kimg": out["kimg"],
                       "seconds": round(out["seconds"], 1)}))
     return 0
@@ -69,7 +71,7 @@ def cmd_train(args) -> int:
     from pipelines.train import run_train
 
     out = run_train(args.config, args.overrides, workers=args.workers, resume=args.resume, name=args.name,
-                    address=args.address, endpoint_url=args.endpoint_url)
+                    address=args.address, endpoint_url=args.endpoint_url, steal_lease=args.steal_lease)
     print(json.dumps(out))
     return 0 if out["status"] == "finished" else 1
 
@@ -320,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="run name (default: CONFIG_NAME-YYYYmmdd-HHMMSS)")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray for this job)")
     p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for --resume of an s3:// run (else from env)")
+    p.add_argument("--steal-lease", action="store_true", help="take the run's lease from a holder that is dead "
+                   "but not yet stale (check first: two writers corrupt a run)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sweep", help="an ablation sweep (grid or random search) as one Ray Tune experiment")
@@ -410,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score", action="store_true",
                    help="score each checkpoint in this process (metric.*) into the run's leaderboard; pin the best")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--steal-lease", action="store_true", help="take the run's lease from a holder that is dead "
+                   "but not yet stale (check first: two writers corrupt a run)")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("validate", help="validate a run config and print its derived values")

@@ -39,7 +39,7 @@ def run_store_of(cfg, run_dir: Optional[str] = None):
 
 def run_distill(cfg, store, *, resume: bool = True, progress: bool = True, log: Callable[[str], None] = _log,
                 score: bool = False, on_checkpoint: Optional[Callable[[str, object], None]] = None,
-                train_set=None, device=None) -> dict:
+                train_set=None, device=None, steal_lease: bool = False) -> dict:
     """Run ``cfg`` to ``total_kimg`` in this process into the run folder ``store``; returns a summary.
 
     Resumes from the newest checkpoint that verifies unless ``resume`` is False (then the run's checkpoints,
@@ -52,10 +52,10 @@ def run_distill(cfg, store, *, resume: bool = True, progress: bool = True, log: 
     from tqdm.auto import tqdm
 
     from ray_jobs.datasets import load_run_dataset
-    from ray_jobs.tracking import Tracker, check_logging
-    from ray_jobs.train import public_config
+    from ray_jobs.tracking import check_logging
     from schemas.loader import ConfigError
-    from sida_core.training_loop import build_distiller, get_teacher, load_network, resolve_device
+    from sida_core.training_loop import get_teacher, resolve_device
+    from store.lease import RunLease
 
     t0 = time.time()
     check_logging(cfg.logging)  # a missing package stops here, before the run folder is touched
@@ -63,7 +63,7 @@ def run_distill(cfg, store, *, resume: bool = True, progress: bool = True, log: 
         raise ConfigError("--score needs a metric, but metric.enabled is false in the config "
                           "(--set metric.enabled=true, or drop --score)")
     if score:
-        from ray_jobs.scoring import CheckpointScorer, check_reference
+        from ray_jobs.scoring import check_reference
 
         check_reference(cfg)  # unreadable or mismatched statistics stop here, not at the first checkpoint
     device = resolve_device(cfg.device) if device is None else torch.device(device)
@@ -72,6 +72,26 @@ def run_distill(cfg, store, *, resume: bool = True, progress: bool = True, log: 
     bars = (lambda total, desc: tqdm(total=total, desc=desc, unit="img", unit_scale=True, leave=False)) if progress else None
     _, teacher_path = get_teacher(cfg, train_set, torch.device("cpu"), log, bars)
     store.storage.check()  # a missing bucket is one line, before anything is written
+    lease = RunLease(store.storage, log=log).acquire(steal=steal_lease)  # one writer per run (store.lease)
+    try:
+        return _distill_holding_lease(cfg, store, resume=resume, progress=progress, log=log, score=score,
+                                      on_checkpoint=on_checkpoint, train_set=train_set, device=device,
+                                      teacher_path=teacher_path, t0=t0)
+    finally:
+        lease.release()
+
+
+def _distill_holding_lease(cfg, store, *, resume: bool, progress: bool, log, score: bool, on_checkpoint, train_set,
+                           device, teacher_path, t0: float) -> dict:
+    import torch
+
+    from ray_jobs.tracking import Tracker
+    from ray_jobs.train import public_config
+    from sida_core.training_loop import build_distiller, load_network
+
+    if score:
+        from ray_jobs.scoring import CheckpointScorer
+
     if not resume:
         old = store.checkpoint_names()
         if old:

@@ -39,6 +39,7 @@ def run_pipeline(path: str, overrides: Sequence[str] = (), *, stop_after: Option
     from pipelines.sweep import best_of, connect_for, run_experiment, storage_root
     from store.run_store import RunStore
     from store.storage import Storage
+    from ray_jobs.cluster import check_credentials
     from ray_jobs.tracking import check_logging
     from schemas.sweep import load_pipeline, parse_overrides, plan_trials
 
@@ -49,12 +50,13 @@ def run_pipeline(path: str, overrides: Sequence[str] = (), *, stop_after: Option
         raise ConfigError(f"--stop-after {stop_after!r}: no such stage in {path} (stages: {', '.join(names)})")
     ov = parse_overrides(overrides)
     root = storage_root(base, [pipe.set, ov])
-    root.check()
     proot = root.child(pipe.name)
     plans = {st.name: plan_trials(st, base, source=str(path), storage_uri=proot.child(st.name).uri,
                                   layers=[pipe.set, ov, st.set], method=st.method) for st in pipe.stages}
     for p in (p for stage in plans.values() for p in stage):  # before the pipeline's state or any trial is written
         check_logging(p.cfg.logging)
+        check_credentials(p.cfg.storage, address)
+    root.check()
     try:
         state = proot.read_json(STATE_FILE)
     except FileNotFoundError:

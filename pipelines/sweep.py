@@ -127,7 +127,7 @@ def connect_for(plans, trial_cpus: float, wanted: Optional[int], address: Option
 
     footprint = max((trial_resources(p.cfg, trial_cpus) for p in plans), key=lambda f: f["cpus"])
     at_once = min(wanted or 1, len(plans))
-    return connect(address, num_cpus=footprint["cpus"] * at_once, env=worker_env(plans[0].cfg.storage))
+    return connect(address, num_cpus=footprint["cpus"] * at_once, env=worker_env(), storage_cfg=plans[0].cfg.storage)
 
 
 def best_of(outcomes: list[dict]) -> Optional[dict]:
@@ -141,6 +141,7 @@ def best_of(outcomes: list[dict]) -> Optional[dict]:
 def run_sweep(path: str, overrides: Sequence[str] = (), *, address: Optional[str] = None,
               log: Callable[[str], None] = _log) -> dict:
     """Run (or continue) the sweep in ``path``; returns the summary ``sida sweep`` prints."""
+    from ray_jobs.cluster import check_credentials
     from ray_jobs.tracking import check_logging
     from schemas.sweep import load_sweep, parse_overrides, plan_trials
 
@@ -148,11 +149,12 @@ def run_sweep(path: str, overrides: Sequence[str] = (), *, address: Optional[str
     sweep, base, _ = load_sweep(path)
     ov = parse_overrides(overrides)
     root = storage_root(base, [sweep.set, ov])
-    root.check()
     exp_root = root.child(sweep.name)
     plans = plan_trials(sweep, base, source=str(path), storage_uri=exp_root.uri, layers=[sweep.set, ov])
     for p in plans:  # before sweep.json or any trial folder is written
         check_logging(p.cfg.logging)
+        check_credentials(p.cfg.storage, address)
+    root.check()
     record = {"kind": "sweep", "name": sweep.name, "file": str(path), "sweep": sweep.model_dump(mode="json"),
               "trials": [{"name": p.name, "axes": p.axes} for p in plans], "time": time.time()}
     exp_root.write_json("sweep.json", record)

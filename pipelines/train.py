@@ -53,29 +53,49 @@ def resolve_run(config: Optional[str], overrides: Sequence[str] = (), *, workers
 
 def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, workers: Optional[int] = None,
               resume: Optional[str] = None, name: Optional[str] = None, address: Optional[str] = None,
-              endpoint_url: Optional[str] = None, log: Callable[[str], None] = _log) -> dict:
-    """Run (or resume) one distillation on Ray Train; returns the summary printed by ``sida train``."""
-    import torch
-
-    from ray_jobs.cluster import connect, worker_env
+              endpoint_url: Optional[str] = None, steal_lease: bool = False,
+              log: Callable[[str], None] = _log) -> dict:
+    """Run (or resume) one distillation on Ray Train; returns the summary printed by ``sida train``.
+    The run's lease (store.lease) is held from the first write to the end: one writer per run."""
+    from ray_jobs.cluster import check_credentials
+    from ray_jobs.scoring import check_reference
+    from ray_jobs.tracking import check_logging
+    from store.lease import RunLease
     from store.run_store import RunStore
-    from ray_jobs.scoring import ScoringCoordinator, check_reference, make_scorers
-    from ray_jobs.tracking import Tracker, check_logging
-    from store.storage import StorageError
-    from ray_jobs.train import build_trainer, public_config, root_cause
-    from ray_jobs.datasets import load_run_dataset
-    from sida_core.training_loop import get_teacher
 
     t0 = time.time()
     cfg, run_name, root, resumed = resolve_run(config, overrides, workers=workers, resume=resume, name=name,
                                                endpoint_url=endpoint_url)
-    root.check()
     check_reference(cfg)
     check_logging(cfg.logging)
+    check_credentials(cfg.storage, address)
+    root.check()
     store = RunStore(root.child(run_name))
     if not resumed and store.exists():
         raise ConfigError(f"run {store.uri} already exists: continue it with --resume {store.uri}, "
                           f"or pick another --name")
+    lease = RunLease(store.storage, log=log).acquire(steal=steal_lease)
+    try:
+        if not resumed and store.exists():  # created by a process whose lease ended before ours began
+            raise ConfigError(f"run {store.uri} already exists: continue it with --resume {store.uri}, "
+                              f"or pick another --name")
+        return _train_holding_lease(cfg, run_name, root, store, resumed, address=address, log=log, t0=t0)
+    finally:
+        lease.release()
+
+
+def _train_holding_lease(cfg, run_name: str, root, store, resumed: bool, *, address: Optional[str],
+                         log: Callable[[str], None], t0: float) -> dict:
+    import torch
+
+    from ray_jobs.cluster import connect, worker_env
+    from ray_jobs.datasets import load_run_dataset
+    from ray_jobs.scoring import ScoringCoordinator, make_scorers
+    from ray_jobs.tracking import Tracker
+    from ray_jobs.train import build_trainer, public_config, root_cause
+    from sida_core.training_loop import get_teacher
+    from store.storage import StorageError
+
     if not resumed or not store.storage.exists("teacher/manifest.json"):
         train_set, _ = load_run_dataset(cfg, log)
         _, teacher_path = get_teacher(cfg, train_set, torch.device("cpu"), log)
@@ -88,7 +108,7 @@ def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, wo
 
     m = cfg.metric
     started = connect(address, num_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-                      + (m.num_scorers * m.cpus_per_scorer if m.enabled else 0), env=worker_env(cfg.storage))
+                      + (m.num_scorers * m.cpus_per_scorer if m.enabled else 0), env=worker_env(), storage_cfg=cfg.storage)
     scoring = tracker = None
     try:
         if m.enabled:  # asynchronous scorers: training never waits for them

@@ -163,7 +163,7 @@ def build_trainer(cfg, run_name: str, storage: Storage, *, threads: Optional[int
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=fs, callbacks=callbacks or None,
-            worker_runtime_env={"env_vars": worker_env(cfg.storage)},
+            worker_runtime_env={"env_vars": worker_env()},
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             # keep-last-K by Ray; pinned checkpoints (best FID) are copies under pinned/, outside the rotation
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),

@@ -7,7 +7,12 @@ compute; most of the time is Ray starting workers.
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import boto3
@@ -47,7 +52,15 @@ def test_two_workers_checkpoints_metrics_config_and_resume(where, ray_cluster, t
     monkeypatch.chdir(tmp_path)  # a relative local URI must mean the driver's folder, not the workers' cwd
     uri, endpoint = ("runs", None) if where == "local" else (s3_bucket.uri + "/runs", s3_bucket.endpoint_url)
     sets = TINY + storage_sets(uri, endpoint) + ["total_kimg=0.128", "checkpoint_every_kimg=0.064", "keep_checkpoints=1"]
+    # one writer per run: a second `sida train --resume` started while this one trains is refused (store.lease)
+    second = threading.Thread(target=_second_writer, args=(Storage(uri, endpoint_url=endpoint).child("r1"), endpoint,
+                                                           tmp_path, (refused := {})), daemon=True)
+    second.start()
     out = run_train(str(CONFIG), sets, workers=2, name="r1", log=lambda m: None)
+    second.join(120)
+    assert refused.get("rc") == 2 and len(refused["errors"]) == 1, refused
+    assert f"is being written by {socket.gethostname()}:{os.getpid()}" in refused["errors"][0], refused
+    assert refused["during"], "the second writer ran after the first had finished: the test proved nothing"
     assert out["status"] == "finished" and out["kimg"] == pytest.approx(0.128)
     assert out["checkpoints"] == ["ckpt-000000000128"]  # keep_checkpoints=1 rotated ckpt-64 away
     store = RunStore(Storage(uri, endpoint_url=endpoint).child("r1"))
@@ -71,6 +84,18 @@ def test_two_workers_checkpoints_metrics_config_and_resume(where, ray_cluster, t
     assert metric_nimgs(store) == [32, 64, 96, 128, 160, 192]  # no duplicated, no lost rows
     _, manifest = store.load_checkpoint(out2["checkpoints"][-1])
     assert manifest["cur_nimg"] == 192
+
+
+def _second_writer(run: Storage, endpoint: str | None, cwd: Path, result: dict) -> None:
+    """Once the run holds its lease and has its config, try `sida train --resume` on it from another process."""
+    deadline = time.monotonic() + 300
+    while not (run.exists("lease.json") and run.exists("config.json")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    argv = [sys.executable, "-m", "pipelines.cli", "train", "--resume", run.uri,
+            *(["--endpoint-url", endpoint] if endpoint else [])]
+    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=300)
+    result.update(rc=proc.returncode, errors=[ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")],
+                  during=run.exists("lease.json"), stderr=proc.stderr[-2000:])
 
 
 def _single_process_reference(cfg_2w, store: RunStore, steps: int):

@@ -298,3 +298,57 @@ def test_pipeline_killed_between_stages_resumes_at_the_stage_it_was_in(ray_clust
     for trial in ("t00_alpha=1", "t01_alpha=1.2"):
         assert RunStore(pipe.child("sid2a").child(trial)).lineage()["content_hash"] == \
             killed["stages"]["sid"]["best"]["checkpoint_hash"]
+
+
+KILLED = {"name": "killed", "base": str(CONFIG), "axes": {"lr": [1000.0, 1e-3]}, "max_concurrent_trials": 1}
+
+
+def test_sweep_driver_killed_mid_trial_resumes_with_the_same_command(ray_cluster, tmp_path):
+    """Issue 18 item 3, a real SIGKILL of the `sida sweep` driver (its own process, joined to this module's Ray)
+    while its second trial trains; the same command again: the stopped trial stays stopped with its reason and is
+    not re-run, the killed one resumes from its newest checkpoint (its dead trial's lease taken over at once) and
+    ends with every metric row exactly once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+
+    argv = ["sweep", write_yaml(tmp_path / "killed.yaml", KILLED),
+            *sets(TINY_TUNE + [f"storage.uri={tmp_path / 's'}", "total_kimg=0.384", "metric.enabled=false"])]
+    sweep = Storage(str(tmp_path / "s")).child("killed")
+    bad, good = (RunStore(sweep.child(n)) for n in ("t00_lr=1000", "t01_lr=0.001"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_AUTH_MODE="token", SIDA_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    log = open(tmp_path / "sweep.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *argv, "--address",
+                             ray.get_runtime_context().gcs_address], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None:
+            if good.storage.exists("ckpt-000000000064/manifest.json") and good.read_status() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(60)
+        log.close()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "sweep.log").read_text()[-3000:]
+    assert bad.read_status()["state"] == "stopped" and good.read_status() is None
+    bad_events = bad.storage.listdir("events")
+
+    assert main(argv) == 0  # the same command again
+    trials = {t["name"]: t for t in sweep.read_json("sweep.json")["outcomes"]}
+    assert trials["t00_lr=1000"]["state"] == "stopped" and "loss_psi blew up" in trials["t00_lr=1000"]["reason"]
+    assert bad.storage.listdir("events") == bad_events  # not re-run
+    assert trials["t01_lr=0.001"]["state"] == "finished" and trials["t01_lr=0.001"]["kimg"] == pytest.approx(0.384)
+    kinds = [(e["kind"], e.get("checkpoint")) for e in good.events()]
+    assert kinds[0] == ("start", None) and kinds[-1][0] == "finished", kinds
+    resumed = [c for k, c in kinds if k == "resume"]
+    assert resumed and resumed[0].startswith("ckpt-"), kinds  # from its checkpoint, not from 0
+    assert good.read_metrics().column("cur_nimg").to_pylist() == list(range(32, 385, 32))  # each row once
+    assert not good.storage.exists("lease.json") and not bad.storage.exists("lease.json")
