@@ -80,6 +80,23 @@ _Loader.add_implicit_resolver(
     list("-+0123456789"))
 
 
+def _mapping_without_duplicates(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose keys are unique: YAML would silently keep the last of two ``loss:`` sections."""
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *base`` then overriding keys is fine
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
@@ -123,6 +140,8 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
 
 def read_yaml(path: str | os.PathLike) -> dict:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {str(p)!r} is a directory; expected a YAML file")
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     try:
@@ -135,7 +154,8 @@ def read_yaml(path: str | os.PathLike) -> dict:
         raise ConfigError(_one_line(f"config file {str(p)!r} is not valid YAML{where}: "
                                      f"{getattr(exc, 'problem', None) or exc}")) from None
     if data is None:
-        data = {}
+        raise ConfigError(f"config file {str(p)!r} is empty; expected a mapping of keys to values "
+                          f"(start from configs/digits.yaml)")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys to values, got {type(data).__name__}")
     return data

@@ -19,7 +19,10 @@ Precision = Literal["fp32", "fp16", "bf16"]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Config sections: unknown keys refused; floats finite (NaN or ±inf in alpha, a learning rate or total_kimg
+    would pass every range check, as comparisons with NaN are false)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class NetworkConfig(Strict):

@@ -197,10 +197,20 @@ BAD = [
     ("logging_mlflow_empty_uri", "logging:\n  mlflow: {tracking_uri: ' '}\n", [],
      ["logging.mlflow.tracking_uri", "file:./mlruns"]),
     ("logging_wandb_mode", "logging:\n  wandb: {project: p, mode: dryrun}\n", [], ["logging.wandb.mode", "'offline'"]),
-    ("logging_every_s", "", ["logging.every_s=0"], ["logging.every_s", "greater than 0"]),
+    ("logging_every_s", "name: x\n", ["logging.every_s=0"], ["logging.every_s", "greater than 0"]),
     ("yaml_tab_indent", "loss:\n\talpha: 1\n", [], ["run.yaml", "not valid YAML"]),
     ("yaml_is_a_list", "- loss\n- batch\n", [], ["run.yaml", "mapping", "list"]),
     ("yaml_is_a_scalar", "just text\n", [], ["run.yaml", "mapping", "str"]),
+    ("yaml_empty", "", [], ["run.yaml", "is empty", "mapping"]),
+    ("yaml_only_comments", "# nothing yet\n", [], ["run.yaml", "is empty"]),
+    ("yaml_duplicate_section", "loss:\n  alpha: 1.2\nbatch:\n  total: 64\nloss:\n  lambda_sid: 10\n", [],
+     ["run.yaml", "line 5", "duplicate key 'loss'", "first at line 1"]),
+    ("yaml_duplicate_nested_key", "loss:\n  alpha: 1.2\n  alpha: 1.0\n", [], ["duplicate key 'alpha'"]),
+    ("nan_alpha", "loss:\n  alpha: .nan\n", [], ["loss.alpha", "finite number"]),
+    ("nan_from_set", "name: x\n", ["loss.alpha=nan"], ["loss.alpha", "finite number"]),
+    ("inf_lr", "optimizer:\n  lr_psi: .inf\n", [], ["optimizer.lr_psi", "finite number"]),
+    ("inf_total_kimg", "total_kimg: .inf\n", [], ["total_kimg", "finite number"]),
+    ("inf_lambda", "name: x\n", ["loss.lambda_adv_psi=.inf"], ["loss.lambda_adv_psi", "finite number"]),
 ]
 
 
@@ -219,6 +229,15 @@ def test_bad_config_has_one_clear_line(text, overrides, expected, tmp_path, monk
         assert bad not in msg, msg
     for part in expected:
         assert part in msg, f"{part!r} not in {msg!r}"
+
+
+def test_yaml_merge_keys_may_override_and_a_directory_is_named(tmp_path):
+    """A ``<<: *anchor`` merge followed by an overriding key is not a duplicate; a folder given as the config
+    says it is a folder, not that it does not exist."""
+    (tmp_path / "run.yaml").write_text("base: &b {alpha: 1.0, lambda_sid: 100}\nloss:\n  <<: *b\n  alpha: 1.2\n")
+    assert read_yaml(tmp_path / "run.yaml")["loss"] == {"alpha": 1.2, "lambda_sid": 100}
+    with pytest.raises(ConfigError, match=r"config file '.*' is a directory; expected a YAML file"):
+        load_run_config(tmp_path)
 
 
 def test_binary_config_file(tmp_path):
