@@ -28,14 +28,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from ray_jobs.jobs import JobError
     from store.reference import ReferenceStatsError
     from store.lease import LeaseError
-    from store.storage import StorageError
+    from store.storage import StorageError, StorageURIError
     from sida_core.metrics.inception import InceptionWeightsError
     from sida_core.metrics.reference import ReferenceMismatch
     from sida_core.vae import VAEError
 
     return (ConfigError, CheckpointError, DataError, NonFiniteError, FileNotFoundError, StorageError, TrainingError,
             JobError, ReferenceStatsError, InceptionWeightsError, ReferenceMismatch, PipelineError, ImportError_,
-            ExportError, VAEError, LeaseError)
+            ExportError, VAEError, LeaseError, StorageURIError)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -196,7 +196,10 @@ def cmd_teacher_sample(args) -> int:
     from sida_core.edm import heun_nfe
     from sida_core.teacher import heun_sample
     from sida_core.training_loop import load_network
+    from schemas.loader import ConfigError
 
+    if Path(args.out).suffix.lower() != ".png":
+        raise ConfigError(f"--out: expected a .png file name, got {args.out!r}")
     net, manifest = load_network(args.checkpoint, args.key)
     net.eval()
     spec = manifest["network"]
@@ -295,11 +298,21 @@ def cmd_dataset_stage(args) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _int_at_least(low: int):
+    """An argparse type: an integer >= ``low`` (argparse then names the option and exits 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+_positive_int = _int_at_least(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -317,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default=None, help="run config YAML (not needed with --resume)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set loss.alpha=1.2 (repeatable)")
-    p.add_argument("--workers", type=int, default=None, help="data-parallel workers (overrides scaling.num_workers)")
+    p.add_argument("--workers", type=_positive_int, default=None, help="data-parallel workers (overrides scaling.num_workers)")
     p.add_argument("--resume", default=None, metavar="RUN_URI", help="continue a stopped run from its folder in storage")
     p.add_argument("--name", default=None, help="run name (default: CONFIG_NAME-YYYYmmdd-HHMMSS)")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray for this job)")
@@ -353,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("uri", help="a run folder, or a folder of runs (a sweep, a storage root); local or s3://")
     p.add_argument("--by", choices=["checkpoint", "run"], default="checkpoint",
                    help="one row per scored checkpoint (default) or each run's best")
-    p.add_argument("--top", type=int, default=None, metavar="K", help="show the best K rows")
+    p.add_argument("--top", type=_positive_int, default=None, metavar="K", help="show the best K rows")
     p.add_argument("--metric", default=None, help="only this metric (fd_digits, fid_inception)")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="also draw score vs kimg (log x), one curve per run")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
@@ -372,8 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_uri", help="the run folder (local or s3://)")
     p.add_argument("--best", action="store_true", help="the checkpoint with the lowest live score")
     p.add_argument("--checkpoint", default=None, metavar="NAME", help="a checkpoint by name (e.g. ckpt-000000020480)")
-    p.add_argument("--repeats", type=int, default=10, help="independent generation seeds (default 10, as the paper)")
-    p.add_argument("--num-images", type=int, default=None, help="images per score (default: the run's metric.num_images)")
+    p.add_argument("--repeats", type=_positive_int, default=10, help="independent generation seeds (default 10, as the paper)")
+    p.add_argument("--num-images", type=_int_at_least(2), default=None, help="images per score (default: the run's metric.num_images)")
     p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for s3:// URIs (else from env)")
     p.set_defaults(func=cmd_evaluate)
 
@@ -511,8 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = t.add_parser("sample", help="sample a grid PNG from a checkpoint with EDM's Heun sampler")
     p.add_argument("checkpoint", help="checkpoint directory")
     p.add_argument("--key", default="net", help="weights inside the checkpoint: net (teacher) or generator_ema")
-    p.add_argument("--steps", type=int, default=18, help="Heun steps (18 = 35 NFE)")
-    p.add_argument("--num", type=int, default=64)
+    p.add_argument("--steps", type=_positive_int, default=18, help="Heun steps (18 = 35 NFE)")
+    p.add_argument("--num", type=_positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="teacher_samples.png")
     p.set_defaults(func=cmd_teacher_sample)

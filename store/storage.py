@@ -45,6 +45,10 @@ def _tmp_name(path: str) -> str:
     return os.path.join(head, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
+class StorageURIError(ValueError):
+    """A storage URI or endpoint that cannot be used (unknown scheme, no bucket); the message names it."""
+
+
 class StorageError(RuntimeError):
     """A storage operation failed for good: names the store, the operation and path, attempts, last error."""
 
@@ -69,7 +73,7 @@ class Storage:
         self._keys: dict[str, str] = {}  # explicit credentials: this process's fs only, never pickled
         scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
         if scheme not in ("", "file", "s3"):
-            raise ValueError(f"storage.uri: unsupported scheme {scheme + '://'!r} in {uri!r}; "
+            raise StorageURIError(f"storage.uri: unsupported scheme {scheme + '://'!r} in {uri!r}; "
                              "use a local path, file:///PATH or s3://BUCKET/PREFIX")
         self.is_s3 = scheme == "s3"
         if not self.is_s3:
@@ -80,7 +84,7 @@ class Storage:
             return
         bucket, _, prefix = uri[len("s3://"):].strip("/").partition("/")
         if not bucket:
-            raise ValueError(f"storage.uri: s3:// URI needs a bucket name (s3://BUCKET/PREFIX), got {uri!r}")
+            raise StorageURIError(f"storage.uri: s3:// URI needs a bucket name (s3://BUCKET/PREFIX), got {uri!r}")
         self.root = "/".join(p for p in (bucket, prefix.strip("/")) if p)
         self.uri = "s3://" + self.root
         self.endpoint_url = (endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
@@ -88,7 +92,7 @@ class Storage:
         kw = self._fs_kw
         if self.endpoint_url:
             if not self.endpoint_url.startswith(("http://", "https://")):
-                raise ValueError("storage.endpoint_url must start with http:// or https://, "
+                raise StorageURIError("storage.endpoint_url must start with http:// or https://, "
                                  f"got {self.endpoint_url!r}")
             ep = urlparse(self.endpoint_url)
             kw.update(endpoint_override=ep.netloc, scheme=ep.scheme)

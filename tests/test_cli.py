@@ -322,6 +322,36 @@ def test_train_bad_input_is_one_line(args, needles, capsys):
         assert n in err, (n, err)
 
 
+@pytest.mark.parametrize("args, needles", [
+    (["train", str(CONFIG), "--workers", "0"], ["--workers", "integer >= 1", "got 0"]),
+    (["evaluate", "runs/x", "--best", "--num-images", "1"], ["--num-images", "integer >= 2"]),
+    (["evaluate", "runs/x", "--best", "--repeats", "abc"], ["--repeats", "expected an integer", "'abc'"]),
+    (["evaluate", "s3://", "--best"], ["s3://", "needs a bucket name"]),
+    (["leaderboard", "gs://b/x"], ["unsupported scheme 'gs://'"]),
+    (["leaderboard", "s3://"], ["needs a bucket name"]),
+    (["report", "gs://b/x", "--out", "rep"], ["unsupported scheme 'gs://'"]),
+    (["leaderboard", "s3://b/x", "--endpoint-url", "ftp://h"], ["storage.endpoint_url", "http://"]),
+    (["teacher", "sample", "ckpt", "--steps", "0"], ["--steps", "integer >= 1"]),
+    (["teacher", "sample", "ckpt", "--steps", "-3"], ["--steps", "integer >= 1"]),
+    (["teacher", "sample", "ckpt", "--num", "0"], ["--num", "integer >= 1"]),
+    (["teacher", "sample", "ckpt", "--out", "grid"], ["--out", ".png", "'grid'"]),
+])
+def test_bad_arguments_end_in_one_line_exit_2_and_write_nothing(args, needles, tmp_path, monkeypatch, capsys):
+    """Argument errors (argparse's own, after its usage lines) and checks before any work: exit 2, the last line
+    names the option and what was expected, no traceback, nothing created in the working folder."""
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse: usage, then one "error:" line
+        code = exc.code
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err and "error: " in last, err
+    for n in needles:
+        assert n in last, (n, last)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_train_refuses_an_existing_run_and_a_folder_that_is_not_a_run(tmp_path, capsys):
     (tmp_path / "runs" / "r1").mkdir(parents=True)
     (tmp_path / "runs" / "r1" / "config.json").write_text("{}")
