@@ -386,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--best", action="store_true", help="the checkpoint with the lowest live score")
     p.add_argument("--checkpoint", default=None, metavar="NAME", help="a checkpoint by name (e.g. ckpt-000000020480)")
     p.add_argument("--repeats", type=_positive_int, default=10, help="independent generation seeds (default 10, as the paper)")
-    p.add_argument("--num-images", type=_int_at_least(2), default=None, help="images per score (default: the run's metric.num_images)")
+    p.add_argument("--num-images", type=_int_at_least(2), default=None,
+                   help="images per score (default: the run's metric.num_images)")
     p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for s3:// URIs (else from env)")
     p.set_defaults(func=cmd_evaluate)
 
