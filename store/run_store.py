@@ -212,6 +212,7 @@ class RunStore:
 
     def load_latest_valid(self, map_location="cpu", prefer: Optional[str] = None) -> Optional[tuple[dict, dict, str]]:
         """(state, manifest, name) of the newest checkpoint that verifies; corrupt ones are skipped with a warning.
+        None when no checkpoint was ever committed; :class:`CheckpointError` when some were and none verifies.
 
         ``prefer``: a name to try first (Ray Train's latest registered checkpoint).
         """
@@ -219,12 +220,21 @@ class RunStore:
         if prefer in names:
             names.remove(prefer)
             names.insert(0, prefer)
+        first_error = None
         for name in names:
             try:
                 state, manifest = self.load_checkpoint(name, map_location)
                 return state, manifest, name
             except ckpt.CheckpointError as exc:
+                first_error = first_error or f"{name}: {exc}"
                 warnings.warn(f"skipping checkpoint {self.storage.uri_of(name)}: {exc}", RuntimeWarning, stacklevel=2)
+        # Folders without a manifest were never committed (an upload cut short): starting at 0 is right. Committed
+        # ones that all fail verification are damage: starting again from 0 kimg over them would hide it.
+        committed = [n for n in names if self.storage.exists(f"{n}/manifest.json")]
+        if committed:
+            raise ckpt.CheckpointError(
+                f"run {self.uri}: none of its {len(committed)} committed checkpoint(s) verifies ({first_error}); "
+                f"not starting again from 0 kimg over them: restore or remove the damaged folders")
         return None
 
     def pin(self, name: str, reason: str, local_copy: Optional[Path] = None) -> None:

@@ -242,3 +242,25 @@ def test_failed_overwrite_keeps_previous_version(tmp_path, monkeypatch):
     _assert_same(loaded["generator"], _state(0)["generator"])
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
     assert verify_checkpoint(target)["kind"] == "distill"
+
+
+def test_a_resume_never_silently_restarts_over_damaged_checkpoints(tmp_path):
+    """RunStore.load_latest_valid (what every resume reads): the newest that verifies; None when nothing was ever
+    committed (an upload cut before its manifest); an error, not None, when committed checkpoints all fail."""
+    from store.run_store import RunStore
+    from store.storage import Storage
+
+    store = RunStore(Storage(str(tmp_path / "run")))
+    (tmp_path / "run" / checkpoint_name(256)).mkdir(parents=True)  # never committed: no manifest
+    with pytest.warns(RuntimeWarning):
+        assert store.load_latest_valid() is None
+    paths = [_save(tmp_path / "run" / checkpoint_name(n), seed=i, cur_nimg=n) for i, n in enumerate([512, 1024])]
+    assert store.load_latest_valid()[2] == paths[1].name
+    _flip_byte(paths[1] / "state.pt")
+    with pytest.warns(RuntimeWarning, match="skipping checkpoint"):
+        assert store.load_latest_valid()[2] == paths[0].name
+    (paths[0] / "state.pt").write_bytes(b"")
+    with pytest.warns(RuntimeWarning), pytest.raises(CheckpointError) as info:
+        store.load_latest_valid()
+    msg = str(info.value)
+    assert "none of its 2 committed checkpoint(s) verifies" in msg and paths[1].name in msg and "\n" not in msg
