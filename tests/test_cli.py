@@ -208,6 +208,18 @@ def test_distill_tiny_run_scores_into_a_run_folder_the_leaderboard_reads(trained
     proc = sida(["leaderboard", run_dir, "--watch", "2", "--json"], env)
     assert proc.returncode == 2 and "--watch" in proc.stderr and "Traceback" not in proc.stderr
 
+    # every checkpoint damaged: resuming refuses in one line instead of training again from 0 kimg over them
+    for ck in run_dir.glob("ckpt-*"):
+        data = bytearray((ck / "state.pt").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (ck / "state.pt").write_bytes(bytes(data))
+    before = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.name != "status.json")
+    proc = sida(["distill", CONFIG, *sets(TINY_DISTILL + scoring + ["total_kimg=0.256"]), "--run-dir", run_dir,
+                 "--quiet"], env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "none of its 2 committed checkpoint(s) verifies" in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.name != "status.json") == before
+
 
 
 def test_sample_from_distill_checkpoint_and_wrong_key(tmp_path, capsys, monkeypatch, env):
