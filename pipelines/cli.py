@@ -47,7 +47,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def cmd_validate(args) -> int:
     from schemas.loader import load_run_config
 
+    from pipelines.checks import check_teacher_network
+
     cfg = load_run_config(args.config, args.overrides)
+    check_teacher_network(cfg)
     print(json.dumps({"valid": True, "name": cfg.name, "method": cfg.method, "rounds": cfg.rounds,
                       "total_batch": cfg.batch.total}))
     return 0

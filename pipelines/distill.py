@@ -52,12 +52,14 @@ def run_distill(cfg, store, *, resume: bool = True, progress: bool = True, log: 
     from tqdm.auto import tqdm
 
     from ray_jobs.datasets import load_run_dataset
+    from pipelines.checks import check_teacher_network
     from ray_jobs.tracking import check_logging
     from schemas.loader import ConfigError
     from sida_core.training_loop import get_teacher, resolve_device
     from store.lease import RunLease
 
     t0 = time.time()
+    check_teacher_network(cfg)  # a kwargs typo or an impossible resolution, before data or the run folder
     check_logging(cfg.logging)  # a missing package stops here, before the run folder is touched
     if score and not cfg.metric.enabled:
         raise ConfigError("--score needs a metric, but metric.enabled is false in the config "

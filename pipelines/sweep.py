@@ -142,6 +142,7 @@ def run_sweep(path: str, overrides: Sequence[str] = (), *, address: Optional[str
               log: Callable[[str], None] = _log) -> dict:
     """Run (or continue) the sweep in ``path``; returns the summary ``sida sweep`` prints."""
     from ray_jobs.cluster import check_credentials
+    from pipelines.checks import check_teacher_network
     from ray_jobs.tracking import check_logging
     from schemas.sweep import load_sweep, parse_overrides, plan_trials
 
@@ -152,6 +153,7 @@ def run_sweep(path: str, overrides: Sequence[str] = (), *, address: Optional[str
     exp_root = root.child(sweep.name)
     plans = plan_trials(sweep, base, source=str(path), storage_uri=exp_root.uri, layers=[sweep.set, ov])
     for p in plans:  # before sweep.json or any trial folder is written
+        check_teacher_network(p.cfg)
         check_logging(p.cfg.logging)
         check_credentials(p.cfg.storage, address)
     root.check()

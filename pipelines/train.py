@@ -59,6 +59,7 @@ def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, wo
     The run's lease (store.lease) is held from the first write to the end: one writer per run."""
     from ray_jobs.cluster import check_credentials
     from ray_jobs.scoring import check_reference
+    from pipelines.checks import check_teacher_network
     from ray_jobs.tracking import check_logging
     from store.lease import RunLease
     from store.run_store import RunStore
@@ -66,6 +67,7 @@ def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, wo
     t0 = time.time()
     cfg, run_name, root, resumed = resolve_run(config, overrides, workers=workers, resume=resume, name=name,
                                                endpoint_url=endpoint_url)
+    check_teacher_network(cfg)
     check_reference(cfg)
     check_logging(cfg.logging)
     check_credentials(cfg.storage, address)

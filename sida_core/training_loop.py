@@ -181,3 +181,19 @@ def save_distill_checkpoint(distiller: Distiller, folder: Path, cfg, spec: dict,
                                 extra={"method": cfg.method, "step": distiller.step_idx,
                                        "rng": "derived from (seed, step, global micro-batch, purpose); no state to save",
                                        **extra})
+
+
+def check_network_spec(spec: dict) -> None:
+    """Build the network ``spec`` describes on the meta device (no memory, no data) and push a two-image meta
+    batch through it: a backbone keyword that does not exist, or a resolution the U-Net cannot halve and
+    restore, raises ValueError here instead of a traceback once data and workers are up."""
+    r, c, label_dim = spec["img_resolution"], spec["img_channels"], spec.get("label_dim", 0)
+    try:
+        with torch.device("meta"):
+            net = build_from_spec(spec)
+            labels = torch.zeros(2, label_dim) if label_dim else None
+            net(torch.zeros(2, c, r, r), torch.ones(2), labels)
+    except Exception as exc:  # noqa: BLE001 -- any failure here is a config problem: say which network and why
+        what = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise ValueError(f"{spec['arch']} network with {dict(spec.get('kwargs') or {})} on {r}x{r}x{c} images "
+                         f"cannot be built or run: {what}") from None

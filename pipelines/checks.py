@@ -1,0 +1,18 @@
+"""Checks every entry point (validate, train, distill, sweep, pipeline) runs on a config before it touches data,
+Ray or storage, so that ``sida validate`` saying "valid" means training will not fail on the config."""
+from __future__ import annotations
+
+from schemas.loader import ConfigError
+
+
+def check_teacher_network(cfg) -> None:
+    """A teacher trained here (no ``teacher.path``) from ``teacher.network``: build it on the meta device and run
+    one meta batch (sida_core.training_loop.check_network_spec). A published teacher brings its own network."""
+    if cfg.teacher.path is not None:
+        return
+    from sida_core.training_loop import check_network_spec, network_spec
+
+    try:
+        check_network_spec(network_spec(cfg))
+    except ValueError as exc:
+        raise ConfigError(f"teacher.network: {exc}") from None
