@@ -2,6 +2,8 @@
 Ray or storage, so that ``sida validate`` saying "valid" means training will not fail on the config."""
 from __future__ import annotations
 
+from typing import Optional
+
 from schemas.loader import ConfigError
 
 
@@ -16,3 +18,14 @@ def check_teacher_network(cfg) -> None:
         check_network_spec(network_spec(cfg))
     except ValueError as exc:
         raise ConfigError(f"teacher.network: {exc}") from None
+
+
+def check_before_writes(cfg, address: Optional[str] = None) -> None:
+    """The checks a run config gets from every entry point before data, Ray or storage are touched: its teacher
+    network, its logging packages, and keys in the config only where this command starts Ray itself."""
+    from ray_jobs.cluster import check_credentials
+    from ray_jobs.tracking import check_logging
+
+    check_teacher_network(cfg)
+    check_logging(cfg.logging)
+    check_credentials(cfg.storage, address)

@@ -301,6 +301,11 @@ def cmd_dataset_stage(args) -> int:
     return 0
 
 
+def _add_steal_lease(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steal-lease", action="store_true", help="take the run's lease from a holder that is dead "
+                   "but not yet stale (check first: two writers corrupt a run)")
+
+
 def _int_at_least(low: int):
     """An argparse type: an integer >= ``low`` (argparse then names the option and exits 2)."""
     def parse(text: str) -> int:
@@ -338,8 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="run name (default: CONFIG_NAME-YYYYmmdd-HHMMSS)")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray for this job)")
     p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for --resume of an s3:// run (else from env)")
-    p.add_argument("--steal-lease", action="store_true", help="take the run's lease from a holder that is dead "
-                   "but not yet stale (check first: two writers corrupt a run)")
+    _add_steal_lease(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sweep", help="an ablation sweep (grid or random search) as one Ray Tune experiment")
@@ -431,8 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score", action="store_true",
                    help="score each checkpoint in this process (metric.*) into the run's leaderboard; pin the best")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--steal-lease", action="store_true", help="take the run's lease from a holder that is dead "
-                   "but not yet stale (check first: two writers corrupt a run)")
+    _add_steal_lease(p)
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("validate", help="validate a run config and print its derived values")

@@ -39,9 +39,7 @@ def run_pipeline(path: str, overrides: Sequence[str] = (), *, stop_after: Option
     from pipelines.sweep import best_of, connect_for, run_experiment, storage_root
     from store.run_store import RunStore
     from store.storage import Storage
-    from ray_jobs.cluster import check_credentials
-    from pipelines.checks import check_teacher_network
-    from ray_jobs.tracking import check_logging
+    from pipelines.checks import check_before_writes
     from schemas.sweep import load_pipeline, parse_overrides, plan_trials
 
     t0 = time.time()
@@ -55,9 +53,7 @@ def run_pipeline(path: str, overrides: Sequence[str] = (), *, stop_after: Option
     plans = {st.name: plan_trials(st, base, source=str(path), storage_uri=proot.child(st.name).uri,
                                   layers=[pipe.set, ov, st.set], method=st.method) for st in pipe.stages}
     for p in (p for stage in plans.values() for p in stage):  # before the pipeline's state or any trial is written
-        check_teacher_network(p.cfg)
-        check_logging(p.cfg.logging)
-        check_credentials(p.cfg.storage, address)
+        check_before_writes(p.cfg, address)
     root.check()
     try:
         state = proot.read_json(STATE_FILE)

@@ -141,9 +141,7 @@ def best_of(outcomes: list[dict]) -> Optional[dict]:
 def run_sweep(path: str, overrides: Sequence[str] = (), *, address: Optional[str] = None,
               log: Callable[[str], None] = _log) -> dict:
     """Run (or continue) the sweep in ``path``; returns the summary ``sida sweep`` prints."""
-    from ray_jobs.cluster import check_credentials
-    from pipelines.checks import check_teacher_network
-    from ray_jobs.tracking import check_logging
+    from pipelines.checks import check_before_writes
     from schemas.sweep import load_sweep, parse_overrides, plan_trials
 
     t0 = time.time()
@@ -153,9 +151,7 @@ def run_sweep(path: str, overrides: Sequence[str] = (), *, address: Optional[str
     exp_root = root.child(sweep.name)
     plans = plan_trials(sweep, base, source=str(path), storage_uri=exp_root.uri, layers=[sweep.set, ov])
     for p in plans:  # before sweep.json or any trial folder is written
-        check_teacher_network(p.cfg)
-        check_logging(p.cfg.logging)
-        check_credentials(p.cfg.storage, address)
+        check_before_writes(p.cfg, address)
     root.check()
     record = {"kind": "sweep", "name": sweep.name, "file": str(path), "sweep": sweep.model_dump(mode="json"),
               "trials": [{"name": p.name, "axes": p.axes} for p in plans], "time": time.time()}

@@ -57,30 +57,28 @@ def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, wo
               log: Callable[[str], None] = _log) -> dict:
     """Run (or resume) one distillation on Ray Train; returns the summary printed by ``sida train``.
     The run's lease (store.lease) is held from the first write to the end: one writer per run."""
-    from ray_jobs.cluster import check_credentials
     from ray_jobs.scoring import check_reference
-    from pipelines.checks import check_teacher_network
-    from ray_jobs.tracking import check_logging
+    from pipelines.checks import check_before_writes
     from store.lease import RunLease
     from store.run_store import RunStore
 
     t0 = time.time()
     cfg, run_name, root, resumed = resolve_run(config, overrides, workers=workers, resume=resume, name=name,
                                                endpoint_url=endpoint_url)
-    check_teacher_network(cfg)
+    check_before_writes(cfg, address)
     check_reference(cfg)
-    check_logging(cfg.logging)
-    check_credentials(cfg.storage, address)
     root.check()
     store = RunStore(root.child(run_name))
-    if not resumed and store.exists():
-        raise ConfigError(f"run {store.uri} already exists: continue it with --resume {store.uri}, "
-                          f"or pick another --name")
-    lease = RunLease(store.storage, log=log).acquire(steal=steal_lease)
-    try:
-        if not resumed and store.exists():  # created by a process whose lease ended before ours began
+
+    def refuse_an_existing_run() -> None:
+        if not resumed and store.exists():
             raise ConfigError(f"run {store.uri} already exists: continue it with --resume {store.uri}, "
                               f"or pick another --name")
+
+    refuse_an_existing_run()
+    lease = RunLease(store.storage, log=log).acquire(steal=steal_lease)
+    try:
+        refuse_an_existing_run()  # again: created by a process whose lease ended before ours began
         return _train_holding_lease(cfg, run_name, root, store, resumed, address=address, log=log, t0=t0)
     finally:
         lease.release()
