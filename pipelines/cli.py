@@ -119,6 +119,10 @@ def cmd_leaderboard(args) -> int:
         watch(args.uri, endpoint_url=args.endpoint_url, metric=args.metric, by=args.by, top=args.top,
               interval=args.watch)
         return 0
+    if args.compact:
+        from pipelines.leaderboard import compact
+
+        compact(args.uri, args.endpoint_url)
     rows = collect_rows(args.uri, args.endpoint_url, args.metric)
     ranked = rank(rows, by=args.by, top=args.top)
     if args.plot:
@@ -377,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default=None, help="only this metric (fd_digits, fid_inception)")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="also draw score vs kimg (log x), one curve per run")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    p.add_argument("--compact", action="store_true",
+                   help="first fold each ended run's one-file-per-row scores into one Parquet part (faster reads)")
     p.add_argument("--watch", type=float, nargs="?", const=5.0, default=None, metavar="SECONDS",
                    help="redraw the table (with each run's state) every SECONDS (default 5) until every run has ended")
     p.add_argument("--serve", action="store_true",

@@ -175,6 +175,7 @@ def _distill_loop(cfg, store, distiller, scorer, previous_best, last, spec, *, p
     finally:
         bar.close()
     store.record_end(RunState.FINISHED, cur_nimg=distiller.cur_nimg)
+    store.compact_at_end(log)
     return {"run_dir": store.uri, "checkpoint": store.storage.uri_of(last) if last else None,
             "kimg": distiller.cur_nimg / 1000, "teacher": store.storage.uri_of("teacher"),
             "seconds": time.time() - t0, "generator_ema": distiller.G_ema}

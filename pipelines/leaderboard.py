@@ -23,8 +23,22 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+READ_THREADS = 16  # object-store requests in flight at once when listing and reading many runs
+
+
+def _pmap(fn: Callable, items: list) -> list:
+    """``[fn(x) for x in items]``, up to READ_THREADS at a time (object stores answer in parallel; order kept)."""
+    if len(items) < 2:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(READ_THREADS, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
 def find_runs(uri: str, endpoint_url: Optional[str] = None) -> list:
-    """RunStores of every run at or below ``uri`` (depth <= MAX_DEPTH), sorted by URI."""
+    """RunStores of every run at or below ``uri`` (depth <= MAX_DEPTH), sorted by URI; the folders of one level
+    are probed in parallel."""
     from store.run_store import RunStore
     from store.storage import Storage
 
@@ -34,8 +48,8 @@ def find_runs(uri: str, endpoint_url: Optional[str] = None) -> list:
             return [store]
         if depth == MAX_DEPTH:
             return []
-        return [r for name in storage.listdir() for r in walk(storage.child(name), depth + 1)
-                if not name.startswith(".")]
+        children = [storage.child(name) for name in storage.listdir() if not name.startswith(".")]
+        return [r for found in _pmap(lambda c: walk(c, depth + 1), children) for r in found]
 
     root = Storage(uri, endpoint_url=endpoint_url)
     runs = walk(root, 0)
@@ -45,10 +59,29 @@ def find_runs(uri: str, endpoint_url: Optional[str] = None) -> list:
     return sorted(runs, key=lambda s: s.uri)
 
 
+def read_all_rows(stores: list, metric: Optional[str] = None) -> list[dict]:
+    """The leaderboard rows of many runs (optionally one metric), read in parallel."""
+    return [r for rows in _pmap(lambda s: s.read_rows(), stores) for r in rows if metric is None or r["metric"] == metric]
+
+
 def collect_rows(uri: str, endpoint_url: Optional[str] = None, metric: Optional[str] = None) -> list[dict]:
     """Every leaderboard row of every run under ``uri`` (optionally one metric)."""
-    rows = [r for store in find_runs(uri, endpoint_url) for r in store.read_rows()]
-    return [r for r in rows if metric is None or r["metric"] == metric]
+    return read_all_rows(find_runs(uri, endpoint_url), metric)
+
+
+def compact(uri: str, endpoint_url: Optional[str] = None, *, log: Callable[[str], None] = _log) -> dict:
+    """``sida leaderboard --compact``: fold the rows of every *ended* run under ``uri`` into one Parquet part per
+    run (:meth:`RunStore.compact_rows`); runs still training are left alone (their scorers are writing)."""
+    stores = find_runs(uri, endpoint_url)
+    ended = [s for s in stores if s.read_status() is not None]
+    results = _pmap(lambda s: s.compact_rows(), ended)
+    out = {"runs": len(stores), "compacted": sum(r["part"] is not None for r in results),
+           "skipped_training": len(stores) - len(ended), "rows": sum(r["rows"] or 0 for r in results),
+           "files_removed": sum(r["files_removed"] + r["parts_removed"] for r in results)}
+    log(f"compacted {out['compacted']} of {out['runs']} run(s) under {uri}: {out['rows']} row(s) now in one part "
+        f"per run, {out['files_removed']} file(s) removed" + (f"; {out['skipped_training']} still training, left as "
+                                                              "they are" if out["skipped_training"] else ""))
+    return out
 
 
 def final_values(rows: list[dict]) -> dict[tuple, list[float]]:
@@ -150,7 +183,7 @@ def watch(uri: str, *, endpoint_url: Optional[str] = None, metric: Optional[str]
                 stores = find_runs(uri, endpoint_url)
             except ConfigError:  # nothing there yet (a sweep starting): keep looking
                 stores = []
-            rows = [r for s in stores for r in s.read_rows() if metric is None or r["metric"] == metric]
+            rows = read_all_rows(stores, metric)
             states = run_states(stores)
             ended = sum(st != TRAINING for st in states.values())
             stamp = time.strftime("%H:%M:%S")

@@ -135,6 +135,7 @@ def _train_holding_lease(cfg, run_name: str, root, store, resumed: bool, *, addr
             import ray
 
             ray.shutdown()
+    store.compact_at_end(log)
     status = store.read_status() or {}
     metrics = store.read_metrics()
     return {"run_uri": store.uri, "status": status.get("state", "unknown"), "reason": status.get("reason"),

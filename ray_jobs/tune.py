@@ -86,6 +86,7 @@ def trial_main(config: dict[str, Any]) -> None:
         build_trainer(cfg, trial["name"], root, callbacks=[TuneReportCallback()]).fit()
         if scoring is not None:
             scoring.finish()
+        store.compact_at_end(lambda s: _log(f"[{trial['name']}] {s}"))
     except Exception as exc:
         from ray_jobs.train import root_cause
 

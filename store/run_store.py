@@ -13,6 +13,8 @@
       pins/<ckpt name>.json       why each one was pinned
       leaderboard/<key>.parquet   one scored checkpoint per file (schemas.leaderboard.LeaderboardRow), key =
                                   checkpoint-metric-kind-seed: a retried or repeated score replaces its file
+      leaderboard/compacted-*.parquet  the rows of an ended run folded into one part (compact_rows), so a
+                                  reader fetches one object per run, not one per row; newer one-row files win
       scoring/skipped/<ckpt>.json checkpoints the scorers skipped (behind, deleted by rotation, failing), and why
       gallery/<ckpt>.png          each live-scored checkpoint's samples of seeds 0..metric.gallery-1 (same seeds
                                   for every checkpoint: compare them by eye), kept after rotation
@@ -32,6 +34,7 @@ import enum
 import math
 import tempfile
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -49,6 +52,7 @@ METRIC_COLUMNS: dict[str, pa.DataType] = {
     "images_per_s": pa.float64(), "num_workers": pa.int64(), "time": pa.float64(),
 }
 METRIC_SCHEMA = pa.schema(list(METRIC_COLUMNS.items()))
+COMPACTED_PREFIX = "compacted-"  # leaderboard/compacted-<time ns>-<id>.parquet: a compaction's part (RunStore.compact_rows)
 
 
 class RunState(str, enum.Enum):
@@ -276,18 +280,86 @@ class RunStore:
         self.storage.write_parquet(f"leaderboard/{row.key()}.parquet",
                                    pa.table({k: [data[k]] for k in schema.names}, schema=schema))
 
+    def _leaderboard(self, files: Optional[dict[str, tuple[int, int]]] = None) -> dict[str, dict]:
+        """{row key: row}: the one reader of ``leaderboard/``. Compacted parts are read oldest first, then the
+        one-row files, each replacing what came before under its key: a part written by a compaction holds
+        every row its writer saw, and a one-row file is either one of those (a compaction cut short before
+        its deletes) or newer (re-scored since). So every row appears once, whatever point a compaction reached."""
+        from schemas.leaderboard import row_key
+
+        for _attempt in range(5):
+            files = self.storage.files("leaderboard") if files is None else files
+            parts = sorted(n for n in files if n.startswith(COMPACTED_PREFIX) and n.endswith(".parquet"))
+            loose = sorted(n for n in files if n.endswith(".parquet") and not n.startswith((COMPACTED_PREFIX, ".")))
+            try:
+                tables = [self.storage.read_parquet(f"leaderboard/{name}") for name in parts + loose]
+                break
+            except FileNotFoundError:  # a compaction ran since the listing: its new part holds the row, list again
+                files = None
+        else:
+            raise RuntimeError(f"{self.uri}: leaderboard/ kept changing while being read (5 listings)")
+        if not tables:
+            return {}
+        rows: dict[str, dict] = {}
+        for r in pa.concat_tables(tables, promote_options="permissive").to_pylist():
+            rows[row_key(r["checkpoint"], r["metric"], r["kind"], r["seed"])] = r
+        return rows
+
     def row_keys(self) -> set[str]:
-        return {n.removesuffix(".parquet") for n in self.storage.listdir("leaderboard") if n.endswith(".parquet")}
+        files = self.storage.files("leaderboard")
+        if not any(n.startswith(COMPACTED_PREFIX) for n in files):  # the common case during training: no reads
+            return {n.removesuffix(".parquet") for n in files if n.endswith(".parquet") and not n.startswith(".")}
+        return set(self._leaderboard(files))
 
     def read_row(self, key: str) -> dict:
         """One leaderboard row by its key (:meth:`row_keys`)."""
-        return self._read_one(f"leaderboard/{key}.parquet")
+        try:
+            return self._read_one(f"leaderboard/{key}.parquet")
+        except FileNotFoundError:
+            row = self._leaderboard().get(key)
+            if row is None:
+                raise FileNotFoundError(f"{self.uri}: no leaderboard row {key}") from None
+            return row
 
     def read_rows(self) -> list[dict]:
         """Every leaderboard row of this run (live and final), oldest checkpoint first."""
-        table = self.storage.read_parquet_dir("leaderboard")
-        rows = [] if table is None else table.to_pylist()
-        return sorted(rows, key=lambda r: (r["cur_nimg"], r["kind"], r["seed"]))
+        return sorted(self._leaderboard().values(), key=lambda r: (r["cur_nimg"], r["kind"], r["seed"]))
+
+    def compact_rows(self) -> dict:
+        """Fold the one-row files and earlier parts of ``leaderboard/`` into one Parquet part, so readers fetch
+        one object per run instead of one per row. Safe at any point of interruption and idempotent (see
+        :meth:`_leaderboard`): the new part is written whole first, then the parts it supersedes are deleted,
+        then the one-row files it holds, each only if unchanged since it was read (a row re-scored meanwhile
+        stays, and wins). Returns {"rows", "files_removed", "parts_removed", "part"} ("part" None: nothing to do)."""
+        from schemas.leaderboard import parquet_schema
+
+        files = self.storage.files("leaderboard")
+        parts = sorted(n for n in files if n.startswith(COMPACTED_PREFIX) and n.endswith(".parquet"))
+        loose = sorted(n for n in files if n.endswith(".parquet") and not n.startswith((COMPACTED_PREFIX, ".")))
+        if not loose and len(parts) <= 1:
+            return {"rows": None, "files_removed": 0, "parts_removed": 0, "part": None}
+        rows = sorted(self._leaderboard(files).values(), key=lambda r: (r["cur_nimg"], r["metric"], r["kind"], r["seed"]))
+        schema = parquet_schema()
+        part = f"{COMPACTED_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+        self.storage.write_parquet(f"leaderboard/{part}", pa.table(
+            {k: [r.get(k) for r in rows] for k in schema.names}, schema=schema))
+        self.storage.delete_files([f"leaderboard/{n}" for n in parts])
+        now = self.storage.files("leaderboard")
+        unchanged = [n for n in loose if now.get(n) == files[n]]
+        self.storage.delete_files([f"leaderboard/{n}" for n in unchanged])
+        return {"rows": len(rows), "files_removed": len(unchanged), "parts_removed": len(parts), "part": part}
+
+    def compact_at_end(self, log) -> None:
+        """Compact the rows of a run that just ended (its scorers drained): a failure only costs read speed, so
+        it is reported in one line and the run's result stands."""
+        try:
+            out = self.compact_rows()
+        except (OSError, RuntimeError) as exc:  # StorageError is a RuntimeError
+            log(f"warning: leaderboard rows of {self.uri} left uncompacted ({' '.join(str(exc).split())}); "
+                "`sida leaderboard --compact` retries")
+            return
+        if out["part"] is not None:
+            log(f"leaderboard: {out['rows']} row(s) compacted into leaderboard/{out['part']}")
 
     def best_live_row(self, metric: Optional[str] = None, rows: Optional[list[dict]] = None) -> Optional[dict]:
         """The run's best checkpoint so far: its live leaderboard row of lowest finite value (of ``metric`` if

@@ -292,6 +292,50 @@ class Storage:
                 pass  # deleted meanwhile: fine
         self._retry(f"delete {self._key(path)!r}", rm)
 
+    def files(self, rel: str = "") -> dict[str, tuple[int, int]]:
+        """{name: (size, mtime in ns)} of the plain files directly under ``rel`` (one listing)."""
+        return {i.base_name: (i.size or 0, i.mtime_ns or 0) for i in self._walk(self.path_of(rel), recursive=False)
+                if i.type == pafs.FileType.File}
+
+    def delete_files(self, rels: Sequence[str]) -> None:
+        """Delete many files (missing ones are fine): on S3 in batches of 1,000 keys per request
+        (DeleteObjects), not one request each; locally one unlink each."""
+        if not self.is_s3:
+            for rel in rels:
+                Path(self.path_of(rel)).unlink(missing_ok=True)  # local: one attempt (see _retry)
+            return
+        import boto3
+
+        bucket = self.root.split("/")[0]
+        keys = {"aws_access_key_id": self._keys["access_key"], "aws_secret_access_key": self._keys["secret_key"]} \
+            if self._keys else {}
+        from botocore.config import Config
+
+        client = boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self._fs_kw.get("region"), **keys,
+                              config=Config(connect_timeout=self.retry.connect_timeout_s,
+                                            read_timeout=self.retry.request_timeout_s,
+                                            retries={"max_attempts": 1}))  # _retry does the retries
+        paths = [self._key(self.path_of(rel)) for rel in rels]
+        for i in range(0, len(paths), 1000):
+            batch = paths[i:i + 1000]
+
+            def rm(batch: list[str] = batch) -> None:
+                try:
+                    out = client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch],
+                                                                       "Quiet": True})
+                except Exception as e:  # botocore's errors are not OSErrors: transient unless AWS says otherwise
+                    code = getattr(e, "response", {}).get("Error", {}).get("Code", "")
+                    if code in ("AccessDenied", "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                        raise StorageError(f"{self._where()}: delete objects failed: {code}") from e
+                    raise OSError(f"{type(e).__name__}: {e}") from e
+                if out.get("Errors"):
+                    err = out["Errors"][0]
+                    raise OSError(f"{err.get('Code')}: {err.get('Message')} ({err.get('Key')})")
+            self._retry(f"delete {len(batch)} objects under {self._key(self.path_of(''))!r}", rm)
+
+    def read_parquet(self, rel: str) -> pa.Table:
+        return pq.read_table(pa.BufferReader(self.read_bytes(rel)))
+
     def upload_dir(self, local_dir: str | os.PathLike, rel: str, *, last: Sequence[str] = ()) -> None:
         """Upload every file under ``local_dir`` to ``rel/``; ``last`` (paths relative to ``local_dir``,
         e.g. ``["manifest.json"]``) go after all others, in the given order, as the commit marker."""
@@ -319,7 +363,7 @@ class Storage:
         """All ``*.parquet`` files directly under ``rel``, by name, concatenated; missing columns are nulls."""
         names = sorted(i.base_name for i in self._walk(self.path_of(rel), recursive=False)
                        if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
-        tables = [pq.read_table(pa.BufferReader(self.read_bytes(f"{rel}/{n}"))) for n in names]
+        tables = [self.read_parquet(f"{rel}/{n}") for n in names]
         return pa.concat_tables(tables, promote_options="permissive") if tables else None
 
     def check(self) -> None:

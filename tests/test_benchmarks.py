@@ -66,3 +66,13 @@ def test_data_throughput_runs_small_and_prepared_memory_stays_flat():
         assert out["peak_rss_growth"][p]["peak_over_imports_mb"][1] < 64, out["peak_rss_growth"]
     mem = out["peak_rss_growth"]["memory (data.kind npz)"]["peak_over_imports_mb"]
     assert mem[1] > mem[0] + 40, out["peak_rss_growth"]
+
+
+def test_leaderboard_scale_runs_small_on_a_real_s3_server():
+    """benchmarks/leaderboard_scale.py, small: rows written to moto S3, the leaderboard before and after
+    compaction identical, one object per run left besides its config, status and event."""
+    out = run_json(sys.executable, "benchmarks/leaderboard_scale.py", "--runs", "5", "--checkpoints", "3", "--seeds", "2",
+                   timeout=300)
+    assert out["rows"] == 30 and out["runs_shown"] == 5 and out["same_leaderboard"] is True
+    assert out["objects_after"] == 5 * 4  # config.json, status.json, one event, one compacted part per run
+    assert out["before_s"] > 0 and out["after_s"] > 0

@@ -56,6 +56,24 @@ def test_bytes_json_listdir_delete(store: Storage):
     assert not store.exists("a/sub/c.json") and "a" not in store.listdir() and store.exists("top.txt")
 
 
+def test_delete_files_in_batches_over_the_1000_key_limit(store: Storage):
+    """S3's DeleteObjects takes at most 1,000 keys per request: 1,003 files (and a missing one) all go."""
+    names = [f"many/f{i:04d}" for i in range(1003)]
+    if store.is_s3:
+        import boto3
+
+        bucket, _, prefix = store.root.partition("/")
+        client = boto3.client("s3", endpoint_url=store.endpoint_url, region_name="us-east-1")
+        for n in names:
+            client.put_object(Bucket=bucket, Key=f"{prefix}/{n}".lstrip("/"), Body=b"x")
+    else:
+        for n in names:
+            store.write_bytes(n, b"x")
+    assert len(store.files("many")) == 1003
+    store.delete_files([*names[:-1], "many/never-written", names[-1]])
+    assert store.files("many") == {} and store.listdir("many") == []
+
+
 def test_upload_download_dir_marker_last(store: Storage, tmp_path: Path):
     src = tmp_path / "ckpt"
     for name, data in {"manifest.json": b"{}", "a.pt": b"A" * 1000, "z.bin": b"Z", "sub/b.pt": b"B"}.items():
