@@ -388,3 +388,64 @@ def test_distill_score_without_a_metric_is_refused_before_anything_is_written(tm
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "--score" in err and "metric.enabled" in err
     assert not run_dir.exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 32 MiB tmpfs to fill up (needs root or CAP_SYS_ADMIN; skipped, visibly, where mounting is refused)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}): full-disk test not run")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_during_a_checkpoint_write_is_one_line_and_the_previous_checkpoint_stays(trained_teacher, env,
+                                                                                           small_disk):
+    """The run folder on a small tmpfs that fills up (a filler file leaves 64 KiB: room for metric rows, not for a
+    checkpoint) once the first checkpoint is committed: `sida distill` stops in one line, the first checkpoint still
+    verifies, no temporary file is left behind, and the same command, with space again, resumes from it."""
+    import threading
+    import time
+
+    from sida_core.checkpoint import verify_checkpoint
+
+    run_dir, filler = small_disk / "run", small_disk / "filler"
+    first = run_dir / "ckpt-000000000064"
+    stop = threading.Event()
+
+    def fill_after_first_checkpoint() -> None:
+        while not stop.is_set() and not (first / "manifest.json").exists():
+            time.sleep(0.005)
+        if stop.is_set():
+            return
+        st = os.statvfs(small_disk)
+        with open(filler, "wb") as f:
+            f.truncate(0)
+            os.posix_fallocate(f.fileno(), 0, max(0, st.f_bavail * st.f_frsize - 64 * 1024))
+
+    filling = threading.Thread(target=fill_after_first_checkpoint)
+    filling.start()
+    cmd = ["distill", CONFIG, *sets(TINY_DISTILL + ["total_kimg=0.192"]), "--run-dir", run_dir, "--quiet"]
+    try:
+        proc = sida(cmd, env)
+    finally:
+        stop.set()
+        filling.join()
+    assert filler.exists(), "the disk was never filled: the run ended before its first checkpoint was seen"
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]  # after the run's own log lines, one error line
+    assert line.startswith("error: ") and "No space left on device" in line and str(run_dir) in line, proc.stderr
+    assert "ckpt-000000000128/state.pt" in line, line  # the write that failed is named: the checkpoint's
+    assert verify_checkpoint(first)["cur_nimg"] == 64  # the previous checkpoint is intact
+    assert not (run_dir / "ckpt-000000000128" / "manifest.json").exists()  # the cut one was never committed
+    assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]  # no temporary left behind
+    filler.unlink()
+    proc = sida(cmd, env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["kimg"] == 0.192
+    assert verify_checkpoint(run_dir / "ckpt-000000000192")["cur_nimg"] == 192
