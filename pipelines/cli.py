@@ -172,13 +172,13 @@ def cmd_generate(args) -> int:
 
 def cmd_teacher_train(args) -> int:
     from schemas.loader import load_run_config
-    from ray_jobs.datasets import load_run_dataset
-    from sida_core.training_loop import get_teacher, resolve_device
+    from ray_jobs.datasets import load_run_dataset, run_teacher
+    from sida_core.training_loop import resolve_device
     from tqdm.auto import tqdm
 
     cfg = load_run_config(args.config, args.overrides)
     train_set, _ = load_run_dataset(cfg, log=lambda m: print(m, file=sys.stderr))
-    _, path = get_teacher(cfg, train_set, resolve_device(cfg.device), log=lambda m: print(m, file=sys.stderr),
+    _, path = run_teacher(cfg, train_set, resolve_device(cfg.device), log=lambda m: print(m, file=sys.stderr),
                           progress_factory=lambda total, desc: tqdm(total=total, desc=desc, unit="img", unit_scale=True))
     print(json.dumps({"teacher": str(path)}))
     return 0

@@ -51,11 +51,11 @@ def run_distill(cfg, store, *, resume: bool = True, progress: bool = True, log: 
     import torch
     from tqdm.auto import tqdm
 
-    from ray_jobs.datasets import load_run_dataset
+    from ray_jobs.datasets import load_run_dataset, run_teacher
     from pipelines.checks import check_teacher_network
     from ray_jobs.tracking import check_logging
     from schemas.loader import ConfigError
-    from sida_core.training_loop import get_teacher, resolve_device
+    from sida_core.training_loop import resolve_device
     from store.lease import RunLease
 
     t0 = time.time()
@@ -72,7 +72,7 @@ def run_distill(cfg, store, *, resume: bool = True, progress: bool = True, log: 
     if train_set is None:
         train_set, _ = load_run_dataset(cfg, log)
     bars = (lambda total, desc: tqdm(total=total, desc=desc, unit="img", unit_scale=True, leave=False)) if progress else None
-    _, teacher_path = get_teacher(cfg, train_set, torch.device("cpu"), log, bars)
+    _, teacher_path = run_teacher(cfg, train_set, torch.device("cpu"), log, bars)
     store.storage.check()  # a missing bucket is one line, before anything is written
     lease = RunLease(store.storage, log=log).acquire(steal=steal_lease)  # one writer per run (store.lease)
     try:

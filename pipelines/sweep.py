@@ -46,8 +46,7 @@ def prepare_trials(plans, exp_root, *, lineage: Optional[dict] = None, log: Call
 
     from store.run_store import RunStore
     from ray_jobs.train import public_config
-    from ray_jobs.datasets import load_run_dataset
-    from sida_core.training_loop import get_teacher
+    from ray_jobs.datasets import load_run_dataset, run_teacher
 
     teachers: dict[str, Any] = {}
     out = []
@@ -59,7 +58,7 @@ def prepare_trials(plans, exp_root, *, lineage: Optional[dict] = None, log: Call
             key = json.dumps([cfg.teacher.model_dump(mode="json"), cfg.data.model_dump(mode="json")], sort_keys=True)
             if key not in teachers:
                 train_set, _ = load_run_dataset(cfg, log)
-                teachers[key] = get_teacher(cfg, train_set, torch.device("cpu"), log)[1]
+                teachers[key] = run_teacher(cfg, train_set, torch.device("cpu"), log)[1]
             store.prepare(public_config(cfg), teachers[key], init_generator=cfg.init_generator, lineage=lineage)
         out.append({"name": plan.name, "axes": plan.axes, "run": public_config(cfg)})
     return out

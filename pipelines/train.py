@@ -89,16 +89,15 @@ def _train_holding_lease(cfg, run_name: str, root, store, resumed: bool, *, addr
     import torch
 
     from ray_jobs.cluster import connect, worker_env
-    from ray_jobs.datasets import load_run_dataset
+    from ray_jobs.datasets import load_run_dataset, run_teacher
     from ray_jobs.scoring import ScoringCoordinator, make_scorers
     from ray_jobs.tracking import Tracker
     from ray_jobs.train import build_trainer, public_config, root_cause
-    from sida_core.training_loop import get_teacher
     from store.storage import StorageError
 
     if not resumed or not store.storage.exists("teacher/manifest.json"):
         train_set, _ = load_run_dataset(cfg, log)
-        _, teacher_path = get_teacher(cfg, train_set, torch.device("cpu"), log)
+        _, teacher_path = run_teacher(cfg, train_set, torch.device("cpu"), log)
     else:
         teacher_path = None  # a resumed run keeps its own copy
     # the workers read f_phi and theta's start (SiD²A; the schema allows init_generator only there) from the run folder

@@ -292,3 +292,44 @@ def load_run_dataset(cfg: Any, log: Callable[[str], None] = lambda m: None):
     from sida_core.data import load_dataset
 
     return load_dataset(local_data_config(cfg, log=log).data)
+
+
+def local_teacher_config(cfg: Any, log: Callable[[str], None] = lambda m: None):
+    """RunConfig ``cfg`` with an ``s3://`` ``teacher.path`` (a published ``.pkl`` / ``.pt`` / ``.safetensors``, or a
+    project checkpoint folder) replaced by its local copy, fetched once per node into ``$SIDA_CACHE/teachers`` (a
+    file: keyed by URI, size and modification time, under a file lock; a folder: as :func:`stage_folder`), with the
+    run's endpoint and credentials; unchanged for a local path."""
+    from schemas.loader import ConfigError
+
+    uri = str(cfg.teacher.path or "")
+    if not uri.startswith("s3://"):
+        return cfg
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    try:
+        store = Storage.from_config(cfg.storage.model_copy(update={"uri": parent}))
+    except ValueError as e:
+        raise ConfigError(f"teacher.path: {e}") from None
+    info = store.files().get(name)
+    if info is None:  # a checkpoint folder, or nothing
+        if not store.child(name).listdir():
+            raise ConfigError(f"teacher.path {uri}: no such object or folder in {store.uri}")
+        local = stage_folder(uri, endpoint_url=cfg.storage.endpoint_url, what="teachers")
+    else:
+        root = _cache_root(None) / "teachers"
+        local = root / hashlib.sha256(f"{uri}|{info[0]}|{info[1]}".encode()).hexdigest()[:20] / name
+        with _Lock(root / f"{local.parent.name}.lock"):
+            if not local.is_file():
+                t0 = time.time()
+                store.download_file(name, local)  # written under a temporary name, renamed when whole
+                log(f"teacher: {uri} fetched to {local} ({info[0] / 1e6:.1f} MB in {time.time() - t0:.1f} s)")
+    teacher = cfg.teacher.model_copy(update={"path": str(local)})
+    return cfg.model_copy(update={"teacher": teacher})
+
+
+def run_teacher(cfg: Any, train_set, device, log: Callable[[str], None] = print, progress_factory=None):
+    """``sida_core.training_loop.get_teacher`` (f_phi and its checkpoint folder) after fetching an ``s3://``
+    ``teacher.path`` to this node (:func:`local_teacher_config`); ``cfg`` itself, and so the run's config.json,
+    keeps the URI."""
+    from sida_core.training_loop import get_teacher
+
+    return get_teacher(local_teacher_config(cfg, log), train_set, device, log, progress_factory)

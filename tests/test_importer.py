@@ -391,3 +391,41 @@ def test_cyclic_or_malformed_module_trees_are_one_line_errors(tmp_path):
         with pytest.raises(ImportError_, match=needle) as err:
             import_network(tmp_path / name)
         assert "\n" not in str(err.value)
+
+
+def test_teacher_path_on_s3_is_fetched_once_and_imported_like_a_local_file(tmp_path, edm_file, s3_bucket, monkeypatch):
+    """teacher.path may be an s3:// object (a published .pkl) or checkpoint folder: fetched once per node into the
+    cache (the run config keeps the URI), then imported exactly as the local file is; a missing one is one line."""
+    from pipelines.cli import _user_errors
+    from ray_jobs.datasets import local_teacher_config
+    from schemas.run import RunConfig
+    from sida_core.training_loop import imported_teacher_path, load_network
+    from store.storage import Storage
+
+    monkeypatch.setenv("SIDA_CACHE", str(tmp_path / "cache"))
+    path, net, _ = edm_file
+    Storage(f"{s3_bucket.uri}/teachers", endpoint_url=s3_bucket.endpoint_url).upload_file(path, "edm-tiny.pkl")
+    uri = f"{s3_bucket.uri}/teachers/edm-tiny.pkl"
+    cfg = RunConfig.model_validate({"teacher": {"path": uri}, "storage": {"endpoint_url": s3_bucket.endpoint_url}})
+    logs: list[str] = []
+    local = local_teacher_config(cfg, logs.append)
+    fetched = Path(local.teacher.path)
+    assert fetched.read_bytes() == path.read_bytes() and str(tmp_path / "cache") in str(fetched)
+    assert cfg.teacher.path == uri and len(logs) == 1 and uri in logs[0]
+    assert local_teacher_config(cfg, logs.append).teacher.path == str(fetched) and len(logs) == 1  # cached: no fetch
+    imported, _ = load_network(imported_teacher_path(local, None, logs.append), "net", "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(outputs(imported), outputs(net)))
+
+    # a checkpoint folder on S3 (what `sida teacher import --out s3://...` writes) is staged whole
+    folder = imported_teacher_path(local, None, logs.append)
+    Storage(f"{s3_bucket.uri}/teachers/tiny-ckpt", endpoint_url=s3_bucket.endpoint_url).upload_dir(
+        folder, "", last=["manifest.json"])
+    as_folder = local_teacher_config(cfg.model_copy(update={"teacher": cfg.teacher.model_copy(
+        update={"path": f"{s3_bucket.uri}/teachers/tiny-ckpt"})}))
+    assert sorted(p.name for p in Path(as_folder.teacher.path).iterdir() if not p.name.startswith(".")) == [
+        "manifest.json", "state.pt"]
+
+    missing = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"path": f"{s3_bucket.uri}/teachers/nope.pkl"})})
+    with pytest.raises(_user_errors()) as err:
+        local_teacher_config(missing)
+    assert str(err.value).startswith(f"teacher.path {s3_bucket.uri}/teachers/nope.pkl: no such object")
