@@ -280,7 +280,8 @@ def cmd_fid_stats(args) -> int:
 
     print(json.dumps(run_fid_stats(args.dataset, args.out, metric=args.metric, kind=args.kind,
                                    resolution=args.resolution, channels=args.channels, max_images=args.max_images,
-                                   endpoint_url=args.endpoint_url, device=args.device, progress=not args.quiet)))
+                                   endpoint_url=args.endpoint_url, device=args.device, progress=not args.quiet,
+                                   protocol=args.protocol)))
     return 0
 
 
@@ -492,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=_positive_int, default=None, help="use only the first N images")
     p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for an s3:// --out (else from env)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="feature extraction device")
+    p.add_argument("--protocol", choices=["clean", "legacy_tensorflow"], default="clean",
+                   help="clean-fid resizing mode: clean, or legacy_tensorflow (EDM's / the papers' FID protocol)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_fid_stats)
 

@@ -88,7 +88,8 @@ def load_reference_images(dataset: str, *, kind: Optional[str] = None, resolutio
 
 def run_fid_stats(dataset: str, out: str, *, metric: Optional[str] = None, kind: Optional[str] = None,
                   resolution: Optional[int] = None, channels: Optional[int] = None, max_images: Optional[int] = None,
-                  endpoint_url: Optional[str] = None, device: str = "cpu", progress: bool = True) -> dict:
+                  endpoint_url: Optional[str] = None, device: str = "cpu", progress: bool = True,
+                  protocol: str = "clean") -> dict:
     """Compute and store the reference statistics of ``dataset``; returns a one-line JSON-able summary."""
     import torch
 
@@ -106,7 +107,10 @@ def run_fid_stats(dataset: str, out: str, *, metric: Optional[str] = None, kind:
         raise ReferenceStatsError(str(e)) from None
     images, desc = load_reference_images(dataset, kind=kind, resolution=resolution, channels=channels,
                                          max_images=max_images, endpoint_url=endpoint_url)
-    space = feature_space(metric, device=device)
+    try:
+        space = feature_space(metric, device=device, protocol=protocol)
+    except ValueError as e:
+        raise ReferenceStatsError(f"--protocol: {e}") from None
     ref = compute_reference(images, space, dataset_desc=desc, device=device, progress=progress)
     uri = write_reference(ref, out, endpoint_url=endpoint_url)
     m = ref.manifest

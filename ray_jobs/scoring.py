@@ -52,7 +52,7 @@ class CheckpointScorer:
         torch.set_num_threads(max(1, int(threads)))
         if nice:
             os.nice(nice)
-        self._spaces: dict[str, Any] = {}
+        self._spaces: dict[tuple[str, str], Any] = {}
         self._refs: dict[str, tuple] = {}
         self._decoders: dict[tuple, Any] = {}
         self._vae_folders: dict[tuple, Any] = {}
@@ -65,12 +65,12 @@ class CheckpointScorer:
 
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    def _space(self, name: str):
+    def _space(self, name: str, protocol: str = "clean"):
         from sida_core.metrics import feature_space
 
-        if name not in self._spaces:
-            self._spaces[name] = feature_space(name, device=self._device())
-        return self._spaces[name]
+        if (name, protocol) not in self._spaces:
+            self._spaces[(name, protocol)] = feature_space(name, device=self._device(), protocol=protocol)
+        return self._spaces[(name, protocol)]
 
     def vae_folder(self, cfg, metric):
         """The local folder of ``metric.vae`` (staged to this node once; its config checked, no weights read)."""
@@ -100,7 +100,7 @@ class CheckpointScorer:
 
         from sida_core.metrics.frechet import GaussianReference
 
-        key = json.dumps([metric.name, metric.reference, cfg.data.model_dump(mode="json"),
+        key = json.dumps([metric.name, metric.protocol, metric.reference, cfg.data.model_dump(mode="json"),
                           cfg.storage.endpoint_url], sort_keys=True)
         if key not in self._refs:
             if metric.reference is None:  # FD-digits' default: the built-in train split, as the run sees it
@@ -143,7 +143,7 @@ class CheckpointScorer:
         cfg = RunConfig.model_validate(manifest["config"])
         m = MetricConfig.model_validate({**cfg.metric.model_dump(), **(metric or {})})
         seed = m.seed if seed is None else seed
-        space = self._space(m.name)
+        space = self._space(m.name, m.protocol)
         ref, ref_desc = self.reference(cfg, m, space)
         net = manifest["network"]
         value = score_generator(generator, space, ref, num_images=m.num_images, seed=seed,
@@ -162,7 +162,7 @@ class CheckpointScorer:
             init_generator=cfg.init_generator, checkpoint=name, checkpoint_uri=storage.uri_of(source),
             checkpoint_hash=manifest["content_hash"], kimg=manifest["kimg"], cur_nimg=manifest["cur_nimg"],
             metric=m.name, value=value, num_images=m.num_images, seed=seed, kind=kind, reference=ref_desc,
-            extractor_id=space.extractor_id, scorer=self.ident(), seconds=round(time.time() - t0, 3),
+            extractor_id=space.extractor_id, protocol=space.mode, scorer=self.ident(), seconds=round(time.time() - t0, 3),
             time=time.time())
         store.write_row(row)
         return row.model_dump()
@@ -175,7 +175,7 @@ def check_reference(cfg) -> None:
     m = cfg.metric
     if m.enabled and m.reference:  # (a latent run's VAE folder is staged and its config checked here too)
         scorer = CheckpointScorer(threads=1)
-        scorer.reference(cfg, m, scorer._space(m.name))
+        scorer.reference(cfg, m, scorer._space(m.name, m.protocol))
 
 
 def make_scorers(metric, n: Optional[int] = None) -> list:

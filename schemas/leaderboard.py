@@ -44,6 +44,7 @@ class LeaderboardRow(BaseModel):
     kind: RowKind = "live"
     reference: str                # where the reference statistics came from
     extractor_id: str
+    protocol: Optional[str] = None  # clean-fid resizing mode of the score (clean / legacy_tensorflow); None: older rows
     scorer: str = ""              # host:pid of the scorer that wrote the row
     seconds: float = 0.0          # time to load, generate and score
     time: float                   # unix time the row was written

@@ -183,6 +183,10 @@ class MetricConfig(Strict):
     """
 
     name: Literal["fd_digits", "fid_inception"] = "fd_digits"
+    # clean-fid's resizing mode: "clean" (PIL bicubic to 299 outside the network) or "legacy_tensorflow" (the TF
+    # Inception's own resize after uint8 quantisation: EDM's and the SiD papers' FID protocol); the reference
+    # statistics must have been taken in the same one (recorded in their manifest and in every row)
+    protocol: Literal["clean", "legacy_tensorflow"] = "clean"
     num_images: PositiveInt = 1000  # images generated per score (the paper: 50,000)
     reference: Optional[str] = None  # `sida fid-stats` folder URI or a .npz of mu/sigma; None: digits train split
     seed: int = 0                    # generation seed of the live scores (`sida evaluate` uses others)
@@ -203,6 +207,9 @@ class MetricConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.name == "fd_digits" and self.protocol != "clean":
+            raise ValueError(f"metric.protocol {self.protocol!r}: fd_digits is defined in 'clean' mode only "
+                             "(legacy_tensorflow is an Inception FID protocol)")
         if self.name == "fid_inception" and not self.reference and self.enabled:
             raise ValueError("metric.reference is required for metric.name 'fid_inception' (reference statistics: "
                              "a `sida fid-stats` output URI or a .npz with mu and sigma)")

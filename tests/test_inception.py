@@ -176,3 +176,71 @@ def test_fid_stats_cli_inception_on_fashion_mnist(space, fashion, tmp_path, caps
     mu, _ = stats_from_features(space.features(fashion[:8]))
     assert np.allclose(ref.mu, mu, rtol=0, atol=1e-5)
     check_compatible(m, space, 28)
+
+
+# ------------------------------------------------------------------------------- legacy_tensorflow protocol
+
+def _tf1_resize_bilinear(x: np.ndarray, size: int) -> np.ndarray:
+    """TF1's ``resize_bilinear`` (align_corners=False, no half-pixel centres), written out: output pixel i samples
+    input position i * in / out, clamped at the last pixel. Independent of the code under test."""
+    _, _, h, w = x.shape
+
+    def axis(n_in: int):
+        pos = np.arange(size) * (n_in / size)
+        lo = np.floor(pos).astype(int)
+        return lo, np.minimum(lo + 1, n_in - 1), pos - lo
+
+    y0, y1, fy = axis(h)
+    x0, x1, fx = axis(w)
+    rows0, rows1 = x[:, :, y0], x[:, :, y1]
+    top = rows0[..., x0] * (1 - fx) + rows0[..., x1] * fx
+    bottom = rows1[..., x0] * (1 - fx) + rows1[..., x1] * fx
+    return top * (1 - fy[:, None]) + bottom * fy[:, None]
+
+
+@pytest.mark.parametrize("hw", [(28, 28), (32, 32), (64, 64), (37, 50), (299, 299)])
+def test_legacy_resize_samples_where_tf1_resize_bilinear_does(hw):
+    """The legacy protocol's resize (the TF Inception port's grid_sample) equals TF1's bilinear resize: measured
+    max |diff| 5e-4 (28 px) to 7e-3 (299 px) grey levels out of 255, float32 grid arithmetic; bicubic (clean) or
+    half-pixel-centred bilinear differ by whole grey levels."""
+    x = torch.rand(2, 3, *hw, generator=torch.Generator().manual_seed(0)) * 255
+    ours = inc.legacy_resize(x).double().numpy()
+    assert ours.shape == (2, 3, 299, 299)
+    assert np.abs(ours - _tf1_resize_bilinear(x.double().numpy(), 299)).max() < 0.02
+    half_pixel = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+    if hw != (299, 299):
+        assert np.abs(ours - half_pixel.double().numpy()).max() > 1.0  # the test tells the two conventions apart
+
+
+def test_legacy_tensorflow_protocol_scores_differently_and_never_mixes_with_clean(space, feats, fashion, tmp_path,
+                                                                                  capsys):
+    """Same images, same weights, the two protocols: measurably different FIDs; statistics record their protocol
+    (``sida fid-stats --protocol``) and a scorer of the other one refuses them in one line naming both. Sizes: 24
+    images a side (features are per image, so the clean ones are the fixture's first 24)."""
+    from pipelines.cli import main
+    from store.reference import read_reference
+    from sida_core.metrics.reference import ReferenceMismatch, check_compatible
+
+    n = N // 2
+    legacy = feature_space("fid_inception", protocol="legacy_tensorflow")
+    assert legacy.mode == "legacy_tensorflow" and legacy.extractor_id == space.extractor_id
+    la, lb = legacy.features(fashion[:n]), legacy.features(fashion[N:N + n])
+    clean_fid, legacy_fid = fid(feats["a"][:n], feats["b"][:n]), fid(la, lb)
+    assert abs(clean_fid - legacy_fid) > 0.01 * clean_fid, (clean_fid, legacy_fid)
+    # uint8 quantisation is part of the protocol: images that round to the same grey levels give the same features
+    nudged = (fashion[:4] + 0.1 / 127.5).clamp(-1, 1)
+    assert np.array_equal(legacy.features(nudged), la[:4])
+
+    out = tmp_path / "fm-legacy"
+    assert main(["fid-stats", str(FASHION_TEST), "--out", str(out), "--resolution", "28", "--channels", "1",
+                 "--max-images", "8", "--protocol", "legacy_tensorflow", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mode"] == "legacy_tensorflow"
+    ref = read_reference(str(out))
+    assert ref.manifest["mode"] == "legacy_tensorflow"
+    assert np.allclose(ref.mu, stats_from_features(la[:8])[0], rtol=0, atol=1e-5)  # the CLI's path is the space's
+    check_compatible(ref.manifest, legacy, 28)
+    with pytest.raises(ReferenceMismatch, match="mode 'legacy_tensorflow' does not match the scorer's 'clean'"):
+        check_compatible(ref.manifest, space, 28)
+    with pytest.raises(ValueError, match="fd_digits is defined in 'clean' mode only"):
+        feature_space("fd_digits", protocol="legacy_tensorflow")
+    print(json.dumps(dict(n=n, fid_clean=round(clean_fid, 2), fid_legacy_tensorflow=round(legacy_fid, 2))))

@@ -130,6 +130,7 @@ def test_actor_scores_equal_in_process_scores_and_track_the_weights(ray_cluster,
         ("ckpt-000000000064", 3, "live"), ("ckpt-000000000128", 3, "live")]  # the rewrite did not duplicate
     assert rows[0]["checkpoint_uri"] == store.storage.uri_of("ckpt-000000000064") and rows[0]["num_images"] == 400
     assert rows[0]["extractor_id"].startswith("digits-cnn/") and rows[0]["method"] == "sida"
+    assert rows[0]["protocol"] == "clean"  # each row says which FID protocol (clean-fid mode) it was scored in
     # each live score wrote its checkpoint's gallery: 64 fixed seeds (8 x 8 tiles of 32 px + 1 px padding),
     # whatever the scoring seed (the in-process re-score with seed 3 rewrote the actor's bytes identically)
     galleries = {n: store.storage.read_bytes(store.gallery_ref(n)) for n in ("ckpt-000000000064", "ckpt-000000000128")}

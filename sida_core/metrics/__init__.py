@@ -7,14 +7,17 @@ from .frechet import (FeatureSpace, extract_features, fd_from_features, frechet_
 METRICS = ("fd_digits", "fid_inception")
 
 
-def feature_space(name: str, device="cpu") -> FeatureSpace:
-    """The feature space of metric ``name`` (one of :data:`METRICS`): the one place a metric name is resolved."""
+def feature_space(name: str, device="cpu", protocol: str = "clean") -> FeatureSpace:
+    """The feature space of metric ``name`` (one of :data:`METRICS`) in ``protocol`` (clean-fid's resizing mode:
+    ``clean``, or ``legacy_tensorflow`` for ``fid_inception``): the one place a metric name is resolved."""
     if name == "fd_digits":
+        if protocol != "clean":
+            raise ValueError(f"metric.protocol {protocol!r}: fd_digits is defined in 'clean' mode only")
         return digits_feature_space()
     if name == "fid_inception":
         from .inception import inception_feature_space
 
-        return inception_feature_space(device=device)
+        return inception_feature_space(device=device, protocol=protocol)
     raise ValueError(f"unknown metric {name!r}; expected one of: {', '.join(METRICS)}")
 
 

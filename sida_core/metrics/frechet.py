@@ -183,7 +183,7 @@ class FeatureSpace:
 
     def features(self, images: torch.Tensor, device: torch.device | str = "cpu") -> np.ndarray:
         return extract_features(images, self.extractor, fn_resize=self.fn_resize, image_transform=self.image_transform,
-                                batch_size=self.batch_size, device=device)
+                                batch_size=self.batch_size, device=device, mode=self.mode)
 
     def stats(self, images: torch.Tensor, device: torch.device | str = "cpu") -> Stats:
         return stats_from_features(self.features(images, device))
@@ -197,7 +197,7 @@ class FeatureSpace:
 
     def clean_fid_kwargs(self, device: torch.device | str = "cpu") -> dict:
         """Keyword arguments for ``cleanfid.fid.compute_fid`` (folders / zips of images) in this space."""
-        return dict(mode="clean", custom_feat_extractor=self.extractor, custom_fn_resize=self.fn_resize,
+        return dict(mode=self.mode, custom_feat_extractor=self.extractor, custom_fn_resize=self.fn_resize,
                     custom_image_tranform=self.image_transform, device=torch.device(device), num_workers=0,
                     batch_size=self.batch_size, verbose=False, use_dataparallel=False)
 

@@ -128,17 +128,54 @@ class InceptionFeatureExtractor(nn.Module):
         return self.model(x).reshape(-1, FEATURE_DIM)
 
 
-def inception_feature_space(device: Union[str, torch.device] = "cpu", batch_size: int = 32) -> FeatureSpace:
-    """The ``fid_inception`` feature space: clean-fid ``clean`` mode (its own 299x299 PIL-bicubic resizer)."""
+def legacy_resize(x: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
+    """The resize inside NVIDIA's TorchScript port of the TF Inception (``inception-2015-12-05.pt``, what EDM's and
+    StyleGAN's FIDs and clean-fid's ``legacy_tensorflow`` mode use): bilinear ``grid_sample`` with border padding
+    over an identity ``affine_grid`` (align_corners False) shifted by ``1/W - 1/size`` in x and ``1/H - 1/size``
+    in y, which reproduces TF1's ``resize_bilinear`` sampling positions. NCHW float in, (N, C, size, size) out."""
+    n, c, h, w = x.shape
+    theta = torch.zeros(n, 2, 3, dtype=x.dtype, device=x.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, 0, 2] = 1.0 / w - 1.0 / size
+    theta[:, 1, 2] = 1.0 / h - 1.0 / size
+    grid = torch.nn.functional.affine_grid(theta, [n, c, size, size], align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class LegacyInceptionExtractor(InceptionFeatureExtractor):
+    """The ``legacy_tensorflow`` protocol (EDM / the SiD papers' FIDs): images at their own resolution, RGB float
+    in [0, 255], quantised to uint8 as EDM does before its detector (``x * 127.5 + 128`` truncated, i.e. rounded
+    half up), resized by :func:`legacy_resize`, then the same normalisation and network as ``clean`` mode."""
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"Inception expects (N, 3, H, W) images, got {tuple(x.shape)}")
+        x = torch.floor(x.to(self.device, torch.float32) + 0.5).clamp(0, 255)
+        x = (legacy_resize(x) - 128.0) / 128.0
+        return self.model(x).reshape(-1, FEATURE_DIM)
+
+
+PROTOCOLS = ("clean", "legacy_tensorflow")  # clean-fid's resizing modes this project scores in
+
+
+def inception_feature_space(device: Union[str, torch.device] = "cpu", batch_size: int = 32,
+                            protocol: str = "clean") -> FeatureSpace:
+    """The ``fid_inception`` feature space in ``protocol``: clean-fid ``clean`` mode (its own 299x299 PIL-bicubic
+    resizer, outside the network) or ``legacy_tensorflow`` (the papers' protocol: :class:`LegacyInceptionExtractor`).
+    Both use the same Inception weights; the mode is recorded with the statistics, so they never mix."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"metric.protocol: expected one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     device = torch.device(device)
     source, path = resolve_weights()
     if source == "clean-fid":
         from cleanfid.features import build_feature_extractor
 
-        extractor = build_feature_extractor("clean", device, use_dataparallel=False)
+        extractor = build_feature_extractor(protocol, device, use_dataparallel=False)
         extractor_id = f"inception-v3-cleanfid/sha256:{sha256_file(path)}"
     else:
-        extractor = InceptionFeatureExtractor(_load(path, device), device)
+        cls = LegacyInceptionExtractor if protocol == "legacy_tensorflow" else InceptionFeatureExtractor
+        extractor = cls(_load(path, device), device)
         extractor_id = f"inception-v3-fid/sha256:{SHA256}"
-    return FeatureSpace("fid_inception", extractor, extractor_id=extractor_id, mode="clean", fn_resize=None,
+    return FeatureSpace("fid_inception", extractor, extractor_id=extractor_id, mode=protocol, fn_resize=None,
                         batch_size=batch_size, feature_dim=FEATURE_DIM)
