@@ -28,14 +28,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from ray_jobs.jobs import JobError
     from store.reference import ReferenceStatsError
     from store.lease import LeaseError
-    from store.storage import StorageError, StorageURIError
+    from store.storage import StorageError, StorageURIError, StoredFileError
     from sida_core.metrics.inception import InceptionWeightsError
     from sida_core.metrics.reference import ReferenceMismatch
     from sida_core.vae import VAEError
 
     return (ConfigError, CheckpointError, DataError, NonFiniteError, FileNotFoundError, StorageError, TrainingError,
             JobError, ReferenceStatsError, InceptionWeightsError, ReferenceMismatch, PipelineError, ImportError_,
-            ExportError, VAEError, LeaseError, StorageURIError)
+            ExportError, VAEError, LeaseError, StorageURIError, StoredFileError)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
