@@ -90,6 +90,7 @@ def _distill_holding_lease(cfg, store, *, resume: bool, progress: bool, log, sco
     from ray_jobs.tracking import Tracker
     from ray_jobs.train import public_config
     from sida_core.training_loop import build_distiller, load_network
+    from store.run_store import DISTILL_HOST
 
     if score:
         from ray_jobs.scoring import CheckpointScorer
@@ -119,7 +120,7 @@ def _distill_holding_lease(cfg, store, *, resume: bool, progress: bool, log, sco
         state, _, last = loaded
         distiller.load_state_dict(state)
         log(f"resumed from {store.storage.uri_of(last)} at kimg {distiller.cur_nimg / 1000:.3f}")
-    store.record_start(cur_nimg=distiller.cur_nimg, workers=1, checkpoint=last)
+    store.record_start(cur_nimg=distiller.cur_nimg, workers=1, checkpoint=last, host=DISTILL_HOST)
     tracker = Tracker.for_run(store, cfg, log)  # logging: TensorBoard / MLflow / W&B mirrors of the rows
     if tracker is not None:
         tracker.start()
