@@ -355,7 +355,7 @@ def test_train_bad_input_is_one_line(args, needles, capsys):
     (["train", str(CONFIG), "--set", "data.resolution=10"], ["teacher.network", "not divisible"]),
 ])
 def test_bad_arguments_end_in_one_line_exit_2_and_write_nothing(args, needles, tmp_path, monkeypatch, capsys):
-    """Argument errors (argparse's own, after its usage lines) and checks before any work: exit 2, the last line
+    """Argument errors (argparse's own, one line like every refusal) and checks before any work: exit 2, the line
     names the option and what was expected, no traceback, nothing created in the working folder."""
     monkeypatch.chdir(tmp_path)
     try:
