@@ -63,6 +63,13 @@ def resolve_run(config: Optional[str], overrides: Sequence[str] = (), *, workers
     else:
         if config is None:
             raise ConfigError("give a run config (e.g. configs/digits.yaml) or --resume RUN_URI")
+        if name is not None:
+            from schemas.run import check_name
+
+            try:
+                check_name(name)
+            except ValueError as exc:
+                raise ConfigError(f"--name {name!r}: {exc}") from None
         cfg = load_run_config(config, extra)
         run_name = name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     root = Storage.from_config(cfg.storage)

@@ -312,6 +312,13 @@ class LoggingConfig(Strict):
         return self.tensorboard or self.mlflow is not None or self.wandb is not None
 
 
+def check_name(v: str) -> str:
+    """A run, sweep, pipeline or stage name: one folder name in storage."""
+    if not v or v in (".", "..") or any(ch in v for ch in "/\\ \t\n"):
+        raise ValueError("must be a non-empty name without slashes or spaces")
+    return v
+
+
 class RunConfig(Strict):
     """One distillation run."""
 
@@ -343,9 +350,7 @@ class RunConfig(Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not v or any(ch in v for ch in "/\\ \t\n"):
-            raise ValueError("must be a non-empty name without slashes or spaces")
-        return v
+        return check_name(v)
 
     @model_validator(mode="after")
     def _check(self):
