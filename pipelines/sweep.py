@@ -155,7 +155,7 @@ def refuse_methods_that_start_from_a_generator(plans, path) -> None:
 def run_sweep(path: str, overrides: Sequence[str] = (), *, address: Optional[str] = None,
               log: Callable[[str], None] = _log) -> dict:
     """Run (or continue) the sweep in ``path``; returns the summary ``sida sweep`` prints."""
-    from pipelines.checks import check_before_writes
+    from pipelines.checks import check_before_writes, check_references
     from schemas.sweep import load_sweep, parse_overrides, plan_trials
 
     t0 = time.time()
@@ -167,6 +167,7 @@ def run_sweep(path: str, overrides: Sequence[str] = (), *, address: Optional[str
     refuse_methods_that_start_from_a_generator(plans, path)
     for p in plans:  # before sweep.json or any trial folder is written
         check_before_writes(p.cfg, address)
+    check_references([p.cfg for p in plans])
     root.check()
     record = {"kind": "sweep", "name": sweep.name, "file": str(path), "sweep": sweep.model_dump(mode="json"),
               "trials": [{"name": p.name, "axes": p.axes} for p in plans], "time": time.time()}
