@@ -72,19 +72,22 @@ def run_distill(cfg, store, *, resume: bool = True, progress: bool = True, log: 
     if train_set is None:
         train_set, _ = load_run_dataset(cfg, log)
     bars = (lambda total, desc: tqdm(total=total, desc=desc, unit="img", unit_scale=True, leave=False)) if progress else None
-    _, teacher_path = get_teacher(cfg, train_set, torch.device("cpu"), log, bars)
     store.storage.check()  # a missing bucket is one line, before anything is written
     lease = RunLease(store.storage, log=log).acquire(steal=steal_lease)  # one writer per run (store.lease)
     try:
+        # the state to resume from, read under the lease: a run whose every checkpoint is damaged stops here, before
+        # the teacher is trained or the folder is touched
+        loaded = store.load_latest_valid(map_location=device) if resume else None
+        _, teacher_path = get_teacher(cfg, train_set, torch.device("cpu"), log, bars)
         return _distill_holding_lease(cfg, store, resume=resume, progress=progress, log=log, score=score,
                                       on_checkpoint=on_checkpoint, train_set=train_set, device=device,
-                                      teacher_path=teacher_path, t0=t0)
+                                      teacher_path=teacher_path, loaded=loaded, t0=t0)
     finally:
         lease.release()
 
 
 def _distill_holding_lease(cfg, store, *, resume: bool, progress: bool, log, score: bool, on_checkpoint, train_set,
-                           device, teacher_path, t0: float) -> dict:
+                           device, teacher_path, loaded, t0: float) -> dict:
     import torch
 
     from ray_jobs.tracking import Tracker
@@ -114,7 +117,6 @@ def _distill_holding_lease(cfg, store, *, resume: bool, progress: bool, log, sco
         spec = manifest["network"]
         init = store.fetch_checkpoint("init_generator", Path(scratch)) if cfg.init_generator else None
         distiller = build_distiller(cfg, teacher, train_set, device, init_generator=init)
-    loaded = store.load_latest_valid(map_location=device) if resume else None
     last = None
     if loaded is not None:
         state, _, last = loaded
