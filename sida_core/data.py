@@ -471,16 +471,16 @@ def load_images(cfg) -> ImageDataset:
         path = Path(cfg.path).expanduser()
         if not path.exists():
             raise DataError(f"data.path {str(path)!r} does not exist (data.kind={kind!r})")
-        readers = {"folder": read_folder, "zip": read_zip, "npz": read_npz, "idx": read_idx_dataset}
-        if kind not in readers:
-            raise DataError(f"data.kind must be one of digits|latents|prepared|{'|'.join(readers)}, got {kind!r}")
+        if kind not in ("folder", "zip", "npz", "idx"):
+            raise DataError(f"data.kind must be one of digits|latents|prepared|folder|zip|npz|idx, got {kind!r}")
         names = None
-        if kind in ("folder", "zip"):  # member by member: a non-square image is named by its file
+        raw: list[np.ndarray] | np.ndarray
+        if kind in ("folder", "zip"):  # member by member (read_folder / read_zip): a non-square image is named
             src = open_source(kind, path)
             raw, labels = src.read_all(), src.labels
             names = [f"{path}{'/' if kind == 'folder' else ':'}{m}" for m in src.members]
         else:
-            raw, labels = readers[kind](path)
+            raw, labels = read_npz(path) if kind == "npz" else read_idx_dataset(path)
         x = _convert(raw, str(path), res, ch, names)
         name = str(path)
     label_dim = 0
