@@ -29,3 +29,20 @@ def check_before_writes(cfg, address: Optional[str] = None) -> None:
     check_teacher_network(cfg)
     check_logging(cfg.logging)
     check_credentials(cfg.storage, address)
+
+
+def check_references(cfgs) -> None:
+    """``metric.reference`` of every trial of a sweep or pipeline read and checked as ``sida train`` does
+    (ray_jobs.scoring.check_reference), once per distinct metric and data: an unreadable file stops the sweep
+    before sweep.json, not each trial after Ray started."""
+    import json
+
+    from ray_jobs.scoring import check_reference
+
+    seen = set()
+    for cfg in cfgs:
+        key = json.dumps([cfg.metric.model_dump(mode="json"), cfg.data.model_dump(mode="json"),
+                          cfg.storage.endpoint_url], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            check_reference(cfg)

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -28,14 +28,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from ray_jobs.jobs import JobError
     from store.reference import ReferenceStatsError
     from store.lease import LeaseError
-    from store.storage import StorageError, StorageURIError
+    from store.storage import StorageError, StorageURIError, StoredFileError
     from sida_core.metrics.inception import InceptionWeightsError
     from sida_core.metrics.reference import ReferenceMismatch
     from sida_core.vae import VAEError
 
     return (ConfigError, CheckpointError, DataError, NonFiniteError, FileNotFoundError, StorageError, TrainingError,
             JobError, ReferenceStatsError, InceptionWeightsError, ReferenceMismatch, PipelineError, ImportError_,
-            ExportError, VAEError, LeaseError, StorageURIError)
+            ExportError, VAEError, LeaseError, StorageURIError, StoredFileError)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -328,8 +328,17 @@ def _int_at_least(low: int):
 _positive_int = _int_at_least(1)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as every other refusal of the CLI: one ``error:`` line on stderr, exit 2 (argparse
+    prints its usage block first; ``--help`` still shows it). Sub-parsers are made of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sida",
+    parser = _Parser(prog="sida",
                                      description="SiD / SiDA / SiD²A one-step distillation of EDM-style diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

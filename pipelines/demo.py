@@ -90,7 +90,9 @@ def run_demo(config: Optional[str] = None, overrides: Sequence[str] = (), out_di
 
     from sida_core.sampling import save_grid
     from pipelines.leaderboard import plot_curves, run_evaluate
+    from pipelines.checks import check_before_writes
     from pipelines.train import run_train
+    from ray_jobs.scoring import check_reference
     from store.run_store import RunStore
     from store.storage import Storage
     from schemas.loader import ConfigError, load_run_config
@@ -106,10 +108,14 @@ def run_demo(config: Optional[str] = None, overrides: Sequence[str] = (), out_di
     cfg = load_run_config(config or DEFAULT_CONFIG, overrides)
     if cfg.metric.name != "fd_digits" or cfg.data.kind != "digits":
         raise ConfigError("the demo runs on the built-in digits with metric.name fd_digits; use `sida train` for other data")
-    device = resolve_device(cfg.device)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {str(out_dir)!r}: is a file; expected a folder for the sample grids and the run")
+    check_before_writes(cfg)  # what sida train checks before writing, before the demo writes anything either
+    check_reference(cfg)
+    device = resolve_device(cfg.device)
     train_set, holdout = load_dataset(cfg.data)
+    out_dir.mkdir(parents=True, exist_ok=True)
     space = digits_feature_space()
     ref = space.stats(train_set.images)
     n = cfg.metric.num_images

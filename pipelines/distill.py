@@ -72,24 +72,28 @@ def run_distill(cfg, store, *, resume: bool = True, progress: bool = True, log: 
     if train_set is None:
         train_set, _ = load_run_dataset(cfg, log)
     bars = (lambda total, desc: tqdm(total=total, desc=desc, unit="img", unit_scale=True, leave=False)) if progress else None
-    _, teacher_path = run_teacher(cfg, train_set, torch.device("cpu"), log, bars)
     store.storage.check()  # a missing bucket is one line, before anything is written
     lease = RunLease(store.storage, log=log).acquire(steal=steal_lease)  # one writer per run (store.lease)
     try:
+        # the state to resume from, read under the lease: a run whose every checkpoint is damaged stops here, before
+        # the teacher is trained or the folder is touched
+        loaded = store.load_latest_valid(map_location=device) if resume else None
+        _, teacher_path = run_teacher(cfg, train_set, torch.device("cpu"), log, bars)
         return _distill_holding_lease(cfg, store, resume=resume, progress=progress, log=log, score=score,
                                       on_checkpoint=on_checkpoint, train_set=train_set, device=device,
-                                      teacher_path=teacher_path, t0=t0)
+                                      teacher_path=teacher_path, loaded=loaded, t0=t0)
     finally:
         lease.release()
 
 
 def _distill_holding_lease(cfg, store, *, resume: bool, progress: bool, log, score: bool, on_checkpoint, train_set,
-                           device, teacher_path, t0: float) -> dict:
+                           device, teacher_path, loaded, t0: float) -> dict:
     import torch
 
     from ray_jobs.tracking import Tracker
     from ray_jobs.train import public_config
     from sida_core.training_loop import build_distiller, load_network
+    from store.run_store import DISTILL_HOST
 
     if score:
         from ray_jobs.scoring import CheckpointScorer
@@ -113,13 +117,12 @@ def _distill_holding_lease(cfg, store, *, resume: bool, progress: bool, log, sco
         spec = manifest["network"]
         init = store.fetch_checkpoint("init_generator", Path(scratch)) if cfg.init_generator else None
         distiller = build_distiller(cfg, teacher, train_set, device, init_generator=init)
-    loaded = store.load_latest_valid(map_location=device) if resume else None
     last = None
     if loaded is not None:
         state, _, last = loaded
         distiller.load_state_dict(state)
         log(f"resumed from {store.storage.uri_of(last)} at kimg {distiller.cur_nimg / 1000:.3f}")
-    store.record_start(cur_nimg=distiller.cur_nimg, workers=1, checkpoint=last)
+    store.record_start(cur_nimg=distiller.cur_nimg, workers=1, checkpoint=last, host=DISTILL_HOST)
     tracker = Tracker.for_run(store, cfg, log)  # logging: TensorBoard / MLflow / W&B mirrors of the rows
     if tracker is not None:
         tracker.start()

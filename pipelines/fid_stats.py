@@ -101,10 +101,15 @@ def run_fid_stats(dataset: str, out: str, *, metric: Optional[str] = None, kind:
     metric = metric or ("fd_digits" if dataset == "digits" else "fid_inception")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        Storage(out, endpoint_url=endpoint_url).check()  # a bad URI or missing bucket fails before the features
+    try:  # a bad URI, a missing bucket or a file in the way fails before the features; nothing is created yet
+        store = Storage(out, endpoint_url=endpoint_url)
+        if store.is_s3:
+            store.check()
     except ValueError as e:
         raise ReferenceStatsError(str(e)) from None
+    if not store.is_s3 and Path(store.root).exists() and not Path(store.root).is_dir():
+        raise ReferenceStatsError(f"--out {out!r}: is a file; expected a folder (or s3://bucket/prefix) for "
+                                  "stats.npz and manifest.json")
     images, desc = load_reference_images(dataset, kind=kind, resolution=resolution, channels=channels,
                                          max_images=max_images, endpoint_url=endpoint_url)
     try:

@@ -39,7 +39,7 @@ def run_pipeline(path: str, overrides: Sequence[str] = (), *, stop_after: Option
     from pipelines.sweep import best_of, connect_for, run_experiment, storage_root
     from store.run_store import RunStore
     from store.storage import Storage
-    from pipelines.checks import check_before_writes
+    from pipelines.checks import check_before_writes, check_references
     from schemas.sweep import load_pipeline, parse_overrides, plan_trials
 
     t0 = time.time()
@@ -54,6 +54,7 @@ def run_pipeline(path: str, overrides: Sequence[str] = (), *, stop_after: Option
                                   layers=[pipe.set, ov, st.set], method=st.method) for st in pipe.stages}
     for p in (p for stage in plans.values() for p in stage):  # before the pipeline's state or any trial is written
         check_before_writes(p.cfg, address)
+    check_references([p.cfg for stage in plans.values() for p in stage])
     root.check()
     try:
         state = proot.read_json(STATE_FILE)

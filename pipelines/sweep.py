@@ -137,10 +137,24 @@ def best_of(outcomes: list[dict]) -> Optional[dict]:
     return {"trial": o["name"], "run_uri": o["run_uri"], "axes": o["axes"], **o["best"]}
 
 
+def refuse_methods_that_start_from_a_generator(plans, path) -> None:
+    """SiD²A starts from the best generator of a finished SiD run, which only a staged pipeline provides (a later
+    stage with ``init_from``): a sweep trial of it could never start."""
+    from schemas.loader import ConfigError
+    from sida_core.methods import get_method
+
+    for p in plans:
+        method = get_method(p.cfg.method)
+        if method.starts_from_generator:
+            raise ConfigError(f"invalid sweep {path}: trial {p.name}: method {method.name!r} ({method.display}) starts "
+                              f"from a finished SiD run's best generator, which a sweep cannot give; run it as a "
+                              f"stage with init_from in `sida pipeline` (e.g. configs/pipelines/digits_sid_then_sid2a.yaml)")
+
+
 def run_sweep(path: str, overrides: Sequence[str] = (), *, address: Optional[str] = None,
               log: Callable[[str], None] = _log) -> dict:
     """Run (or continue) the sweep in ``path``; returns the summary ``sida sweep`` prints."""
-    from pipelines.checks import check_before_writes
+    from pipelines.checks import check_before_writes, check_references
     from schemas.sweep import load_sweep, parse_overrides, plan_trials
 
     t0 = time.time()
@@ -149,8 +163,10 @@ def run_sweep(path: str, overrides: Sequence[str] = (), *, address: Optional[str
     root = storage_root(base, [sweep.set, ov])
     exp_root = root.child(sweep.name)
     plans = plan_trials(sweep, base, source=str(path), storage_uri=exp_root.uri, layers=[sweep.set, ov])
+    refuse_methods_that_start_from_a_generator(plans, path)
     for p in plans:  # before sweep.json or any trial folder is written
         check_before_writes(p.cfg, address)
+    check_references([p.cfg for p in plans])
     root.check()
     record = {"kind": "sweep", "name": sweep.name, "file": str(path), "sweep": sweep.model_dump(mode="json"),
               "trials": [{"name": p.name, "axes": p.axes} for p in plans], "time": time.time()}

@@ -16,6 +16,18 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+# The sections every stored config.json has had: a resume without one would run on defaults the run never had.
+STORED_SECTIONS = ("loss", "stages", "optimizer", "batch", "scaling", "teacher", "data", "storage")
+
+
+def refuse_a_distill_run(store, resume: str) -> None:
+    """``sida train --resume`` continues Ray Train runs only: a folder ``sida distill`` trained in (one process, its
+    own cadence and lease) is continued by ``sida distill``, never mixed with a Ray run."""
+    if store.trained_by_distill():
+        raise ConfigError(f"--resume {resume}: written by `sida distill` (one process, no Ray); continue it with "
+                          f"`sida distill CONFIG --run-dir {resume}`, not `sida train --resume`")
+
+
 def _split_run_uri(uri: str) -> tuple[str, str]:
     parent, _, name = uri.rstrip("/").rpartition("/")
     if not name or not parent or parent.endswith(":/"):
@@ -35,15 +47,29 @@ def resolve_run(config: Optional[str], overrides: Sequence[str] = (), *, workers
     extra = [*overrides, *([f"scaling.num_workers={workers}"] if workers else [])]
     if resume:
         parent, run_name = _split_run_uri(resume)
-        stored = RunStore(Storage(parent, endpoint_url=endpoint_url).child(run_name)).read_config()
+        store = RunStore(Storage(parent, endpoint_url=endpoint_url).child(run_name))
+        stored = store.read_config()
+        source = store.storage.uri_of("config.json")
+        missing = [k for k in STORED_SECTIONS if not isinstance(stored, dict) or not isinstance(stored.get(k), dict)]
+        if missing:
+            raise ConfigError(f"{source}: missing the {', '.join(missing)} section{'s' if len(missing) > 1 else ''}; expected "
+                              f"the run config `sida train` wrote (the file is damaged or not a sida run's)")
+        refuse_a_distill_run(store, resume)
         stored["storage"]["uri"] = parent
         if endpoint_url:
             stored["storage"]["endpoint_url"] = endpoint_url
         stored["storage"] = {k: v for k, v in stored["storage"].items() if v is not None}
-        cfg = validate(RunConfig, apply_overrides(stored, extra), source=f"{resume}/config.json")
+        cfg = validate(RunConfig, apply_overrides(stored, extra), source=source)
     else:
         if config is None:
             raise ConfigError("give a run config (e.g. configs/digits.yaml) or --resume RUN_URI")
+        if name is not None:
+            from schemas.run import check_name
+
+            try:
+                check_name(name)
+            except ValueError as exc:
+                raise ConfigError(f"--name {name!r}: {exc}") from None
         cfg = load_run_config(config, extra)
         run_name = name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     root = Storage.from_config(cfg.storage)

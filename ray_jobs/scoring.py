@@ -110,10 +110,14 @@ class CheckpointScorer:
                 desc = f"digits train split ({len(train_set)} images, {cfg.data.resolution}px)"
                 self._refs[key] = (GaussianReference.from_stats(*space.stats(train_set.images, self._device())), desc)
             else:
-                from store.reference import read_reference
+                from store.reference import ReferenceStatsError, read_reference
+                from store.storage import StoredFileError
                 from sida_core.metrics.reference import check_compatible
 
-                ref = read_reference(metric.reference, endpoint_url=cfg.storage.endpoint_url)
+                try:
+                    ref = read_reference(metric.reference, endpoint_url=cfg.storage.endpoint_url)
+                except (ReferenceStatsError, StoredFileError) as exc:
+                    raise ReferenceStatsError(f"metric.reference: {exc}") from None
                 from sida_core.vae import upsampling_factor
 
                 factor = upsampling_factor(self.vae_folder(cfg, metric)) if metric.vae else 1  # decoded images' size

@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional, Sequence
 
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
-from schemas.run import Method, RunConfig, Strict
+from schemas.run import Method, RunConfig, Strict, check_name
 from sida_core.methods import get_method, method_names
 
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -66,9 +66,7 @@ def axis_paths(axis: str) -> tuple[str, ...]:
 
 
 def _check_name(v: str) -> str:
-    if not v or any(ch in v for ch in "/\\ \t\n"):
-        raise ValueError("must be a non-empty name without slashes or spaces")
-    return v
+    return check_name(v)
 
 
 def _fmt(v: Any) -> str:

@@ -112,7 +112,9 @@ def _decode_image(data, name: str) -> np.ndarray:
             arr = np.asarray(img, dtype=np.uint8)
     except DataError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError:  # its message names a BytesIO object for a zip member, not the member
+        raise DataError(f"{name}: cannot decode image (not a PNG or JPEG file, or damaged)") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
     return arr[:, :, None] if arr.ndim == 2 else arr
 
@@ -124,14 +126,27 @@ def _palette_is_grey(img: Image.Image) -> bool:
 
 def _read_dataset_json(text: bytes | str, where: str) -> Optional[dict[str, int]]:
     """EDM's ``dataset.json``: {"labels": [[relpath, int], ...]} or {"labels": null}."""
+    def bad(got: str) -> DataError:
+        return DataError(f'{where}: expected EDM format {{"labels": [["00000/img00000000.png", 6], ...]}}, got {got}')
+
     try:
-        labels = json.loads(text).get("labels")
-        if labels is None:
-            return None
-        return {str(name).replace("\\", "/"): int(lab) for name, lab in labels}
-    except (ValueError, TypeError, AttributeError) as e:
-        raise DataError(f"{where}: expected EDM format {{\"labels\": [[\"00000/img00000000.png\", 6], ...]}} "
-                        f"({type(e).__name__}: {e})") from None
+        data = json.loads(text)
+    except ValueError as e:  # (UnicodeDecodeError too)
+        raise bad(f"invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise bad(f"a JSON {type(data).__name__}")
+    labels = data.get("labels")
+    if labels is None:
+        return None
+    if not isinstance(labels, list):
+        raise bad(f"labels of type {type(labels).__name__}")
+    table = {}
+    for i, entry in enumerate(labels):
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+                and isinstance(entry[1], int) and not isinstance(entry[1], bool)):
+            raise bad(f"labels[{i}] = {json.dumps(entry)[:80]} (not a [file name, integer label] pair)")
+        table[entry[0].replace("\\", "/")] = entry[1]
+    return table
 
 
 def _match_labels(names: Sequence[str], table: Optional[dict[str, int]], where: str) -> Optional[np.ndarray]:
@@ -387,13 +402,16 @@ def read_idx_dataset(path: Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
 
 # ------------------------------------------------------------------------------------------- conversion
 
-def _convert(images, names_where: str, resolution: int, channels: int) -> torch.Tensor:
-    """HWC images in [0, 255] (array or list) -> float32 (N, C, R, R) in [-1, 1]."""
+def _convert(images, names_where: str, resolution: int, channels: int,
+             names: Optional[Sequence[str]] = None) -> torch.Tensor:
+    """HWC images in [0, 255] (array or list) -> float32 (N, C, R, R) in [-1, 1]. ``names``: the images' file
+    names as messages give them (``FOLDER/FILE``, ``ZIP:MEMBER``); else they are named by index."""
     out = np.empty((len(images), resolution, resolution, channels), dtype=np.float32)
     for i, img in enumerate(images):
         h, w, c = img.shape
         if h != w:
-            raise DataError(f"{names_where}: image {i} is {w}x{h}, expected square; crop it first "
+            which = f"{names_where}: image {i}" if names is None else names[i]
+            raise DataError(f"{which} is {w}x{h}, expected square; crop it first "
                             "(e.g. EDM dataset_tool.py --transform=center-crop)")
         img = np.asarray(img, dtype=np.float32)
         if c == 3 and channels == 1:
@@ -453,11 +471,17 @@ def load_images(cfg) -> ImageDataset:
         path = Path(cfg.path).expanduser()
         if not path.exists():
             raise DataError(f"data.path {str(path)!r} does not exist (data.kind={kind!r})")
-        readers = {"folder": read_folder, "zip": read_zip, "npz": read_npz, "idx": read_idx_dataset}
-        if kind not in readers:
-            raise DataError(f"data.kind must be one of digits|latents|prepared|{'|'.join(readers)}, got {kind!r}")
-        raw, labels = readers[kind](path)
-        x = _convert(raw, str(path), res, ch)
+        if kind not in ("folder", "zip", "npz", "idx"):
+            raise DataError(f"data.kind must be one of digits|latents|prepared|folder|zip|npz|idx, got {kind!r}")
+        names = None
+        raw: list[np.ndarray] | np.ndarray
+        if kind in ("folder", "zip"):  # member by member (read_folder / read_zip): a non-square image is named
+            src = open_source(kind, path)
+            raw, labels = src.read_all(), src.labels
+            names = [f"{path}{'/' if kind == 'folder' else ':'}{m}" for m in src.members]
+        else:
+            raw, labels = read_npz(path) if kind == "npz" else read_idx_dataset(path)
+        x = _convert(raw, str(path), res, ch, names)
         name = str(path)
     label_dim = 0
     if cfg.cond:

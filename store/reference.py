@@ -12,6 +12,7 @@ as statistics without a manifest (see ``sida_core.metrics.reference``).
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Optional
 
 from store.storage import Storage
@@ -61,6 +62,9 @@ def read_reference(uri_or_npz_path: str, endpoint_url: Optional[str] = None) -> 
         except ValueError as e:
             raise ReferenceStatsError(str(e)) from None
     store = _storage(src, endpoint_url)
+    if not store.is_s3 and os.path.isfile(store.root):
+        raise ReferenceStatsError(f"reference statistics {src!r}: a file, but not a .npz; expected a folder written by "
+                                  "`sida fid-stats` or a .npz file with mu and sigma")
     try:
         manifest = store.read_json(MANIFEST)
     except FileNotFoundError:

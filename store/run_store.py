@@ -69,6 +69,9 @@ class RunState(str, enum.Enum):
         return self is not RunState.FAILED
 
 
+# Who trained in a run folder (its start events' ``host``): Ray Train workers, or ``sida distill`` in one process.
+RAY_HOST, DISTILL_HOST = "ray", "distill"
+RAY_TRAIN_MARKER = ".validate_storage_marker"  # written by Ray Train into its experiment folder (= the run folder)
 TERMINAL_STATES = tuple(s.value for s in RunState if s.terminal)
 TRAINING = "training"  # what views show for a run without status.json (still training, or killed without a word)
 
@@ -109,12 +112,23 @@ class RunStore:
     def write_status(self, state: str, **info) -> None:
         self.storage.write_json("status.json", {"state": state, "time": time.time(), **info})
 
-    def record_start(self, *, cur_nimg: int, workers: int, checkpoint: Optional[str] = None) -> None:
+    def record_start(self, *, cur_nimg: int, workers: int, checkpoint: Optional[str] = None,
+                     host: str = RAY_HOST) -> None:
         """The event of a (re)start of training: from scratch, or resumed from ``checkpoint`` (SiD²A runs name the
-        content hash of the generator theta started from)."""
+        content hash of the generator theta started from); ``host``: ``ray`` (Ray Train workers) or ``distill``."""
         lineage = self.lineage()
         self.log_event("resume" if checkpoint else "start", cur_nimg=cur_nimg, workers=workers, checkpoint=checkpoint,
-                       init_generator_hash=lineage["content_hash"] if lineage else None)
+                       init_generator_hash=lineage["content_hash"] if lineage else None, host=host)
+
+    def trained_by_distill(self) -> bool:
+        """Whether ``sida distill`` (one process, no Ray) trained in this folder: a start event says so (events
+        written before the host was recorded: a start event, but not the marker Ray Train leaves in its experiment
+        folder)."""
+        starts = [e for e in self.events() if e.get("kind") in ("start", "resume")]
+        if any(e.get("host") == DISTILL_HOST for e in starts):
+            return True
+        return (bool(starts) and all("host" not in e for e in starts)
+                and not self.storage.exists(RAY_TRAIN_MARKER))
 
     def prepare(self, config: dict, teacher: Optional[Path], *, init_generator: Optional[str] = None,
                 lineage: Optional[dict] = None) -> None:

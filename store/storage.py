@@ -53,6 +53,11 @@ class StorageError(RuntimeError):
     """A storage operation failed for good: names the store, the operation and path, attempts, last error."""
 
 
+class StoredFileError(ValueError):
+    """A stored file that is there but cannot be read as what it must be (e.g. a truncated JSON file); the message
+    names the file and the fault."""
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     attempts: int = 6  # total tries per operation
@@ -260,7 +265,13 @@ class Storage:
         self.write_bytes(rel, json.dumps(obj, indent=2).encode())
 
     def read_json(self, rel: str) -> Any:
-        return json.loads(self.read_bytes(rel))
+        """The JSON file ``rel``; :class:`StoredFileError` (naming it) when it is not valid JSON (truncated, damaged)."""
+        data = self.read_bytes(rel)
+        try:
+            return json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StoredFileError(f"{self.uri_of(rel)}: not valid JSON ({exc}); the file is damaged or "
+                                  "truncated") from None
 
     def _info(self, path: str) -> pafs.FileInfo:  # type NotFound when missing
         return self._retry(f"stat {self._key(path)!r}", lambda: self.fs.get_file_info(path))

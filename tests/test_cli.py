@@ -347,15 +347,17 @@ def test_train_bad_input_is_one_line(args, needles, capsys):
     (["teacher", "sample", "ckpt", "--steps", "-3"], ["--steps", "integer >= 1"]),
     (["teacher", "sample", "ckpt", "--num", "0"], ["--num", "integer >= 1"]),
     (["teacher", "sample", "ckpt", "--out", "grid"], ["--out", ".png", "'grid'"]),
-    (["validate", str(CONFIG), "--set", "data.resolution=10"], ["teacher.network", "10x10x1", "not divisible"]),
+    (["validate", str(CONFIG), "--set", "data.resolution=10"], ["data.resolution=10", "multiple of 8"]),
+    (["validate", str(CONFIG), "--set", "teacher.network.kwargs.channel_mult=[1,2,2,2,2]"],
+     ["teacher.network", "8x8x1", "not divisible"]),
     (["validate", str(CONFIG), "--set", "teacher.network.kwargs.model_chanels=16"],
      ["teacher.network", "unexpected keyword argument 'model_chanels'"]),
     (["distill", str(CONFIG), "--set", "teacher.network.kwargs.model_chanels=16", "--quiet"],
      ["teacher.network", "'model_chanels'"]),
-    (["train", str(CONFIG), "--set", "data.resolution=10"], ["teacher.network", "not divisible"]),
+    (["train", str(CONFIG), "--set", "teacher.network.kwargs.channel_mult=[1,2,2,2,2]"], ["teacher.network", "not divisible"]),
 ])
 def test_bad_arguments_end_in_one_line_exit_2_and_write_nothing(args, needles, tmp_path, monkeypatch, capsys):
-    """Argument errors (argparse's own, after its usage lines) and checks before any work: exit 2, the last line
+    """Argument errors (argparse's own, one line like every refusal) and checks before any work: exit 2, the line
     names the option and what was expected, no traceback, nothing created in the working folder."""
     monkeypatch.chdir(tmp_path)
     try:

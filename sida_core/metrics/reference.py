@@ -66,6 +66,8 @@ class ReferenceStats:
     def from_npz_bytes(cls, data: bytes, manifest: Optional[dict] = None, *, source: str = "") -> "ReferenceStats":
         """Read ``mu``/``sigma``; without a manifest (a bare user / EDM file) one is made: feature_dim only."""
         where = source or "reference .npz"
+        if not data.startswith((b"PK", b"\x93NUMPY")):  # np.load would take anything else for a pickle
+            raise ValueError(f"{where}: not an .npz file; expected an .npz with keys 'mu' and 'sigma'")
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 if not hasattr(z, "files") or not {"mu", "sigma"} <= set(z.files):
