@@ -78,12 +78,32 @@ def test_two_workers_checkpoints_metrics_config_and_resume(where, ray_cluster, t
                 "runs/r1/metrics/part-000000000096.parquet"} <= keys
 
     # resume the finished run with a longer schedule, on one worker (same total batch: same numbers)
+    rows_before = store.read_metrics().to_pylist()
     logs: list[str] = []
     out2 = run_train(resume=store.uri, overrides=["total_kimg=0.192"], workers=1, endpoint_url=endpoint, log=logs.append)
     assert out2["status"] == "finished" and out2["kimg"] == pytest.approx(0.192)
-    assert metric_nimgs(store) == [32, 64, 96, 128, 160, 192]  # no duplicated, no lost rows
-    _, manifest = store.load_checkpoint(out2["checkpoints"][-1])
-    assert manifest["cur_nimg"] == 192
+    rows = store.read_metrics().to_pylist()
+    assert [r["cur_nimg"] for r in rows] == [32, 64, 96, 128, 160, 192]  # no duplicated, no lost rows
+    assert rows[:4] == rows_before  # the resume rewrote none of the first run's rows
+    assert [r["num_workers"] for r in rows] == [2, 2, 2, 2, 1, 1]
+    resumes = [e for e in store.events() if e["kind"] == "resume"]
+    assert [(e["checkpoint"], e["cur_nimg"], e["workers"]) for e in resumes] == [("ckpt-000000000128", 128, 1)]
+    state, manifest = store.load_checkpoint(out2["checkpoints"][-1])
+    assert manifest["cur_nimg"] == 192 and int(state["progress"]["step"]) == 6
+    # The same numbers: 4 steps on 2 workers x 16 images then 2 on 1 worker x 2 rounds of 16 equal one process
+    # doing all 6 steps in 2 rounds of 16 (micro-batch k draws the same numbers on worker k or in round k), to the
+    # rounding the 2-worker equivalence test allows; the one-worker rows average both rounds, as that process does.
+    stats: list[dict] = []
+    state_ref = _single_process_reference(load_run_config(CONFIG, sets + ["scaling.num_workers=2"]), store, 6, stats)
+    for key in ("generator", "generator_ema", "fake_score"):
+        for name, ref in state_ref[key].items():
+            torch.testing.assert_close(state[key][name], ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}.{name}: {m}")
+    for row, ref_stats in zip(rows[4:], stats[4:]):
+        assert (row["step"], row["stage"]) == (ref_stats["step"], ref_stats["stage"])
+        for k in ("loss_psi", "loss_G", "loss_sid", "loss_adv_theta", "loss_adv_psi", "d_real", "d_fake"):
+            want = ref_stats.get(k)
+            assert (row[k] is None) == (want is None) and (want is None or row[k] == pytest.approx(
+                float(want), rel=1e-4, abs=1e-6)), (row["cur_nimg"], k, row[k], want)
 
 
 def _second_writer(run: Storage, endpoint: str | None, cwd: Path, result: dict) -> None:
@@ -98,9 +118,10 @@ def _second_writer(run: Storage, endpoint: str | None, cwd: Path, result: dict) 
                   during=run.exists("lease.json"), stderr=proc.stderr[-2000:])
 
 
-def _single_process_reference(cfg_2w, store: RunStore, steps: int):
+def _single_process_reference(cfg_2w, store: RunStore, steps: int, stats: list | None = None):
     """The same run in one process: per-worker batch b, total 2b, so 2 accumulation rounds with the micro-batch
-    indices 0, 1 that the 2 workers use; the adversarial means are per round of b, gradients averaged."""
+    indices 0, 1 that the 2 workers use; the adversarial means are per round of b, gradients averaged.
+    ``stats``: a list to append each step's numbers to (Distiller.step)."""
     cfg = cfg_2w.model_copy(update={"scaling": cfg_2w.scaling.model_copy(update={"num_workers": 1})})
     train_set, _ = load_dataset(cfg.data)
     teacher_dir = store.fetch_checkpoint("teacher", Path(tempfile.mkdtemp(prefix="teacher-")))
@@ -108,7 +129,9 @@ def _single_process_reference(cfg_2w, store: RunStore, steps: int):
     d = build_distiller(cfg, teacher, train_set, torch.device("cpu"))
     assert d.rounds == 2
     for _ in range(steps):
-        d.step()
+        step_stats = d.step()
+        if stats is not None:
+            stats.append(step_stats)
     return d.state_dict()
 
 
