@@ -143,6 +143,9 @@ def test_two_workers_equal_one_process_with_accumulation(method, ray_cluster, tm
     out = run_train(str(CONFIG), sets, workers=2, name="eq", log=lambda m: None)
     assert out["status"] == "finished"
     store = RunStore(Storage(uri).child("eq"))
+    # two workers did run: the world size Ray Train gave the workers, as they recorded it
+    assert [r["num_workers"] for r in store.read_metrics().to_pylist()] == [2, 2, 2]
+    assert [(e["kind"], e["workers"]) for e in store.events() if e["kind"] == "start"] == [("start", 2)]
     state_ray, _ = store.load_checkpoint("ckpt-000000000096")
     cfg = load_run_config(CONFIG, sets + ["scaling.num_workers=2"])
     state_ref = _single_process_reference(cfg, store, steps=3)
