@@ -34,9 +34,20 @@ def ray_cluster(s3_server):
     """One local Ray for the module (started after the S3 fixture so its workers inherit the S3 credentials)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
-    yield
+    context = ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    yield context
     ray.shutdown()
+
+
+def worker_log_lines(ray_cluster, *needles: str) -> list[str]:
+    """Lines of this Ray session's log files (the workers' stderr and Ray Train's worker logs) holding every one
+    of ``needles``: what the training workers logged, which ``log_to_driver=False`` keeps out of the test's output."""
+    logs = Path(ray_cluster.address_info["session_dir"]) / "logs"
+    found = []
+    for path in logs.rglob("*"):
+        if path.is_file() and path.suffix in (".err", ".out", ".log"):
+            found += [ln for ln in path.read_text(errors="replace").splitlines() if all(n in ln for n in needles)]
+    return found
 
 
 def storage_sets(uri: str, endpoint: str | None) -> list[str]:
@@ -226,7 +237,10 @@ def test_s3_outage_shorter_than_the_retry_budget_is_survived(ray_cluster, s3_buc
     sets = TINY + storage_sets(uri, s3_bucket.endpoint_url) + [
         "total_kimg=0.384", "checkpoint_every_kimg=0.128", "storage.retry_max_backoff_s=2", "storage.request_timeout_s=3"]
     info: dict = {}
-    t = _pause_when(s3_bucket, "runs/o1/metrics/part-000000000064", 4.0, info)
+    # A request to the frozen server fails about 7 s after storage.request_timeout_s (curl's stall detector: ~10 s
+    # here, measured against moto_server); 15 s outlasts one attempt by 5 s and ends about 5 s before the retry would
+    # time out too: the first request fails, its retry succeeds (6 attempts allowed).
+    t = _pause_when(s3_bucket, "runs/o1/metrics/part-000000000064", 15.0, info)
     try:
         out = run_train(str(CONFIG), sets, workers=2, name="o1", log=lambda m: None)
     finally:
@@ -238,6 +252,10 @@ def test_s3_outage_shorter_than_the_retry_budget_is_survived(ray_cluster, s3_buc
     assert store.read_metrics().column("cur_nimg").to_pylist() == list(range(32, 385, 32))
     for name in store.checkpoint_names():
         store.load_checkpoint(name)  # verifies the hashes
+    # survived by retrying (store.storage logs each retry), not by the outage being shorter than one request
+    retries = worker_log_lines(ray_cluster, f"bucket '{s3_bucket.name}'", "'runs/o1/", "failed (attempt 1/6), retrying")
+    assert retries, "no storage retry was logged: the outage did not outlast a request"
+    assert not [e for e in store.events() if e["kind"] == "resume"], "survived by a restart, not by the retry"
 
 
 def test_s3_outage_past_the_retry_budget_fails_clearly_and_leaves_nothing_corrupt(ray_cluster, s3_bucket):
