@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import uuid
 from typing import Any, Callable, Optional, Sequence
 
 from store.run_store import TERMINAL_STATES, RunState
@@ -60,8 +61,25 @@ def prepare_trials(plans, exp_root, *, lineage: Optional[dict] = None, log: Call
                 train_set, _ = load_run_dataset(cfg, log)
                 teachers[key] = run_teacher(cfg, train_set, torch.device("cpu"), log)[1]
             store.prepare(public_config(cfg), teachers[key], init_generator=cfg.init_generator, lineage=lineage)
-        out.append({"name": plan.name, "axes": plan.axes, "run": public_config(cfg)})
+        out.append({"name": plan.name, "axes": plan.axes, "run": public_config(cfg), "lease_token": uuid.uuid4().hex})
     return out
+
+
+def remove_dead_leases(trials: list[dict], exp_root, log: Callable[[str], None] = _log) -> None:
+    """After the Tune experiment: delete the run leases its trials left behind. A trial Tune stopped (divergence
+    stopper, ASHA) is killed without running its ``finally``, so its lease would block the next writer until its
+    heartbeat goes stale. Removed: a lease holding the token this driver gave the trial (Tune has ended every
+    trial by now), or one whose holder is dead (e.g. a trial of an earlier, killed run of this sweep)."""
+    from store.lease import remove_dead_lease
+
+    for t in trials:
+        try:
+            gone = remove_dead_lease(exp_root.child(t["name"]), token=t["lease_token"])
+        except Exception as exc:  # noqa: BLE001 -- a leftover lease only delays the next writer: say so, go on
+            log(f"warning: [{t['name']}] could not check its lease: {' '.join(str(exc).split())[:200]}")
+            continue
+        if gone is not None:
+            log(f"[{t['name']}] removed the lease its ended trial left ({gone.get('owner')})")
 
 
 def trial_outcomes(plans, exp_root) -> list[dict]:
@@ -90,6 +108,7 @@ def run_experiment(plans, search, exp_root, *, trial_cpus: float, lineage: Optio
     tuned = run_tuner(trials, exp_root, trial_cpus=trial_cpus, divergence=search.divergence,
                       early_stopping=search.early_stopping, max_concurrent=search.max_concurrent_trials,
                       total_kimg=max(p.cfg.total_kimg for p in plans), log=log)
+    remove_dead_leases(trials, exp_root, log)
     score_leftovers(plans, exp_root, log)
     outcomes = trial_outcomes(plans, exp_root)
     for o in outcomes:

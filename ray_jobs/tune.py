@@ -75,7 +75,9 @@ def trial_main(config: dict[str, Any]) -> None:
     scoring = tracker = None
     # one writer per run: a trial resumed right after its sweep's driver died on another node waits for the
     # dead holder's lease to go stale (on this node a dead holder is seen at once)
-    lease = RunLease(store.storage, log=lambda s: _log(f"[{trial['name']}] {s}")).acquire(wait_s=1.5 * LEASE_TTL_S)
+    # (the token the driver chose: once Tune has ended the trial, the driver removes a lease the trial left behind)
+    lease = RunLease(store.storage, log=lambda s: _log(f"[{trial['name']}] {s}"),
+                     token=trial.get("lease_token")).acquire(wait_s=1.5 * LEASE_TTL_S)
     try:
         if m.enabled:
             scoring = ScoringCoordinator(store, make_scorers(m), m, trial=trial["name"],

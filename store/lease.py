@@ -55,9 +55,12 @@ class RunLease:
     """The lease of the run folder ``storage``; use as a context manager or call :meth:`acquire` / :meth:`release`."""
 
     def __init__(self, storage: Storage, *, ttl_s: float = TTL_S, settle_s: float = SETTLE_S,
-                 log: Callable[[str], None] = lambda s: None):
+                 log: Callable[[str], None] = lambda s: None, token: Optional[str] = None):
+        """``token``: this holder's identity in the lease (default: a fresh random one); a caller that can tell
+        when this holder has ended (a sweep driver, of its trials) gives one so that it can clear the lease
+        afterwards (:func:`remove_dead_lease`)."""
         self.storage, self.ttl_s, self.settle_s, self.log = storage, ttl_s, settle_s, log
-        self.host, self.pid, self.token = socket.gethostname(), os.getpid(), uuid.uuid4().hex
+        self.host, self.pid, self.token = socket.gethostname(), os.getpid(), token or uuid.uuid4().hex
         self.lost: Optional[str] = None  # why the lease was lost while held (another process took it)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -182,6 +185,22 @@ class RunLease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def remove_dead_lease(storage: Storage, *, token: Optional[str] = None) -> Optional[dict]:
+    """Delete the lease of the run folder ``storage`` if its holder is known to have ended: it holds ``token``
+    (the caller knows that holder is gone, e.g. a sweep's trial after Tune ended it: a trial Tune stops runs no
+    ``finally`` to release it) or it is not live (:meth:`RunLease.is_live`). Returns the removed lease, or None."""
+    probe = RunLease(storage)
+    cur = probe.holder()
+    ours = token is not None and cur is not None and cur.get("token") == token
+    if cur is None or (not ours and probe.is_live(cur)):
+        return None
+    again = probe.holder()  # once more, just before deleting: a new writer may have taken it over meanwhile
+    if again is None or again.get("token") != cur.get("token"):
+        return None
+    storage.delete(LEASE_FILE)
+    return cur
 
 
 # hidden siblings of an interrupted write: Storage's ".NAME.<hex8>.tmp" files, save_checkpoint's ".NAME.tmp-<hex8>"

@@ -23,6 +23,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+def train_worker_pids(root: int) -> list[int]:
+    """Live PIDs of the Ray Train worker processes below process ``root`` (Linux /proc; Ray titles them
+    ray::RayTrainWorker): e.g. below a ``sida train`` that started its own Ray, or below a head's ``ray start``."""
+    parent, title = {}, {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                if stat[0] in ("Z", "X"):
+                    continue
+                parent[int(d.name)] = int(stat[1])
+                title[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except (OSError, IndexError, ValueError):
+                pass
+    below, frontier = set(), {root}
+    while frontier:
+        frontier = {p for p, pp in parent.items() if pp in frontier} - below
+        below |= frontier
+    return sorted(p for p in below if "RayTrainWorker" in title.get(p, ""))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

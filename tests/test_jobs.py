@@ -24,7 +24,7 @@ from store.run_store import RunStore
 from store.storage import Storage
 from schemas.job import CONFIG_VALIDATORS, JobSpec, Request, check_job, load_job_spec
 from schemas.loader import ConfigError, validate
-from tests.ray_head import remove, short_base, start_ray_head
+from tests.ray_head import remove, short_base, start_ray_head, train_worker_pids
 from tests.recipes import CONFIG, ROOT, TINY_STEPS, TINY_TEACHER
 
 TINY = TINY_TEACHER + TINY_STEPS + ["optimizer.lr_psi=1e-3", "optimizer.lr_theta=1e-3", "metric.num_images=200"]
@@ -141,9 +141,19 @@ def test_stop_a_running_job(head, client_env, tmp_path):
         time.sleep(2)
     else:
         pytest.fail("the long job never wrote a metrics row")
+    workers = train_worker_pids(head.proc.pid)  # the job's two training workers (earlier jobs' have ended)
+    assert len(workers) == 2, workers
     stop = sida(["jobs", "stop", job_id, "--address", head.dashboard_url], client_env)
     assert stop.returncode == 0, stop.stderr[-2000:]
     assert json.loads(stop.stdout) == {"job_id": job_id, "stop_requested": True, "status": "STOPPED"}
+    rows_at_stop = store.metric_parts()
+    deadline = time.time() + 30  # the workers go with the job: Ray kills a stopped driver's actors
+    while time.time() < deadline and set(workers) & set(train_worker_pids(head.proc.pid)):
+        time.sleep(0.2)
+    left = sorted(set(workers) & set(train_worker_pids(head.proc.pid)))
+    assert not left, f"training workers {left} still run 30 s after `sida jobs stop` said STOPPED"
+    time.sleep(3)
+    assert store.metric_parts() == rows_at_stop, "a metric row was written after the job was stopped"
     assert (store.read_status() or {}).get("state") != "finished"
     assert store.read_metrics().column("cur_nimg").to_pylist()[-1] < 50_000
 

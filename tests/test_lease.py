@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from store.lease import LEASE_FILE, LeaseError, RunLease, clean_leftovers
+from store.lease import LEASE_FILE, LeaseError, RunLease, clean_leftovers, remove_dead_lease
 from store.storage import Storage
 from tests.recipes import CONFIG, TINY_DISTILL
 
@@ -68,6 +68,21 @@ def test_stale_leases_are_taken_over_with_a_warning(run_storage):
     with RunLease(run_storage, settle_s=0.2, log=logs.append).acquire(steal=True):
         pass
     assert "live lease of node-alive:1" in logs[0]
+
+
+def test_a_dead_holders_lease_is_removed_a_live_strangers_is_kept(tmp_path):
+    """What a sweep driver does after its Tune experiment (pipelines.sweep.remove_dead_leases)."""
+    storage = Storage(str(tmp_path / "runs")).child("r")
+    assert remove_dead_lease(storage, token="mine") is None  # no lease: nothing to do
+    fake_holder(storage, host="node-alive", pid=1, age_s=1)  # live, on another node, not the caller's
+    assert remove_dead_lease(storage, token="mine") is None and storage.exists(LEASE_FILE)
+    assert remove_dead_lease(storage, token="theirs")["owner"] == "node-alive:1"  # the caller knows it ended
+    assert not storage.exists(LEASE_FILE)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    fake_holder(storage, host=socket.gethostname(), pid=int(dead.stdout), age_s=0)  # this host, process gone
+    assert remove_dead_lease(storage)["pid"] == int(dead.stdout) and not storage.exists(LEASE_FILE)
+    with RunLease(storage, settle_s=0.2, token="held") as lease:  # a live holder in this process: kept
+        assert remove_dead_lease(storage) is None and storage.read_json(LEASE_FILE)["token"] == lease.token == "held"
 
 
 def test_waiting_for_a_holder_to_go_stale(run_storage):

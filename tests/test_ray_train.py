@@ -34,9 +34,20 @@ def ray_cluster(s3_server):
     """One local Ray for the module (started after the S3 fixture so its workers inherit the S3 credentials)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
-    yield
+    context = ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    yield context
     ray.shutdown()
+
+
+def worker_log_lines(ray_cluster, *needles: str) -> list[str]:
+    """Lines of this Ray session's log files (the workers' stderr and Ray Train's worker logs) holding every one
+    of ``needles``: what the training workers logged, which ``log_to_driver=False`` keeps out of the test's output."""
+    logs = Path(ray_cluster.address_info["session_dir"]) / "logs"
+    found = []
+    for path in logs.rglob("*"):
+        if path.is_file() and path.suffix in (".err", ".out", ".log"):
+            found += [ln for ln in path.read_text(errors="replace").splitlines() if all(n in ln for n in needles)]
+    return found
 
 
 def storage_sets(uri: str, endpoint: str | None) -> list[str]:
@@ -78,12 +89,32 @@ def test_two_workers_checkpoints_metrics_config_and_resume(where, ray_cluster, t
                 "runs/r1/metrics/part-000000000096.parquet"} <= keys
 
     # resume the finished run with a longer schedule, on one worker (same total batch: same numbers)
+    rows_before = store.read_metrics().to_pylist()
     logs: list[str] = []
     out2 = run_train(resume=store.uri, overrides=["total_kimg=0.192"], workers=1, endpoint_url=endpoint, log=logs.append)
     assert out2["status"] == "finished" and out2["kimg"] == pytest.approx(0.192)
-    assert metric_nimgs(store) == [32, 64, 96, 128, 160, 192]  # no duplicated, no lost rows
-    _, manifest = store.load_checkpoint(out2["checkpoints"][-1])
-    assert manifest["cur_nimg"] == 192
+    rows = store.read_metrics().to_pylist()
+    assert [r["cur_nimg"] for r in rows] == [32, 64, 96, 128, 160, 192]  # no duplicated, no lost rows
+    assert rows[:4] == rows_before  # the resume rewrote none of the first run's rows
+    assert [r["num_workers"] for r in rows] == [2, 2, 2, 2, 1, 1]
+    resumes = [e for e in store.events() if e["kind"] == "resume"]
+    assert [(e["checkpoint"], e["cur_nimg"], e["workers"]) for e in resumes] == [("ckpt-000000000128", 128, 1)]
+    state, manifest = store.load_checkpoint(out2["checkpoints"][-1])
+    assert manifest["cur_nimg"] == 192 and int(state["progress"]["step"]) == 6
+    # The same numbers: 4 steps on 2 workers x 16 images then 2 on 1 worker x 2 rounds of 16 equal one process
+    # doing all 6 steps in 2 rounds of 16 (micro-batch k draws the same numbers on worker k or in round k), to the
+    # rounding the 2-worker equivalence test allows; the one-worker rows average both rounds, as that process does.
+    stats: list[dict] = []
+    state_ref = _single_process_reference(load_run_config(CONFIG, sets + ["scaling.num_workers=2"]), store, 6, stats)
+    for key in ("generator", "generator_ema", "fake_score"):
+        for name, ref in state_ref[key].items():
+            torch.testing.assert_close(state[key][name], ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}.{name}: {m}")
+    for row, ref_stats in zip(rows[4:], stats[4:]):
+        assert (row["step"], row["stage"]) == (ref_stats["step"], ref_stats["stage"])
+        for k in ("loss_psi", "loss_G", "loss_sid", "loss_adv_theta", "loss_adv_psi", "d_real", "d_fake"):
+            want = ref_stats.get(k)
+            assert (row[k] is None) == (want is None) and (want is None or row[k] == pytest.approx(
+                float(want), rel=1e-4, abs=1e-6)), (row["cur_nimg"], k, row[k], want)
 
 
 def _second_writer(run: Storage, endpoint: str | None, cwd: Path, result: dict) -> None:
@@ -98,9 +129,10 @@ def _second_writer(run: Storage, endpoint: str | None, cwd: Path, result: dict) 
                   during=run.exists("lease.json"), stderr=proc.stderr[-2000:])
 
 
-def _single_process_reference(cfg_2w, store: RunStore, steps: int):
+def _single_process_reference(cfg_2w, store: RunStore, steps: int, stats: list | None = None):
     """The same run in one process: per-worker batch b, total 2b, so 2 accumulation rounds with the micro-batch
-    indices 0, 1 that the 2 workers use; the adversarial means are per round of b, gradients averaged."""
+    indices 0, 1 that the 2 workers use; the adversarial means are per round of b, gradients averaged.
+    ``stats``: a list to append each step's numbers to (Distiller.step)."""
     cfg = cfg_2w.model_copy(update={"scaling": cfg_2w.scaling.model_copy(update={"num_workers": 1})})
     train_set, _ = load_dataset(cfg.data)
     teacher_dir = store.fetch_checkpoint("teacher", Path(tempfile.mkdtemp(prefix="teacher-")))
@@ -108,7 +140,9 @@ def _single_process_reference(cfg_2w, store: RunStore, steps: int):
     d = build_distiller(cfg, teacher, train_set, torch.device("cpu"))
     assert d.rounds == 2
     for _ in range(steps):
-        d.step()
+        step_stats = d.step()
+        if stats is not None:
+            stats.append(step_stats)
     return d.state_dict()
 
 
@@ -120,6 +154,9 @@ def test_two_workers_equal_one_process_with_accumulation(method, ray_cluster, tm
     out = run_train(str(CONFIG), sets, workers=2, name="eq", log=lambda m: None)
     assert out["status"] == "finished"
     store = RunStore(Storage(uri).child("eq"))
+    # two workers did run: the world size Ray Train gave the workers, as they recorded it
+    assert [r["num_workers"] for r in store.read_metrics().to_pylist()] == [2, 2, 2]
+    assert [(e["kind"], e["workers"]) for e in store.events() if e["kind"] == "start"] == [("start", 2)]
     state_ray, _ = store.load_checkpoint("ckpt-000000000096")
     cfg = load_run_config(CONFIG, sets + ["scaling.num_workers=2"])
     state_ref = _single_process_reference(cfg, store, steps=3)
@@ -200,7 +237,10 @@ def test_s3_outage_shorter_than_the_retry_budget_is_survived(ray_cluster, s3_buc
     sets = TINY + storage_sets(uri, s3_bucket.endpoint_url) + [
         "total_kimg=0.384", "checkpoint_every_kimg=0.128", "storage.retry_max_backoff_s=2", "storage.request_timeout_s=3"]
     info: dict = {}
-    t = _pause_when(s3_bucket, "runs/o1/metrics/part-000000000064", 4.0, info)
+    # A request to the frozen server fails about 7 s after storage.request_timeout_s (curl's stall detector: ~10 s
+    # here, measured against moto_server); 15 s outlasts one attempt by 5 s and ends about 5 s before the retry would
+    # time out too: the first request fails, its retry succeeds (6 attempts allowed).
+    t = _pause_when(s3_bucket, "runs/o1/metrics/part-000000000064", 15.0, info)
     try:
         out = run_train(str(CONFIG), sets, workers=2, name="o1", log=lambda m: None)
     finally:
@@ -212,6 +252,10 @@ def test_s3_outage_shorter_than_the_retry_budget_is_survived(ray_cluster, s3_buc
     assert store.read_metrics().column("cur_nimg").to_pylist() == list(range(32, 385, 32))
     for name in store.checkpoint_names():
         store.load_checkpoint(name)  # verifies the hashes
+    # survived by retrying (store.storage logs each retry), not by the outage being shorter than one request
+    retries = worker_log_lines(ray_cluster, f"bucket '{s3_bucket.name}'", "'runs/o1/", "failed (attempt 1/6), retrying")
+    assert retries, "no storage retry was logged: the outage did not outlast a request"
+    assert not [e for e in store.events() if e["kind"] == "resume"], "survived by a restart, not by the retry"
 
 
 def test_s3_outage_past_the_retry_budget_fails_clearly_and_leaves_nothing_corrupt(ray_cluster, s3_bucket):

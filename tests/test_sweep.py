@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import yaml
@@ -52,6 +53,36 @@ def run_cli(capsys, argv: list[str]) -> dict:
     out = capsys.readouterr()
     assert code == 0, out.err[-3000:]
     return json.loads(out.out.strip().splitlines()[-1])
+
+
+def sigkill_cli_when(argv: list[str], ready: Callable[[], bool], log_path: Path, timeout_s: float = 400) -> None:
+    """Run ``sida ARGV`` as its own process joined to this module's Ray, SIGKILL it as soon as ``ready()`` holds
+    (polled every 50 ms), and fail unless that kill is what ended it (not an exit before ``ready``)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_AUTH_MODE="token", SIDA_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *argv, "--address",
+                                 ray.get_runtime_context().gcs_address], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + timeout_s
+            while time.time() < deadline and proc.poll() is None:
+                if ready():
+                    os.kill(proc.pid, signal.SIGKILL)
+                    break
+                time.sleep(0.05)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(60)
+    assert proc.returncode == -signal.SIGKILL, log_path.read_text()[-3000:]
 
 
 GRID = {"name": "grid", "base": str(CONFIG), "axes": {"alpha": [0.5, 1.0]},
@@ -253,38 +284,17 @@ def test_pipeline_killed_between_stages_resumes_at_the_stage_it_was_in(ray_clust
     """A real kill: `sida pipeline` runs as its own process (joined to this module's Ray), is SIGKILLed as soon as
     pipeline.json records stage 1 done (so while stage 2 starts), and the same command run again finishes stage 2
     without re-running stage 1."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import ray
-
     argv = ["pipeline", write_yaml(tmp_path / "staged.yaml", STAGED), *sets(TINY_TUNE + [f"storage.uri={tmp_path / 'p'}"])]
     pipe = Storage(str(tmp_path / "p")).child("staged")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_AUTH_MODE="token", SIDA_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    address = ray.get_runtime_context().gcs_address
-    log = open(tmp_path / "pipeline.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *argv, "--address", address], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline, state = time.time() + 400, None
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                state = pipe.read_json("pipeline.json")
-            except FileNotFoundError:
-                state = None
-            if state and state["stages"].get("sid", {}).get("state") == "done":
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(60)
-        log.close()
-    assert proc.returncode == -signal.SIGKILL, (tmp_path / "pipeline.log").read_text()[-3000:]
+
+    def stage_1_done() -> bool:
+        try:
+            state = pipe.read_json("pipeline.json")
+        except FileNotFoundError:
+            return False
+        return state["stages"].get("sid", {}).get("state") == "done"
+
+    sigkill_cli_when(argv, stage_1_done, tmp_path / "pipeline.log")
     killed = pipe.read_json("pipeline.json")
     assert killed["stages"]["sid"]["state"] == "done" and "sid2a" not in killed["stages"]
     events_before = sorted(pipe.child("sid", "t00_alpha=1").listdir("events"))
@@ -308,36 +318,12 @@ def test_sweep_driver_killed_mid_trial_resumes_with_the_same_command(ray_cluster
     while its second trial trains; the same command again: the stopped trial stays stopped with its reason and is
     not re-run, the killed one resumes from its newest checkpoint (its dead trial's lease taken over at once) and
     ends with every metric row exactly once."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import ray
-
     argv = ["sweep", write_yaml(tmp_path / "killed.yaml", KILLED),
             *sets(TINY_TUNE + [f"storage.uri={tmp_path / 's'}", "total_kimg=0.384", "metric.enabled=false"])]
     sweep = Storage(str(tmp_path / "s")).child("killed")
     bad, good = (RunStore(sweep.child(n)) for n in ("t00_lr=1000", "t01_lr=0.001"))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_AUTH_MODE="token", SIDA_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    log = open(tmp_path / "sweep.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *argv, "--address",
-                             ray.get_runtime_context().gcs_address], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 400
-        while time.time() < deadline and proc.poll() is None:
-            if good.storage.exists("ckpt-000000000064/manifest.json") and good.read_status() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(60)
-        log.close()
-    assert proc.returncode == -signal.SIGKILL, (tmp_path / "sweep.log").read_text()[-3000:]
+    sigkill_cli_when(argv, lambda: good.storage.exists("ckpt-000000000064/manifest.json") and good.read_status() is None,
+                     tmp_path / "sweep.log")
     assert bad.read_status()["state"] == "stopped" and good.read_status() is None
     bad_events = bad.storage.listdir("events")
 
@@ -352,9 +338,5 @@ def test_sweep_driver_killed_mid_trial_resumes_with_the_same_command(ray_cluster
     assert resumed and resumed[0].startswith("ckpt-"), kinds  # from its checkpoint, not from 0
     assert good.read_metrics().column("cur_nimg").to_pylist() == list(range(32, 385, 32))  # each row once
     assert not good.storage.exists("lease.json")  # released at its end
-    # the stopped trial's actor was killed by Tune (no finally ran): its lease may stay, but no live holder does,
-    # so the next writer takes it over (tests/test_lease.py::test_stale_leases_are_taken_over_with_a_warning)
-    from store.lease import RunLease
-
-    left = RunLease(bad.storage).holder()
-    assert left is None or not RunLease(bad.storage).is_live(left), left
+    # the stopped trial's actor was killed by Tune (no finally ran, its lease stayed): the sweep removed it
+    assert not bad.storage.exists("lease.json")
