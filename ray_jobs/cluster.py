@@ -87,6 +87,7 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[float] = None,
         return False
     if not address and "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # the driver of a submitted Ray job
         address = os.environ.get("RAY_ADDRESS") or "auto"
+    address = address or os.environ.get("RAY_ADDRESS") or None  # an explicit RAY_ADDRESS is the user's choice
     env = _without_job_env(env)
     runtime_env = {"env_vars": env} if env else None
     if address:
@@ -94,8 +95,10 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[float] = None,
     else:
         cpus = max(os.cpu_count() or 1, int(-(-(num_cpus or 0) // 1)))
         # The dashboard (loopback only) serves the state API that Ray Train's placement-group cleaner polls.
-        ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env,
-                 log_to_driver=True)
+        # address="local": a new Ray of its own, never whichever cluster /tmp/ray/ray_current_cluster names (another
+        # user's `ray start` on this machine would be joined, and refuses num_cpus)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env=runtime_env, log_to_driver=True)
     return True
 
 
