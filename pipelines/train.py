@@ -107,6 +107,10 @@ def _train_holding_lease(cfg, run_name: str, root, store, resumed: bool, *, addr
     rounds = (f"{cfg.rounds_with(s.min_workers)}-{cfg.rounds}" if s.elastic else str(cfg.rounds))
     log(f"run {store.uri}: {cfg.method}, {s.describe()} worker(s){' (elastic)' if s.elastic else ''} x "
         f"{cfg.batch.per_worker} images x {rounds} round(s) = batch {cfg.batch.total}, to {cfg.total_kimg} kimg")
+    if s.elastic and cfg.metric.enabled:  # measured on Ray 2.60: see README, "Elastic workers"
+        log("elastic workers: Ray counts the workers a node holds from its total resources, the scorer actors' "
+            "included; where scorers share a node with workers, that node must still hold every worker Ray counts "
+            "there, or the group's start is retried without end")
 
     m = cfg.metric
     started = connect(address, num_cpus=cfg.scaling.max_workers * cfg.scaling.cpus_per_worker
