@@ -128,11 +128,17 @@ def _train_holding_lease(cfg, run_name: str, root, store, resumed: bool, *, addr
         teacher_path = None  # a resumed run keeps its own copy
     # the workers read f_phi and theta's start (SiD²A; the schema allows init_generator only there) from the run folder
     store.prepare(public_config(cfg), teacher_path, init_generator=cfg.init_generator)
-    log(f"run {store.uri}: {cfg.method}, {cfg.scaling.num_workers} worker(s) x {cfg.batch.per_worker} images x "
-        f"{cfg.rounds} round(s) = batch {cfg.batch.total}, to {cfg.total_kimg} kimg")
+    s = cfg.scaling
+    rounds = (f"{cfg.rounds_with(s.min_workers)}-{cfg.rounds}" if s.elastic else str(cfg.rounds))
+    log(f"run {store.uri}: {cfg.method}, {s.describe()} worker(s){' (elastic)' if s.elastic else ''} x "
+        f"{cfg.batch.per_worker} images x {rounds} round(s) = batch {cfg.batch.total}, to {cfg.total_kimg} kimg")
+    if s.elastic and cfg.metric.enabled:  # measured on Ray 2.60: see README, "Elastic workers"
+        log("elastic workers: Ray counts the workers a node holds from its total resources, the scorer actors' "
+            "included; where scorers share a node with workers, that node must still hold every worker Ray counts "
+            "there, or the group's start is retried without end")
 
     m = cfg.metric
-    started = connect(address, num_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    started = connect(address, num_cpus=cfg.scaling.max_workers * cfg.scaling.cpus_per_worker
                       + (m.num_scorers * m.cpus_per_scorer if m.enabled else 0), env=worker_env(), storage_cfg=cfg.storage)
     scoring = tracker = None
     try:

@@ -9,6 +9,12 @@ pure function of (seed, step, global micro-batch index, purpose), the global ind
 ``r`` being ``k * rounds + r``. Hence 2 workers x b equal one process with rounds of b (tests/test_ray_train.py),
 and a run may resume on a different number of workers with the same total batch.
 
+Elastic workers (``scaling.num_workers: [min, max]``) rest on that: Ray Train restarts the worker group from the
+newest registered checkpoint whenever it resizes it (a node lost, or capacity back), each worker rebuilds the
+Distiller with the live world size, so the rounds become ``batch.total / (per_worker x world)`` and every step still
+consumes ``batch.total`` images. Rank 0 records each restart on another worker count as a ``resize`` event
+(RunStore.record_start) and every metric row carries its ``num_workers`` (tests/test_ray_elastic.py).
+
 Rank 0 writes metric rows (Parquet) and checkpoints (uploaded with ``manifest.json`` last, registered with
 Ray through ``checkpoint_upload_fn``); every rank calls ``ray.train.report`` at the same steps.
 """
@@ -160,7 +166,9 @@ def build_trainer(cfg, run_name: str, storage: Storage, *, threads: Optional[int
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": public_config(cfg), "run_name": run_name, "threads": threads},
-        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        # elastic: num_workers (min, max); Ray restarts the group from the newest checkpoint on each resize
+        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
+                                               elastic_resize_monitor_interval_s=s.elastic_resize_monitor_interval_s),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=fs, callbacks=callbacks or None,
             worker_runtime_env={"env_vars": worker_env()},

@@ -179,8 +179,8 @@ def trial_resources(cfg, trial_cpus: float) -> dict:
     if m.enabled:
         scorer = {"CPU": m.cpus_per_scorer, **({"GPU": m.gpus_per_scorer} if m.gpus_per_scorer else {})}
         bundles += [dict(scorer) for _ in range(m.num_scorers)]
-    cpus = sum(b["CPU"] for b in bundles) + s.num_workers * s.cpus_per_worker
-    gpus = sum(b.get("GPU", 0) for b in bundles) + (s.num_workers if s.use_gpu else 0)
+    cpus = sum(b["CPU"] for b in bundles) + s.max_workers * s.cpus_per_worker  # elastic: its full size
+    gpus = sum(b.get("GPU", 0) for b in bundles) + (s.max_workers if s.use_gpu else 0)
     return {"bundles": bundles, "cpus": cpus, "gpus": gpus}
 
 

@@ -212,7 +212,8 @@ def _check_train(job: CheckedJob) -> None:
     job.config = cfg
     job.storage_uri = cfg.storage.uri
     m = cfg.metric
-    job.request = Request(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, 1.0 if cfg.scaling.use_gpu else 0.0,
+    # elastic ([min, max]): the job can start once min workers fit; it grows to max as nodes join
+    job.request = Request(cfg.scaling.min_workers, cfg.scaling.cpus_per_worker, 1.0 if cfg.scaling.use_gpu else 0.0,
                           r.driver_cpus, scorer_cpus=m.num_scorers * m.cpus_per_scorer if m.enabled else 0.0,
                           scorer_gpus=m.num_scorers * m.gpus_per_scorer if m.enabled else 0.0)
     _check_cluster_paths(job, cfg, cfg.storage.uri)
@@ -266,7 +267,7 @@ def _check_search(job: CheckedJob) -> None:
     job.warnings = list(dict.fromkeys(job.warnings))  # one warning per kind, not per trial
     c, r = plans[0].cfg, job.spec.resources
     m = c.metric
-    job.request = Request(c.scaling.num_workers, c.scaling.cpus_per_worker, 1.0 if c.scaling.use_gpu else 0.0,
+    job.request = Request(c.scaling.min_workers, c.scaling.cpus_per_worker, 1.0 if c.scaling.use_gpu else 0.0,
                           max(r.driver_cpus, cfg.trial_cpus),
                           scorer_cpus=m.num_scorers * m.cpus_per_scorer if m.enabled else 0.0,
                           scorer_gpus=m.num_scorers * m.gpus_per_scorer if m.enabled else 0.0)

@@ -5,7 +5,7 @@ SPEC.md's defaults (paper Tables 6 and 7). Every model forbids unknown keys.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, SecretStr, field_validator, model_validator
 
@@ -165,11 +165,49 @@ class BatchConfig(Strict):
 
 
 class ScalingConfig(Strict):
-    """How many data-parallel workers (GPUs) share the batch; used by the Ray path."""
+    """How many data-parallel workers (GPUs) share the batch; used by the Ray path.
 
-    num_workers: PositiveInt = 1
+    ``num_workers``: a number, or ``[min, max]`` for Ray Train's elastic mode: training starts with as many workers
+    as the cluster holds (at least ``min``), goes on with the workers left when a node is lost, and grows back up to
+    ``max`` when capacity returns (checked every ``elastic_resize_monitor_interval_s``). Each resize restarts the
+    workers from the newest checkpoint; the total batch stays ``batch.total`` (the accumulation rounds follow the
+    live worker count), so every worker count in the range must divide it."""
+
+    num_workers: Union[PositiveInt, tuple[PositiveInt, PositiveInt]] = 1
     use_gpu: bool = False
     cpus_per_worker: PositiveFloat = 1.0
+    elastic_resize_monitor_interval_s: float = Field(60.0, ge=0)
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        # checked here, in one line each: pydantic would report the union's two branches separately
+        whole = lambda x: isinstance(x, int) and not isinstance(x, bool)  # noqa: E731
+        if isinstance(v, (list, tuple)):
+            if len(v) != 2 or not all(map(whole, v)):
+                raise ValueError(f"must be a whole number or [min, max] of two whole numbers, got {list(v)!r}")
+            if not 1 <= v[0] <= v[1]:
+                raise ValueError(f"[min, max] needs 1 <= min <= max, got {list(v)!r}")
+            return v[0] if v[0] == v[1] else tuple(v)
+        if not whole(v) or v < 1:
+            raise ValueError(f"must be a whole number >= 1 or [min, max] (elastic), got {v!r}")
+        return v
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    def describe(self) -> str:
+        """``2`` or ``1-4`` (elastic): for log lines."""
+        return f"{self.min_workers}-{self.max_workers}" if self.elastic else str(self.num_workers)
 
 
 class EMAConfig(Strict):
@@ -367,10 +405,16 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        per_step = self.batch.per_worker * self.scaling.num_workers
-        if self.batch.total % per_step:
-            raise ValueError(f"batch.total ({self.batch.total}) must be divisible by batch.per_worker x "
-                             f"scaling.num_workers ({self.batch.per_worker} x {self.scaling.num_workers} = {per_step})")
+        s, b = self.scaling, self.batch
+        for workers in range(s.min_workers, s.max_workers + 1):  # elastic: every live worker count keeps batch.total
+            if b.total % (b.per_worker * workers) == 0:
+                continue
+            if s.elastic:
+                raise ValueError(f"batch.total ({b.total}) must be divisible by batch.per_worker x each worker count "
+                                 f"in scaling.num_workers {list(s.num_workers)}: {b.per_worker} x {workers} = "
+                                 f"{b.per_worker * workers} does not divide it")
+            raise ValueError(f"batch.total ({b.total}) must be divisible by batch.per_worker x scaling.num_workers "
+                             f"({b.per_worker} x {workers} = {b.per_worker * workers})")
         method = get_method(self.method)
         if method.starts_from_generator and not self.init_generator:
             raise ValueError(f"init_generator is required for method {method.name!r} ({method.display} starts from a "
@@ -399,8 +443,12 @@ class RunConfig(Strict):
 
     @property
     def rounds(self) -> int:
-        """Gradient-accumulation rounds per optimiser step on each worker."""
-        return self.batch.total // (self.batch.per_worker * self.scaling.num_workers)
+        """Gradient-accumulation rounds per optimiser step on each worker (elastic: with the most workers)."""
+        return self.rounds_with(self.scaling.max_workers)
+
+    def rounds_with(self, workers: int) -> int:
+        """The rounds on each of ``workers`` live workers: the total batch per step never changes."""
+        return self.batch.total // (self.batch.per_worker * workers)
 
     @property
     def psi_grad_clip(self) -> Optional[float]:

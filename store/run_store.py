@@ -21,7 +21,8 @@
       status.json                 how the run ended: finished / diverged / stopped (with the reason)
       init_generator/             SiD²A: a verified copy of the generator checkpoint theta starts from
       lineage.json                SiD²A: where that copy came from (source run, checkpoint, URI, content hash)
-      events/<time>-<kind>.json   the run's history: each start and resume of the workers, and the end
+      events/<time>-<kind>.json   the run's history: each start and resume of the workers, each resize (a restart
+                                  on another number of workers: elastic scaling), and the end
 
 Atomicity: every file is written whole (:class:`Storage` renames locally, single PUT on S3); a checkpoint
 folder is committed by its ``manifest.json``, uploaded last, and verified by hash on every load, so a
@@ -115,10 +116,22 @@ class RunStore:
     def record_start(self, *, cur_nimg: int, workers: int, checkpoint: Optional[str] = None,
                      host: str = RAY_HOST) -> None:
         """The event of a (re)start of training: from scratch, or resumed from ``checkpoint`` (SiD²A runs name the
-        content hash of the generator theta started from); ``host``: ``ray`` (Ray Train workers) or ``distill``."""
+        content hash of the generator theta started from); ``host``: ``ray`` (Ray Train workers) or ``distill``. A
+        restart on another number of workers than the previous start (elastic training after a node was lost or came
+        back, or a resume with other ``--workers``) is also a ``resize`` event: old and new worker counts, and where
+        training picks up."""
+        before = self.last_workers()
         lineage = self.lineage()
         self.log_event("resume" if checkpoint else "start", cur_nimg=cur_nimg, workers=workers, checkpoint=checkpoint,
                        init_generator_hash=lineage["content_hash"] if lineage else None, host=host)
+        if before is not None and before != workers:
+            self.log_event("resize", old_workers=before, new_workers=workers, cur_nimg=cur_nimg, kimg=cur_nimg / 1000,
+                           checkpoint=checkpoint)
+
+    def last_workers(self) -> Optional[int]:
+        """The worker count of the newest start / resume event (None before the first)."""
+        names = sorted(n for n in self.storage.listdir("events") if n.endswith(("-start.json", "-resume.json")))
+        return self.storage.read_json(f"events/{names[-1]}").get("workers") if names else None
 
     def trained_by_distill(self) -> bool:
         """Whether ``sida distill`` (one process, no Ray) trained in this folder: a start event says so (events
@@ -162,7 +175,8 @@ class RunStore:
             return None
 
     def log_event(self, kind: str, **info) -> None:
-        """Append one event (start, resume, diverged, finished) to the run's history: one object each, never rewritten."""
+        """Append one event (start, resume, resize, diverged, finished) to the run's history: one object each, never
+        rewritten."""
         self.storage.write_json(f"events/{time.time_ns():020d}-{kind}.json", {"kind": kind, "time": time.time(), **info})
 
     def events(self) -> list[dict]:

@@ -157,6 +157,14 @@ BAD = [
      ["batch.total", "divisible", "batch.per_worker", "scaling.num_workers"]),
     ("batch_not_divisible_workers", "batch:\n  total: 256\n  per_worker: 32\nscaling:\n  num_workers: 3\n", [],
      ["batch.total", "divisible", "32 x 3"]),
+    ("elastic_range_not_dividing", "batch:\n  total: 256\n  per_worker: 32\nscaling:\n  num_workers: [2, 3]\n", [],
+     ["batch.total (256)", "each worker count in scaling.num_workers [2, 3]", "32 x 3 = 96 does not divide it"]),
+    ("elastic_min_above_max", "name: x\n", ["scaling.num_workers=[4, 2]"],
+     ["scaling.num_workers", "1 <= min <= max", "[4, 2]"]),
+    ("elastic_min_zero", "name: x\n", ["scaling.num_workers=[0, 2]"], ["scaling.num_workers", "1 <= min <= max"]),
+    ("elastic_three_numbers", "name: x\n", ["scaling.num_workers=[1, 2, 4]"],
+     ["scaling.num_workers", "[min, max] of two whole numbers", "[1, 2, 4]"]),
+    ("workers_zero", "name: x\n", ["scaling.num_workers=0"], ["scaling.num_workers", "whole number >= 1", "got 0"]),
     ("unknown_method", "method: gan\n", [], ["method", "'sid', 'sida', 'sid2a' or 'add'", "'gan'"]),
     ("legacy_protocol_for_fd_digits", "metric:\n  protocol: legacy_tensorflow\n", [],
      ["metric.protocol", "'legacy_tensorflow'", "fd_digits is defined in 'clean' mode only"]),
@@ -283,3 +291,20 @@ def test_a_pipeline_stage_may_run_several_methods_side_by_side():
 
     pipeline, _, _ = load_pipeline(ROOT / "configs" / "pipelines" / "digits_methods.yaml")
     assert [st.methods() for st in pipeline.stages] == [["sid"], ["sida", "add"], ["sid2a"]]
+
+
+def test_elastic_workers_keep_the_total_batch(tmp_path):
+    """``scaling.num_workers: [min, max]``: every worker count in the range divides the total batch, the rounds follow
+    the live count, and the config round-trips through JSON (config.json) as a list."""
+    digits = ROOT / "configs" / "digits.yaml"
+    cfg = load_run_config(digits, ["batch.total=48", "batch.per_worker=4", "scaling.num_workers=[1, 4]"])
+    s = cfg.scaling
+    assert (s.elastic, s.min_workers, s.max_workers, s.describe()) == (True, 1, 4, "1-4")
+    assert [cfg.rounds_with(w) for w in (1, 2, 3, 4)] == [12, 6, 4, 3] and cfg.rounds == 3
+    with pytest.raises(ConfigError, match=r"16 x 3 = 48 does not divide it"):
+        load_run_config(digits, ["batch.total=64", "batch.per_worker=16", "scaling.num_workers=[2, 3]"])
+    dumped = cfg.model_dump(mode="json")
+    assert dumped["scaling"]["num_workers"] == [1, 4]
+    assert validate(RunConfig, dumped).scaling.num_workers == (1, 4)
+    same = load_run_config(digits, ["scaling.num_workers=[2, 2]"]).scaling  # [n, n] is just n
+    assert (same.num_workers, same.elastic) == (2, False)

@@ -276,3 +276,20 @@ def test_the_run_store_owns_best_and_end_states(tmp_path):
     store.record_end(RunState.DIVERGED, cur_nimg=2048, reason="non-finite loss")
     assert store.state() == "diverged" and store.read_status()["kimg"] == 2.048
     assert [(e["kind"], e["reason"]) for e in store.events()] == [("diverged", "non-finite loss")]
+
+
+def test_a_restart_on_another_worker_count_is_a_resize_event(tmp_path):
+    """RunStore.record_start: the first start is no resize; a restart on the same count neither; a restart on another
+    count (elastic training, or --resume with other --workers) is, with the old and new counts and where it resumed."""
+    from store.run_store import RunStore
+
+    run = RunStore(Storage(str(tmp_path)).child("r"))
+    run.record_start(cur_nimg=0, workers=2)
+    run.record_start(cur_nimg=256, workers=2, checkpoint="ckpt-000000000256")
+    run.record_start(cur_nimg=512, workers=1, checkpoint="ckpt-000000000512")
+    run.record_start(cur_nimg=768, workers=2, checkpoint="ckpt-000000000768")
+    events = run.events()
+    assert [e["kind"] for e in events] == ["start", "resume", "resume", "resize", "resume", "resize"]
+    assert [(e["old_workers"], e["new_workers"], e["kimg"]) for e in events if e["kind"] == "resize"] == [
+        (2, 1, 0.512), (1, 2, 0.768)]
+    assert run.last_workers() == 2
