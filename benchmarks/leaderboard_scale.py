@@ -110,9 +110,14 @@ def main(argv=None) -> dict:
         after_s, after = timed_cli("leaderboard", uri, "--by", "run", "--json", env=env)
         # a second compaction finds nothing to do
         again_s, _ = timed_cli("leaderboard", uri, "--compact", "--top", "1", "--json", env=env)
-        shown = json.loads(after)
-        if json.loads(before) != shown:
-            raise SystemExit("the leaderboard after compaction differs from the one before it")
+        shown, was = json.loads(after), json.loads(before)
+        if was != shown:
+            diff = next(((i, a, b) for i, (a, b) in enumerate(zip(was, shown)) if a != b), None)
+            detail = (f"{len(was)} rows before, {len(shown)} after" if diff is None else
+                      f"first difference at rank {diff[0]}: " + ", ".join(
+                          f"{k}: {diff[1].get(k)!r} -> {diff[2].get(k)!r}" for k in sorted(set(diff[1]) | set(diff[2]))
+                          if diff[1].get(k) != diff[2].get(k)))
+            raise SystemExit(f"the leaderboard after compaction differs from the one before it ({detail})")
         objects = sum(1 for _ in _keys(boto3.client("s3", endpoint_url=endpoint), bucket, "runs/"))
     finally:
         if server is not None:
