@@ -249,6 +249,9 @@ def test_add_config_options_and_refusals():
 
 def test_add_conditional_teacher_feeds_labels_to_the_feature_network():
     teacher = unet_teacher(label_dim=3)
+    with torch.no_grad():  # EDM's initialisation zeroes layers the label passes through: at init the class moves the
+        for p in teacher.parameters():  # features by ~4e-6, which the heads' float sums can round away entirely
+            p.add_(0.05 * torch.randn_like(p))
     disc = FeatureDiscriminator(teacher, hidden=4)
     x = torch.randn(2, 1, 8, 8)
     c0, c1 = torch.eye(3)[[0, 0]], torch.eye(3)[[1, 1]]
