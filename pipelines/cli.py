@@ -328,6 +328,17 @@ def _int_at_least(low: int):
 _positive_int = _int_at_least(1)
 
 
+def _workers(text: str) -> str:
+    """``--workers``: ``N``, or ``MIN-MAX`` for elastic workers; returned as the ``scaling.num_workers`` value the
+    config's own validation then checks (``[MIN, MAX]``)."""
+    low, sep, high = text.partition("-")
+    parts = [_positive_int(p) for p in ((low, high) if sep else (low,))]
+    return str(parts[0]) if len(parts) == 1 else f"[{parts[0]}, {parts[1]}]"
+
+
+_workers.__name__ = "worker count N or MIN-MAX"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with its errors as every other refusal of the CLI: one ``error:`` line on stderr, exit 2 (argparse
     prints its usage block first; ``--help`` still shows it). Sub-parsers are made of this class too."""
@@ -352,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default=None, help="run config YAML (not needed with --resume)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set loss.alpha=1.2 (repeatable)")
-    p.add_argument("--workers", type=_positive_int, default=None, help="data-parallel workers (overrides scaling.num_workers)")
+    p.add_argument("--workers", type=_workers, default=None, metavar="N|MIN-MAX",
+                   help="data-parallel workers, or MIN-MAX for elastic workers (overrides scaling.num_workers)")
     p.add_argument("--resume", default=None, metavar="RUN_URI", help="continue a stopped run from its folder in storage")
     p.add_argument("--name", default=None, help="run name (default: CONFIG_NAME-YYYYmmdd-HHMMSS)")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray for this job)")

@@ -36,7 +36,7 @@ def _split_run_uri(uri: str) -> tuple[str, str]:
     return parent, name
 
 
-def resolve_run(config: Optional[str], overrides: Sequence[str] = (), *, workers: Optional[int] = None,
+def resolve_run(config: Optional[str], overrides: Sequence[str] = (), *, workers: Optional[int | str] = None,
                 resume: Optional[str] = None, name: Optional[str] = None, endpoint_url: Optional[str] = None):
     """(cfg, run name, root Storage, resumed?) for a new run from ``config`` or a stopped one at ``resume``."""
     from store.run_store import RunStore
@@ -77,7 +77,7 @@ def resolve_run(config: Optional[str], overrides: Sequence[str] = (), *, workers
     return cfg, run_name, root, bool(resume)
 
 
-def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, workers: Optional[int] = None,
+def run_train(config: Optional[str] = None, overrides: Sequence[str] = (), *, workers: Optional[int | str] = None,
               resume: Optional[str] = None, name: Optional[str] = None, address: Optional[str] = None,
               endpoint_url: Optional[str] = None, steal_lease: bool = False,
               log: Callable[[str], None] = _log) -> dict:

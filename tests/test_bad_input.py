@@ -136,6 +136,8 @@ CASES = [
     # --- train: refused before Ray starts
     ("train-no-config", ["train"], ["give a run config"], None),
     ("train-workers-0", ["train", C, "--workers", "0"], ["--workers", "integer >= 1"], None),
+    ("train-workers-reversed-range", ["train", C, "--workers", "2-1"], ["scaling.num_workers", "min <= max"], None),
+    ("train-workers-bad-range", ["train", C, "--workers", "1-x"], ["--workers", "expected an integer"], None),
     ("train-gs", ["train", C, "--set", "storage.uri=gs://b/x"], ["storage.uri", "gs://"], None),
     ("train-s3-no-bucket", ["train", C, "--set", "storage.uri=s3://"], ["bucket"], None),
     ("train-bad-name", ["train", C, "--name", "a/b", "--set", "storage.uri=runs"], ["--name 'a/b'"], "runs"),

@@ -87,6 +87,17 @@ def test_validate_good_config(capsys):
     assert captured.err == ""
 
 
+def test_workers_flag_takes_a_count_or_an_elastic_range(tmp_path):
+    from pipelines.train import resolve_run
+
+    args = build_parser().parse_args(["train", str(CONFIG), "--workers", "1-2"])
+    assert args.workers == "[1, 2]"
+    cfg = resolve_run(str(CONFIG), [f"storage.uri={tmp_path}"], workers=args.workers)[0]
+    assert cfg.scaling.num_workers == (1, 2) and cfg.scaling.elastic
+    assert resolve_run(str(CONFIG), [f"storage.uri={tmp_path}"], workers="2")[0].scaling.num_workers == 2
+    assert list(tmp_path.iterdir()) == []  # resolving writes nothing
+
+
 def test_validate_bad_config_subprocess(env, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(CONFIG.read_text().replace("lambda_sid: 100.0", "lambda_sdi: 100.0"))
