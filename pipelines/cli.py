@@ -275,6 +275,14 @@ def _add_address(p: argparse.ArgumentParser) -> None:
                    help="the cluster's Jobs API (dashboard), e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)")
 
 
+def cmd_reference_import(args) -> int:
+    from pipelines.fid_stats import run_reference_import
+
+    print(json.dumps(run_reference_import(args.src, args.out, resolution=args.resolution, protocol=args.protocol,
+                                          key=args.key, endpoint_url=args.endpoint_url)))
+    return 0
+
+
 def cmd_fid_stats(args) -> int:
     from pipelines.fid_stats import run_fid_stats
 
@@ -542,6 +550,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("uri", metavar="URI", help="prepared dataset: folder or s3://bucket/prefix")
     p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for an s3:// URI (else from env)")
     p.set_defaults(func=cmd_dataset_stage)
+
+    r = sub.add_parser("reference", help="reference statistics utilities").add_subparsers(
+        dest="reference_command", required=True, metavar="ACTION")
+    p = r.add_parser("import", help="store published Inception statistics (EDM .npz, clean-fid .npz, EDM2 .pkl) as a "
+                                    "reference folder whose manifest states their FID protocol; never runs code")
+    p.add_argument("src", metavar="SRC", help="the file (local or s3://): .npz with mu and sigma, or EDM2's reference .pkl")
+    p.add_argument("--out", required=True, metavar="URI", help="folder or s3://bucket/prefix for stats.npz + manifest.json")
+    p.add_argument("--resolution", type=_positive_int, required=True,
+                   help="data.resolution of the runs to be scored against them (e.g. 32 for CIFAR-10)")
+    p.add_argument("--protocol", choices=["clean", "legacy_tensorflow"], default=None,
+                   help="the protocol they were taken in (default: what the file implies: EDM / EDM2 legacy_tensorflow, "
+                        "clean-fid files by their name)")
+    p.add_argument("--key", default="fid", help="EDM2 .pkl: which statistics (default fid)")
+    p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for s3:// paths (else from env)")
+    p.set_defaults(func=cmd_reference_import)
 
     t = sub.add_parser("teacher", help="teacher utilities").add_subparsers(dest="teacher_command", required=True,
                                                                             metavar="ACTION")

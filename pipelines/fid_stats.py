@@ -86,22 +86,12 @@ def load_reference_images(dataset: str, *, kind: Optional[str] = None, resolutio
     return images, desc
 
 
-def run_fid_stats(dataset: str, out: str, *, metric: Optional[str] = None, kind: Optional[str] = None,
-                  resolution: Optional[int] = None, channels: Optional[int] = None, max_images: Optional[int] = None,
-                  endpoint_url: Optional[str] = None, device: str = "cpu", progress: bool = True,
-                  protocol: str = "clean") -> dict:
-    """Compute and store the reference statistics of ``dataset``; returns a one-line JSON-able summary."""
-    import torch
-
+def check_out(out: str, endpoint_url: Optional[str]) -> None:
+    """``--out`` of a reference folder: a bad URI, a missing bucket or a file in the way fails here, before any work;
+    nothing is created yet."""
     from store.storage import Storage
-    from sida_core.metrics import feature_space
-    from sida_core.metrics.reference import compute_reference
 
-    t0 = time.perf_counter()
-    metric = metric or ("fd_digits" if dataset == "digits" else "fid_inception")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:  # a bad URI, a missing bucket or a file in the way fails before the features; nothing is created yet
+    try:
         store = Storage(out, endpoint_url=endpoint_url)
         if store.is_s3:
             store.check()
@@ -110,6 +100,23 @@ def run_fid_stats(dataset: str, out: str, *, metric: Optional[str] = None, kind:
     if not store.is_s3 and Path(store.root).exists() and not Path(store.root).is_dir():
         raise ReferenceStatsError(f"--out {out!r}: is a file; expected a folder (or s3://bucket/prefix) for "
                                   "stats.npz and manifest.json")
+
+
+def run_fid_stats(dataset: str, out: str, *, metric: Optional[str] = None, kind: Optional[str] = None,
+                  resolution: Optional[int] = None, channels: Optional[int] = None, max_images: Optional[int] = None,
+                  endpoint_url: Optional[str] = None, device: str = "cpu", progress: bool = True,
+                  protocol: str = "clean") -> dict:
+    """Compute and store the reference statistics of ``dataset``; returns a one-line JSON-able summary."""
+    import torch
+
+    from sida_core.metrics import feature_space
+    from sida_core.metrics.reference import compute_reference
+
+    t0 = time.perf_counter()
+    metric = metric or ("fd_digits" if dataset == "digits" else "fid_inception")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_out(out, endpoint_url)
     images, desc = load_reference_images(dataset, kind=kind, resolution=resolution, channels=channels,
                                          max_images=max_images, endpoint_url=endpoint_url)
     try:
@@ -122,3 +129,85 @@ def run_fid_stats(dataset: str, out: str, *, metric: Optional[str] = None, kind:
     return dict(out=uri, metric=metric, extractor_id=m["extractor_id"], mode=m["mode"], num_images=m["num_images"],
                 resolution=m["resolution"], channels=m["channels"], feature_dim=m["feature_dim"],
                 seconds=round(time.perf_counter() - t0, 1))
+
+
+def _implied_protocol(name: str, fmt: str) -> Optional[str]:
+    """The protocol a published statistics file implies: clean-fid names its files ``<dataset>_<mode>_<split>_<res>``;
+    EDM's ``.npz`` and EDM2's ``.pkl`` were taken with the TF Inception port's own resize (``legacy_tensorflow``)."""
+    for mode in ("legacy_tensorflow", "legacy_pytorch", "clean"):
+        if f"_{mode}_" in f"_{name.lower()}_":
+            return mode
+    return "legacy_tensorflow" if fmt in ("edm-npz", "edm2-pkl") else None
+
+
+def run_reference_import(src: str, out: str, *, resolution: int, protocol: Optional[str] = None, key: str = "fid",
+                         endpoint_url: Optional[str] = None) -> dict:
+    """``sida reference import``: published Inception statistics (EDM's ``.npz``, a clean-fid statistics ``.npz``,
+    EDM2's reference ``.pkl`` ``{fid: {mu, sigma}, fd_dinov2: {...}}`` read by the safe unpickler: no code runs)
+    stored as a reference folder whose manifest states the protocol (``mode``) they imply, so scoring in the other
+    protocol refuses them instead of warning. ``resolution``: the ``data.resolution`` of the runs to score."""
+    import hashlib
+    import tempfile
+    from datetime import datetime, timezone
+
+    import numpy as np
+
+    from store.storage import Storage
+    from sida_core.importer import ImportError_, read_pickle
+    from sida_core.metrics.inception import FEATURE_DIM, PROTOCOLS, SHA256
+    from sida_core.metrics.reference import FORMAT, VERSION, ReferenceStats
+
+    head, _, name = src.rstrip("/").rpartition("/")
+    try:
+        source = Storage(head or ".", endpoint_url=endpoint_url)
+    except ValueError as e:
+        raise ReferenceStatsError(str(e)) from None
+    check_out(out, endpoint_url)
+    try:
+        data = source.read_bytes(name)
+    except (FileNotFoundError, IsADirectoryError):
+        raise ReferenceStatsError(f"SRC {src!r}: no such file") from None
+    suffix = name.lower().rsplit(".", 1)[-1]
+    if suffix == "npz":
+        fmt = "clean-fid-npz" if _implied_protocol(name, "") else "edm-npz"
+        try:
+            ref = ReferenceStats.from_npz_bytes(data, source=src)
+        except ValueError as e:
+            raise ReferenceStatsError(str(e)) from None
+        mu, sigma = ref.mu, ref.sigma
+    elif suffix == "pkl":
+        fmt = "edm2-pkl"
+        with tempfile.TemporaryDirectory(prefix="sida-ref-") as tmp:
+            local = Path(tmp) / name
+            local.write_bytes(data)
+            try:
+                obj, _ = read_pickle(local)
+            except ImportError_ as e:
+                raise ReferenceStatsError(str(e).replace(str(local), src)) from None
+        entry = obj.get(key) if isinstance(obj, dict) else None
+        if not (isinstance(entry, dict) and {"mu", "sigma"} <= set(entry)):
+            keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise ReferenceStatsError(f"SRC {src!r}: expected EDM2's reference pickle {{{key!r}: {{mu, sigma}}, ...}}, "
+                                      f"found {keys}")
+        mu, sigma = np.asarray(entry["mu"]), np.asarray(entry["sigma"])
+    else:
+        raise ReferenceStatsError(f"SRC {src!r}: expected EDM's / clean-fid's .npz (mu, sigma) or EDM2's reference .pkl")
+    protocol = protocol or _implied_protocol(name, fmt)
+    if protocol not in PROTOCOLS:
+        raise ReferenceStatsError(f"SRC {src!r}: protocol {protocol!r} is not one this project scores in "
+                                  f"({', '.join(PROTOCOLS)}); pass --protocol if the file name misleads")
+    if np.ndim(mu) != 1 or np.shape(mu)[0] != FEATURE_DIM:
+        raise ReferenceStatsError(f"SRC {src!r}: mu has shape {np.shape(mu)}; Inception statistics have {FEATURE_DIM} "
+                                  f"features (--key {key!r}: EDM2's fd_dinov2 statistics are not scored here yet)")
+    manifest = dict(format=FORMAT, version=VERSION, metric="fid_inception", extractor_id=f"inception-v3-fid/sha256:{SHA256}",
+                    mode=protocol, feature_dim=FEATURE_DIM, num_images=None, resolution=int(resolution), channels=3,
+                    dataset=dict(imported_from=source.uri_of(name), format=fmt, key=key if fmt == "edm2-pkl" else None,
+                                 sha256=hashlib.sha256(data).hexdigest()),
+                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    try:
+        ref = ReferenceStats(mu, sigma, manifest)
+    except ValueError as e:
+        raise ReferenceStatsError(f"SRC {src!r}: {e}") from None
+    uri = write_reference(ref, out, endpoint_url=endpoint_url)
+    return dict(out=uri, imported_from=manifest["dataset"]["imported_from"], format=fmt, mode=protocol,
+                resolution=int(resolution), feature_dim=FEATURE_DIM)

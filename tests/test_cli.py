@@ -68,7 +68,8 @@ def test_every_command_is_listed():
     assert sorted(" ".join(c) for c in _commands() if c) == [
         "cluster", "cluster validate", "dataset", "dataset prepare", "dataset stage", "demo", "distill", "evaluate", "export",
         "fid-stats", "generate", "jobs", "jobs logs", "jobs status",
-        "jobs stop", "leaderboard", "pipeline", "report", "submit", "sweep", "teacher", "teacher import", "teacher sample",
+        "jobs stop", "leaderboard", "pipeline", "reference", "reference import", "report", "submit", "sweep", "teacher",
+        "teacher import", "teacher sample",
         "teacher train", "train", "validate"]
 
 

@@ -179,3 +179,75 @@ def test_sida_train_refuses_mismatched_reference_before_anything_starts(space, t
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "resolution 8 does not match" in err, err
     assert not (runs / "r").exists()  # refused before the run folder, the teacher copy or Ray
+
+
+# ------------------------------------------------------------------------ published statistics, imported
+def _inception_stats(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((64, 2048)) * 0.1
+    return rng.standard_normal(2048), a.T @ a + np.eye(2048)  # symmetric positive definite
+
+
+def _inception_space(mode: str):
+    """The fid_inception space's identity (no weights needed: check_compatible reads only its ids)."""
+    from sida_core.metrics import FeatureSpace
+    from sida_core.metrics.inception import FEATURE_DIM, SHA256
+
+    return FeatureSpace("fid_inception", extractor=None, extractor_id=f"inception-v3-fid/sha256:{SHA256}", mode=mode,
+                        feature_dim=FEATURE_DIM)
+
+
+@pytest.mark.parametrize("fmt", ["edm-npz", "clean-fid-npz", "edm2-pkl"])
+def test_reference_import_states_the_protocol_the_file_implies(fmt, tmp_path, capsys):
+    """EDM's .npz and EDM2's .pkl imply legacy_tensorflow, a clean-fid file names its mode; the imported folder
+    scores in that protocol only (the other is refused in one line naming both) with the file's exact mu/sigma."""
+    import pickle
+
+    mu, sigma = _inception_stats()
+    if fmt == "edm2-pkl":
+        src = tmp_path / "img512.pkl"  # EDM2's layout: {fid: {mu, sigma}, fd_dinov2: {mu, sigma}}
+        src.write_bytes(pickle.dumps({"fid": {"mu": mu, "sigma": sigma},
+                                      "fd_dinov2": {"mu": np.zeros(1024), "sigma": np.eye(1024)}}))
+    else:
+        src = tmp_path / ("cifar10-32x32.npz" if fmt == "edm-npz" else "cifar10_clean_train_32.npz")
+        src.write_bytes(edm_npz(mu, sigma))
+    want = "clean" if fmt == "clean-fid-npz" else "legacy_tensorflow"
+    out = tmp_path / "ref"
+    assert main(["reference", "import", str(src), "--out", str(out), "--resolution", "32"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["format"] == fmt and summary["mode"] == want
+    ref = read_reference(str(out))
+    assert np.array_equal(ref.mu, mu) and np.array_equal(ref.sigma, sigma)
+    m = ref.manifest
+    assert (m["mode"], m["resolution"], m["feature_dim"], m["metric"]) == (want, 32, 2048, "fid_inception")
+    assert m["dataset"]["format"] == fmt and len(m["dataset"]["sha256"]) == 64
+    check_compatible(m, _inception_space(want), 32)
+    other = "clean" if want == "legacy_tensorflow" else "legacy_tensorflow"
+    with pytest.raises(ReferenceMismatch, match=f"mode '{want}' does not match the scorer's '{other}'"):
+        check_compatible(m, _inception_space(other), 32)
+    with pytest.raises(ReferenceMismatch, match="resolution 32"):
+        check_compatible(m, _inception_space(want), 64)
+
+
+def test_reference_import_refuses_in_one_line_and_writes_nothing(tmp_path, capsys):
+    import pickle
+
+    mu, sigma = _inception_stats()
+    hostile = tmp_path / "evil.pkl"
+    hostile.write_bytes(pickle.dumps({"fid": {"mu": mu, "sigma": sigma}, "x": print}))  # a global that is not data
+    dinov2 = tmp_path / "img512.pkl"
+    dinov2.write_bytes(pickle.dumps({"fd_dinov2": {"mu": np.zeros(1024), "sigma": np.eye(1024)}}))
+    legacy_pt = tmp_path / "cifar10_legacy_pytorch_train_32.npz"
+    legacy_pt.write_bytes(edm_npz(mu, sigma))
+    small = tmp_path / "small.npz"
+    small.write_bytes(edm_npz(np.zeros(16), np.eye(16)))
+    cases = [(hostile, [], "builtins.print"), (dinov2, [], "'fid'"), (dinov2, ["--key", "fd_dinov2"], "2048 features"),
+             (legacy_pt, [], "'legacy_pytorch'"), (small, [], "2048 features"), (tmp_path / "nope.npz", [], "no such file"),
+             (tmp_path / "stats.txt", [], "expected EDM's")]
+    (tmp_path / "stats.txt").write_text("mu sigma")
+    for src, extra, needle in cases:
+        out = tmp_path / "out"
+        assert main(["reference", "import", str(src), "--out", str(out), "--resolution", "32", *extra]) == 2, src
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], (src, err)
+        assert not out.exists()
