@@ -115,7 +115,8 @@ def tiny_vae(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
-    """Reference statistics (real Inception, clean-fid 'clean' mode) of each synthetic dataset shape, made once."""
+    """Reference statistics (real Inception, the presets' legacy_tensorflow protocol) of each synthetic dataset shape,
+    made once."""
     from pipelines.fid_stats import run_fid_stats
 
     made = {}
@@ -127,7 +128,7 @@ def references(tmp_path_factory):
             data = write_zip_dataset(root / "data.zip", resolution, channels, num_classes, seed=resolution)
             out = root / "ref"
             run_fid_stats(str(data), str(out), metric="fid_inception", resolution=resolution, channels=channels,
-                          progress=False)
+                          progress=False, protocol="legacy_tensorflow")
             made[key] = (data, out)
         return made[key]
 
