@@ -4,8 +4,8 @@ Pure: no storage policy here (``store/reference.py`` writes and reads them; ``si
 them). The statistics travel as an ``.npz`` with ``mu`` and ``sigma`` (the layout clean-fid and EDM use)
 and the manifest as JSON beside it. A bare ``.npz`` without a manifest (EDM publishes CIFAR-10, ImageNet 64,
 FFHQ and AFHQ-v2 statistics that way) is accepted for any feature space of its dimension, with a one-time
-warning: its extractor and resizing mode are unknown (EDM's were the TF-ported Inception with legacy
-resizing, close to but not the same numbers as clean-fid's ``clean`` mode).
+warning: its extractor and protocol are unknown (EDM's were the TF-ported Inception in ``legacy_tensorflow``;
+``sida reference import`` stores such a file with a manifest that says so, and scoring then checks it).
 """
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ def check_compatible(manifest: dict, space: FeatureSpace, resolution: Optional[i
                                 "(recompute with `sida fid-stats ... --resolution` equal to data.resolution)")
     if manifest.get("extractor_id") is None and src not in _WARNED:
         _WARNED.add(src)
-        warnings.warn(f"{src}: bare mu/sigma without a manifest; its feature extractor and resizing mode are "
-                      f"unknown (EDM's statistics use the TF-ported Inception with legacy resizing: close to, "
-                      f"not identical with, clean mode); scoring in {space.name} ({space.extractor_id}) anyway",
-                      UserWarning, stacklevel=2)
+        warnings.warn(f"{src}: bare mu/sigma without a manifest; its feature extractor and FID protocol are "
+                      f"unknown; scoring in {space.name} ({space.extractor_id}, protocol {space.mode}) anyway. EDM's "
+                      f"and EDM2's statistics are legacy_tensorflow: `sida reference import` records that, and the "
+                      f"scorer then checks it", UserWarning, stacklevel=2)
