@@ -234,14 +234,16 @@ def test_reference_import_refuses_in_one_line_and_writes_nothing(tmp_path, capsy
 
     mu, sigma = _inception_stats()
     hostile = tmp_path / "evil.pkl"
-    hostile.write_bytes(pickle.dumps({"fid": {"mu": mu, "sigma": sigma}, "x": print}))  # a global that is not data
+    import os
+
+    hostile.write_bytes(pickle.dumps({"fid": {"mu": mu, "sigma": sigma}, "x": os.system}))  # a global that is not data
     dinov2 = tmp_path / "img512.pkl"
     dinov2.write_bytes(pickle.dumps({"fd_dinov2": {"mu": np.zeros(1024), "sigma": np.eye(1024)}}))
     legacy_pt = tmp_path / "cifar10_legacy_pytorch_train_32.npz"
     legacy_pt.write_bytes(edm_npz(mu, sigma))
     small = tmp_path / "small.npz"
     small.write_bytes(edm_npz(np.zeros(16), np.eye(16)))
-    cases = [(hostile, [], "builtins.print"), (dinov2, [], "'fid'"), (dinov2, ["--key", "fd_dinov2"], "2048 features"),
+    cases = [(hostile, [], ".system, which"), (dinov2, [], "'fid'"), (dinov2, ["--key", "fd_dinov2"], "2048 features"),
              (legacy_pt, [], "'legacy_pytorch'"), (small, [], "2048 features"), (tmp_path / "nope.npz", [], "no such file"),
              (tmp_path / "stats.txt", [], "expected EDM's")]
     (tmp_path / "stats.txt").write_text("mu sigma")
