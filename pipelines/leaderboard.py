@@ -42,17 +42,20 @@ def find_runs(uri: str, endpoint_url: Optional[str] = None) -> list:
     from store.run_store import RunStore
     from store.storage import Storage
 
-    def walk(storage, depth):
+    def probe(storage, depth):  # (the run here, or None; the folders to look in next)
         store = RunStore(storage)
         if store.exists():
-            return [store]
+            return store, []
         if depth == MAX_DEPTH:
-            return []
-        children = [storage.child(name) for name in storage.listdir() if not name.startswith(".")]
-        return [r for found in _pmap(lambda c: walk(c, depth + 1), children) for r in found]
+            return None, []
+        return None, [storage.child(name) for name in storage.listdir() if not name.startswith(".")]
 
     root = Storage(uri, endpoint_url=endpoint_url)
-    runs = walk(root, 0)
+    runs, level = [], [root]
+    for depth in range(MAX_DEPTH + 1):  # one level at a time: at most READ_THREADS requests in flight
+        found = _pmap(lambda s, depth=depth: probe(s, depth), level)
+        runs += [store for store, _ in found if store is not None]
+        level = [child for _, children in found for child in children]
     if not runs:
         raise ConfigError(f"{root.uri}: no sida run found (a run folder holds config.json; searched "
                           f"{MAX_DEPTH} levels down)")
@@ -73,10 +76,9 @@ def compact(uri: str, endpoint_url: Optional[str] = None, *, log: Callable[[str]
     """``sida leaderboard --compact``: fold the rows of every *ended* run under ``uri`` into one Parquet part per
     run (:meth:`RunStore.compact_rows`); runs still training are left alone (their scorers are writing)."""
     stores = find_runs(uri, endpoint_url)
-    ended = [s for s in stores if s.read_status() is not None]
-    results = _pmap(lambda s: s.compact_rows(), ended)
+    results = [r for r in _pmap(lambda s: s.compact_rows() if s.read_status() is not None else None, stores) if r]
     out = {"runs": len(stores), "compacted": sum(r["part"] is not None for r in results),
-           "skipped_training": len(stores) - len(ended), "rows": sum(r["rows"] or 0 for r in results),
+           "skipped_training": len(stores) - len(results), "rows": sum(r["rows"] or 0 for r in results),
            "files_removed": sum(r["files_removed"] + r["parts_removed"] for r in results)}
     log(f"compacted {out['compacted']} of {out['runs']} run(s) under {uri}: {out['rows']} row(s) now in one part "
         f"per run, {out['files_removed']} file(s) removed" + (f"; {out['skipped_training']} still training, left as "

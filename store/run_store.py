@@ -82,6 +82,13 @@ def shown_state(status: Optional[dict]) -> str:
     return (status or {}).get("state") or TRAINING
 
 
+def _split_leaderboard(files) -> tuple[list[str], list[str]]:
+    """(compacted parts, one-row files) among the names in ``leaderboard/``, each sorted (temporaries skipped)."""
+    parts = sorted(n for n in files if n.startswith(COMPACTED_PREFIX) and n.endswith(".parquet"))
+    loose = sorted(n for n in files if n.endswith(".parquet") and not n.startswith((COMPACTED_PREFIX, ".")))
+    return parts, loose
+
+
 class RunStore:
     """One run's folder in storage; see the module docstring for the layout."""
 
@@ -197,9 +204,7 @@ class RunStore:
         return self._read_one(f"metrics/{name}")
 
     def _read_one(self, rel: str) -> dict:
-        import pyarrow.parquet as pq
-
-        return pq.read_table(pa.BufferReader(self.storage.read_bytes(rel))).to_pylist()[0]
+        return self.storage.read_parquet(rel).to_pylist()[0]
 
     def read_metrics(self) -> Optional[pa.Table]:
         """All metric rows so far, ordered by ``cur_nimg`` (None before the first report)."""
@@ -317,8 +322,7 @@ class RunStore:
 
         for _attempt in range(5):
             files = self.storage.files("leaderboard") if files is None else files
-            parts = sorted(n for n in files if n.startswith(COMPACTED_PREFIX) and n.endswith(".parquet"))
-            loose = sorted(n for n in files if n.endswith(".parquet") and not n.startswith((COMPACTED_PREFIX, ".")))
+            parts, loose = _split_leaderboard(files)
             try:
                 tables = [self.storage.read_parquet(f"leaderboard/{name}") for name in parts + loose]
                 break
@@ -335,8 +339,9 @@ class RunStore:
 
     def row_keys(self) -> set[str]:
         files = self.storage.files("leaderboard")
-        if not any(n.startswith(COMPACTED_PREFIX) for n in files):  # the common case during training: no reads
-            return {n.removesuffix(".parquet") for n in files if n.endswith(".parquet") and not n.startswith(".")}
+        parts, loose = _split_leaderboard(files)
+        if not parts:  # the common case during training: no reads
+            return {n.removesuffix(".parquet") for n in loose}
         return set(self._leaderboard(files))
 
     def read_row(self, key: str) -> dict:
@@ -362,8 +367,7 @@ class RunStore:
         from schemas.leaderboard import parquet_schema
 
         files = self.storage.files("leaderboard")
-        parts = sorted(n for n in files if n.startswith(COMPACTED_PREFIX) and n.endswith(".parquet"))
-        loose = sorted(n for n in files if n.endswith(".parquet") and not n.startswith((COMPACTED_PREFIX, ".")))
+        parts, loose = _split_leaderboard(files)
         if not loose and len(parts) <= 1:
             return {"rows": None, "files_removed": 0, "parts_removed": 0, "part": None}
         rows = sorted(self._leaderboard(files).values(), key=lambda r: (r["cur_nimg"], r["metric"], r["kind"], r["seed"]))
