@@ -422,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh", type=float, default=5.0, metavar="SECONDS",
                    help="--serve: re-read storage every SECONDS (default 5)")
     p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for s3:// URIs (else from env)")
-    p.set_defaults(func=cmd_leaderboard)
+    p.set_defaults(func=cmd_leaderboard, torch_threads=False)  # reads rows: importing torch would cost seconds
 
     p = sub.add_parser("evaluate", help="re-score a run's best checkpoint with fresh seeds: mean ± std")
     p.add_argument("run_uri", help="the run folder (local or s3://)")
@@ -621,7 +621,8 @@ def pin_cpu_kernels() -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     pin_cpu_kernels()
     args = build_parser().parse_args(argv)
-    set_cpu_threads()
+    if getattr(args, "torch_threads", True):
+        set_cpu_threads()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

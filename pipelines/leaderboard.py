@@ -10,12 +10,12 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Collection, Optional
 
 from schemas.loader import ConfigError
 from store.run_store import TRAINING, shown_state
 
-MAX_DEPTH = 3
+from store.leaderboard_index import INDEX_FILE, MAX_DEPTH
 FINAL_SEED0 = 1_000_000  # `sida evaluate` seeds: disjoint from the live scores' metric.seed
 
 
@@ -36,21 +36,24 @@ def _pmap(fn: Callable, items: list) -> list:
         return list(pool.map(fn, items))
 
 
-def find_runs(uri: str, endpoint_url: Optional[str] = None) -> list:
+def find_runs(uri: str, endpoint_url: Optional[str] = None, known: Collection[str] = ()) -> list:
     """RunStores of every run at or below ``uri`` (depth <= MAX_DEPTH), sorted by URI; the folders of one level
-    are probed in parallel."""
+    are probed in parallel. ``known``: paths below ``uri`` already known to be runs (a root index's): found by
+    listing their parent, they are not probed."""
     from store.run_store import RunStore
     from store.storage import Storage
 
+    root = Storage(uri, endpoint_url=endpoint_url)
+    known = set(known)
+
     def probe(storage, depth):  # (the run here, or None; the folders to look in next)
         store = RunStore(storage)
-        if store.exists():
+        if relative_path(root, store) in known or store.exists():
             return store, []
         if depth == MAX_DEPTH:
             return None, []
         return None, [storage.child(name) for name in storage.listdir() if not name.startswith(".")]
 
-    root = Storage(uri, endpoint_url=endpoint_url)
     runs, level = [], [root]
     for depth in range(MAX_DEPTH + 1):  # one level at a time: at most READ_THREADS requests in flight
         found = _pmap(lambda s, depth=depth: probe(s, depth), level)
@@ -62,27 +65,64 @@ def find_runs(uri: str, endpoint_url: Optional[str] = None) -> list:
     return sorted(runs, key=lambda s: s.uri)
 
 
+def relative_path(root, store) -> str:
+    """The path of run ``store`` below the ``root`` Storage (``""``: the root is the run)."""
+    return store.uri[len(root.uri):].strip("/")
+
+
 def read_all_rows(stores: list, metric: Optional[str] = None) -> list[dict]:
     """The leaderboard rows of many runs (optionally one metric), read in parallel."""
     return [r for rows in _pmap(lambda s: s.read_rows(), stores) for r in rows if metric is None or r["metric"] == metric]
 
 
 def collect_rows(uri: str, endpoint_url: Optional[str] = None, metric: Optional[str] = None) -> list[dict]:
-    """Every leaderboard row of every run under ``uri`` (optionally one metric)."""
-    return read_all_rows(find_runs(uri, endpoint_url), metric)
+    """Every leaderboard row of every run under ``uri`` (optionally one metric). Where ``uri`` holds a root index
+    (written by ``--compact``: store/leaderboard_index.py), indexed runs are neither probed nor read: only runs
+    the index does not hold, or that changed since it was written, are."""
+    from store.leaderboard_index import read_index
+    from store.storage import Storage
+
+    root = Storage(uri, endpoint_url=endpoint_url)
+    index = read_index(root)
+    stores = find_runs(uri, endpoint_url, known=index.runs if index else ())
+
+    def rows_of(store) -> list[dict]:
+        fresh = index.fresh(relative_path(root, store)) if index else None
+        return store.read_rows() if fresh is None else fresh
+    return [r for rows in _pmap(rows_of, stores) for r in rows if metric is None or r["metric"] == metric]
 
 
 def compact(uri: str, endpoint_url: Optional[str] = None, *, log: Callable[[str], None] = _log) -> dict:
     """``sida leaderboard --compact``: fold the rows of every *ended* run under ``uri`` into one Parquet part per
-    run (:meth:`RunStore.compact_rows`); runs still training are left alone (their scorers are writing)."""
+    run (:meth:`RunStore.compact_rows`; runs still training are left alone: their scorers are writing), then write
+    the root index of those runs at ``uri`` (store/leaderboard_index.py), so the next read is a few requests."""
+    from store.leaderboard_index import DIRTY_DIR, mark_indexed, write_index
+    from store.run_store import split_leaderboard
+    from store.storage import Storage
+
+    root = Storage(uri, endpoint_url=endpoint_url)
+    dirty_before = sorted(root.files(DIRTY_DIR))  # before any run is read: see write_index
     stores = find_runs(uri, endpoint_url)
-    results = [r for r in _pmap(lambda s: s.compact_rows() if s.read_status() is not None else None, stores) if r]
+
+    def one(store):  # (compaction result, rows for the index or None), or None for a run still training
+        if store.read_status() is None:
+            return None
+        rel = relative_path(root, store)
+        mark_indexed(store.storage, rel)  # before the rows are listed: see store/leaderboard_index.py
+        result = store.compact_rows()
+        files = store.storage.files("leaderboard")
+        parts, loose = split_leaderboard(files)
+        return result, (store.read_rows(files) if len(parts) == 1 and not loose else None)  # else: read directly
+    done = {relative_path(root, s): r for s, r in zip(stores, _pmap(one, stores)) if r is not None}
+    results = [r for r, _ in done.values()]
+    indexed = {rel: rows for rel, (_, rows) in done.items() if rows is not None}
+    write_index(root, indexed, dirty_before=dirty_before)
     out = {"runs": len(stores), "compacted": sum(r["part"] is not None for r in results),
            "skipped_training": len(stores) - len(results), "rows": sum(r["rows"] or 0 for r in results),
-           "files_removed": sum(r["files_removed"] + r["parts_removed"] for r in results)}
+           "files_removed": sum(r["files_removed"] + r["parts_removed"] for r in results), "indexed": len(indexed)}
     log(f"compacted {out['compacted']} of {out['runs']} run(s) under {uri}: {out['rows']} row(s) now in one part "
-        f"per run, {out['files_removed']} file(s) removed" + (f"; {out['skipped_training']} still training, left as "
-                                                              "they are" if out["skipped_training"] else ""))
+        f"per run, {out['files_removed']} file(s) removed; {out['indexed']} ended run(s) in {root.uri_of(INDEX_FILE)}"
+        + (f"; {out['skipped_training']} still training, left as they are" if out["skipped_training"] else ""))
     return out
 
 
@@ -117,6 +157,13 @@ def rank(rows: list[dict], by: str = "checkpoint", top: Optional[int] = None) ->
     if by not in ("checkpoint", "run"):
         raise ConfigError(f"--by: expected 'checkpoint' or 'run', got {by!r}")
     live = [r for r in rows if r["kind"] == "live"]
+    if by == "run":  # each run's best first, so only the rows shown are decorated below
+        best: dict[tuple, dict] = {}
+        for r in live:
+            k = (r["run_uri"], r["metric"])
+            if k not in best or r["value"] < best[k]["value"]:
+                best[k] = r
+        live = list(best.values())
     finals = final_values(rows)
     out = []
     for r in live:
@@ -124,13 +171,6 @@ def rank(rows: list[dict], by: str = "checkpoint", top: Optional[int] = None) ->
         mean, std = mean_std(vals) if vals else (None, None)
         out.append({**r, "final_mean": mean, "final_std": std,
                     "final_repeats": len(vals) if vals else 0})
-    if by == "run":
-        best: dict[tuple, dict] = {}
-        for r in out:
-            k = (r["run_uri"], r["metric"])
-            if k not in best or r["value"] < best[k]["value"]:
-                best[k] = r
-        out = list(best.values())
     out.sort(key=lambda r: (r["metric"], r["value"]))
     return out[:top] if top else out
 

@@ -54,7 +54,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
+# torch itself is imported where tensors are saved or loaded: readers of run folders that never load one (`sida
+# leaderboard`, the storage layer) should not pay its seconds of start-up
 
 FORMAT = "sida-checkpoint"
 VERSION = 1
@@ -63,7 +64,13 @@ MANIFEST_FILE = "manifest.json"
 NAME_RE = re.compile(r"^ckpt-(\d+)$")
 _RESERVED = {"format", "version", "kind", "kimg", "cur_nimg", "config", "network", "files", "content_hash",
              "created", "torch", "manifest_sha256"}
-_LEAF_TYPES = (torch.Tensor, str, int, float, bool, type(None))
+_PLAIN_LEAVES = (str, int, float, bool, type(None))
+
+def _is_tensor(obj) -> bool:
+    import torch
+
+    return isinstance(obj, torch.Tensor)
+
 
 __all__ = ["CheckpointError", "FORMAT", "VERSION", "checkpoint_name", "find_latest_valid", "load_checkpoint", "sha256_file",
            "save_checkpoint", "verify_checkpoint"]
@@ -114,7 +121,7 @@ def _check_state(obj: Any, where: str = "state") -> None:
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             _check_state(v, f"{where}[{i}]")
-    elif not isinstance(obj, _LEAF_TYPES):
+    elif not isinstance(obj, _PLAIN_LEAVES) and not _is_tensor(obj):
         raise TypeError(f"{where}: {type(obj).__module__}.{type(obj).__name__} cannot go into {STATE_FILE} "
                         f"(tensors and plain containers only); convert it to a tensor or pass it as extra metadata")
 
@@ -133,6 +140,8 @@ def save_checkpoint(directory: str | os.PathLike, state: dict, *, kind: str, kim
                     config: Mapping[str, Any], network: Mapping[str, Any],
                     extra: Mapping[str, Any] | None = None) -> Path:
     """Write ``state`` and its manifest to the checkpoint directory ``directory`` atomically; returns it."""
+    import torch
+
     target = Path(directory)
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict, got {type(state).__name__}")
@@ -226,6 +235,8 @@ def load_checkpoint(directory: str | os.PathLike, *, map_location: Any = "cpu",
     ``verify=False`` skips only the sha256 of the files (format, manifest hash and sizes are always checked).
     ``state.pt`` is read with ``weights_only=True``.
     """
+    import torch
+
     d = Path(directory)
     manifest = verify_checkpoint(d, hashes=verify)
     try:

@@ -15,6 +15,8 @@
                                   checkpoint-metric-kind-seed: a retried or repeated score replaces its file
       leaderboard/compacted-*.parquet  the rows of an ended run folded into one part (compact_rows), so a
                                   reader fetches one object per run, not one per row; newer one-row files win
+      leaderboard/.indexed/<path> the root indexes holding this run's rows (store/leaderboard_index.py): a row
+                                  written here marks the run dirty in each
       scoring/skipped/<ckpt>.json checkpoints the scorers skipped (behind, deleted by rotation, failing), and why
       gallery/<ckpt>.png          each live-scored checkpoint's samples of seeds 0..metric.gallery-1 (same seeds
                                   for every checkpoint: compare them by eye), kept after rotation
@@ -42,6 +44,7 @@ from typing import Optional
 
 import pyarrow as pa
 
+from store.leaderboard_index import note_new_run, note_rows_written, table_rows
 from store.storage import Storage
 from sida_core import checkpoint as ckpt
 
@@ -82,7 +85,7 @@ def shown_state(status: Optional[dict]) -> str:
     return (status or {}).get("state") or TRAINING
 
 
-def _split_leaderboard(files) -> tuple[list[str], list[str]]:
+def split_leaderboard(files) -> tuple[list[str], list[str]]:
     """(compacted parts, one-row files) among the names in ``leaderboard/``, each sorted (temporaries skipped)."""
     parts = sorted(n for n in files if n.startswith(COMPACTED_PREFIX) and n.endswith(".parquet"))
     loose = sorted(n for n in files if n.endswith(".parquet") and not n.startswith((COMPACTED_PREFIX, ".")))
@@ -160,6 +163,7 @@ class RunStore:
         if init_generator:
             self.ensure_init_generator(init_generator, lineage=lineage)
         self.write_config(config)
+        note_new_run(self.storage)  # a root index holding an earlier run of this folder must not show its rows
 
     def state(self) -> Optional[str]:
         """``status.json``'s state (a :class:`RunState` value), or None while there is none."""
@@ -312,6 +316,7 @@ class RunStore:
         data = row.model_dump()
         self.storage.write_parquet(f"leaderboard/{row.key()}.parquet",
                                    pa.table({k: [data[k]] for k in schema.names}, schema=schema))
+        note_rows_written(self.storage)  # after the row: see store/leaderboard_index.py for why this order
 
     def _leaderboard(self, files: Optional[dict[str, tuple[int, int]]] = None) -> dict[str, dict]:
         """{row key: row}: the one reader of ``leaderboard/``. Compacted parts are read oldest first, then the
@@ -322,7 +327,7 @@ class RunStore:
 
         for _attempt in range(5):
             files = self.storage.files("leaderboard") if files is None else files
-            parts, loose = _split_leaderboard(files)
+            parts, loose = split_leaderboard(files)
             try:
                 tables = [self.storage.read_parquet(f"leaderboard/{name}") for name in parts + loose]
                 break
@@ -333,13 +338,13 @@ class RunStore:
         if not tables:
             return {}
         rows: dict[str, dict] = {}
-        for r in pa.concat_tables(tables, promote_options="permissive").to_pylist():
+        for r in table_rows(pa.concat_tables(tables, promote_options="permissive")):
             rows[row_key(r["checkpoint"], r["metric"], r["kind"], r["seed"])] = r
         return rows
 
     def row_keys(self) -> set[str]:
         files = self.storage.files("leaderboard")
-        parts, loose = _split_leaderboard(files)
+        parts, loose = split_leaderboard(files)
         if not parts:  # the common case during training: no reads
             return {n.removesuffix(".parquet") for n in loose}
         return set(self._leaderboard(files))
@@ -354,9 +359,10 @@ class RunStore:
                 raise FileNotFoundError(f"{self.uri}: no leaderboard row {key}") from None
             return row
 
-    def read_rows(self) -> list[dict]:
-        """Every leaderboard row of this run (live and final), oldest checkpoint first."""
-        return sorted(self._leaderboard().values(), key=lambda r: (r["cur_nimg"], r["kind"], r["seed"]))
+    def read_rows(self, files: Optional[dict[str, tuple[int, int]]] = None) -> list[dict]:
+        """Every leaderboard row of this run (live and final), oldest checkpoint first; ``files``: a listing of
+        ``leaderboard/`` to read from (default: list it now)."""
+        return sorted(self._leaderboard(files).values(), key=lambda r: (r["cur_nimg"], r["kind"], r["seed"]))
 
     def compact_rows(self) -> dict:
         """Fold the one-row files and earlier parts of ``leaderboard/`` into one Parquet part, so readers fetch
@@ -367,7 +373,7 @@ class RunStore:
         from schemas.leaderboard import parquet_schema
 
         files = self.storage.files("leaderboard")
-        parts, loose = _split_leaderboard(files)
+        parts, loose = split_leaderboard(files)
         if not loose and len(parts) <= 1:
             return {"rows": None, "files_removed": 0, "parts_removed": 0, "part": None}
         rows = sorted(self._leaderboard(files).values(), key=lambda r: (r["cur_nimg"], r["metric"], r["kind"], r["seed"]))

@@ -345,7 +345,8 @@ class Storage:
             self._retry(f"delete {len(batch)} objects under {self._key(self.path_of(''))!r}", rm)
 
     def read_parquet(self, rel: str) -> pa.Table:
-        return pq.read_table(pa.BufferReader(self.read_bytes(rel)))
+        # ParquetFile, not pq.read_table: the same table from one file, without importing pyarrow.dataset (~1 s)
+        return pq.ParquetFile(pa.BufferReader(self.read_bytes(rel))).read()
 
     def upload_dir(self, local_dir: str | os.PathLike, rel: str, *, last: Sequence[str] = ()) -> None:
         """Upload every file under ``local_dir`` to ``rel/``; ``last`` (paths relative to ``local_dir``,

@@ -180,7 +180,7 @@ def test_crash_while_writing_leaves_nothing_loadable(tmp_path, monkeypatch):
         f.write(b"PK\x03\x04 half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ck.torch, "save", torn_save)
+    monkeypatch.setattr(torch, "save", torn_save)  # checkpoint.py imports torch where it saves
     with pytest.raises(OSError, match="disk full"):
         _save(tmp_path / checkpoint_name(1024))
     assert list(tmp_path.iterdir()) == []  # no target, temp folder cleaned up
