@@ -1,15 +1,18 @@
 """Sample-quality metrics: Fréchet distances in a feature space, computed through clean-fid's code path."""
+from typing import Optional
+
 from .digits_classifier import (DigitsFeatureExtractor, digits_feature_space, digits_feature_stats, fd_digits,
                                 load_digits_classifier)
 from .frechet import (FeatureSpace, extract_features, fd_from_features, frechet_distance,
                       frechet_distance_from_tensors, load_stats, save_stats, stats_from_features)
 
-METRICS = ("fd_digits", "fid_inception")
+METRICS = ("fd_digits", "fid_inception", "fd_dinov2")
 
 
-def feature_space(name: str, device="cpu", protocol: str = "clean") -> FeatureSpace:
+def feature_space(name: str, device="cpu", protocol: str = "clean", weights: Optional[str] = None) -> FeatureSpace:
     """The feature space of metric ``name`` (one of :data:`METRICS`) in ``protocol`` (clean-fid's resizing mode:
-    ``clean``, or ``legacy_tensorflow`` for ``fid_inception``): the one place a metric name is resolved."""
+    ``clean``, or ``legacy_tensorflow`` for ``fid_inception``): the one place a metric name is resolved.
+    ``weights``: for ``fd_dinov2``, the local path of ``dinov2_vitl14_pretrain.pth`` (``metric.dinov2``)."""
     if name == "fd_digits":
         if protocol != "clean":
             raise ValueError(f"metric.protocol {protocol!r}: fd_digits is defined in 'clean' mode only")
@@ -18,6 +21,13 @@ def feature_space(name: str, device="cpu", protocol: str = "clean") -> FeatureSp
         from .inception import inception_feature_space
 
         return inception_feature_space(device=device, protocol=protocol)
+    if name == "fd_dinov2":
+        if protocol != "clean":
+            raise ValueError(f"metric.protocol {protocol!r}: fd_dinov2 is defined in 'clean' mode only (EDM2's resize "
+                             f"happens inside the extractor)")
+        from .dinov2 import dinov2_feature_space
+
+        return dinov2_feature_space(weights, device=device)
     raise ValueError(f"unknown metric {name!r}; expected one of: {', '.join(METRICS)}")
 
 
