@@ -1,8 +1,10 @@
-"""Sample-quality metrics: Fréchet distances in a feature space, computed through clean-fid's code path."""
+"""Sample-quality metrics: Fréchet distances in a feature space, computed through clean-fid's code path; Inception
+Score, KID and precision / recall as functions of features (:mod:`.distribution_metrics`)."""
 from typing import Optional
 
 from .digits_classifier import (DigitsFeatureExtractor, digits_feature_space, digits_feature_stats, fd_digits,
                                 load_digits_classifier)
+from .distribution_metrics import inception_score, kernel_inception_distance, precision_recall
 from .frechet import (FeatureSpace, extract_features, fd_from_features, frechet_distance,
                       frechet_distance_from_tensors, load_stats, save_stats, stats_from_features)
 
@@ -33,5 +35,5 @@ def feature_space(name: str, device="cpu", protocol: str = "clean", weights: Opt
 
 __all__ = ["DigitsFeatureExtractor", "FeatureSpace", "METRICS", "digits_feature_space", "digits_feature_stats",
            "extract_features", "fd_digits", "fd_from_features", "feature_space", "frechet_distance",
-           "frechet_distance_from_tensors", "load_digits_classifier", "load_stats", "save_stats",
-           "stats_from_features"]
+           "frechet_distance_from_tensors", "inception_score", "kernel_inception_distance", "load_digits_classifier",
+           "load_stats", "precision_recall", "save_stats", "stats_from_features"]
