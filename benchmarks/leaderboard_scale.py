@@ -7,8 +7,10 @@ for, Python start-up included):
 
 - ``before_s``: ``sida leaderboard ROOT --by run --json`` over the one-object-per-row layout;
 - ``compact_s``: ``sida leaderboard ROOT --compact --top 1`` (one Parquet part per run, the row objects deleted in
-  batches, then one read);
-- ``after_s``: ``sida leaderboard ROOT --by run --json`` again; its output must equal the first one.
+  batches, the root index written: store/leaderboard_index.py, then one read);
+- ``after_s``: ``sida leaderboard ROOT --by run --json`` again (through the root index); its output must equal the
+  first one;
+- ``dirty_after_s``: the same after one new row in one run (that run read itself, the others from the index).
 
 Prints one JSON line. The issue's size and target: 500 runs x 20 checkpoints x 10 seeds = 100,000 rows, after
 compaction under 5 s on the 2-core CPU: ``.venv/bin/python benchmarks/leaderboard_scale.py`` (defaults).
@@ -32,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def write_rows(uri: str, endpoint_url: str, runs: int, checkpoints: int, seeds: int, *, threads: int = 16,
-               progress: bool = True) -> int:
+               progress: bool = True, first_seed: int = 0) -> int:
     """``runs`` ended runs under ``uri``, each with ``checkpoints`` x ``seeds`` live scores; returns rows written."""
     from schemas.leaderboard import LeaderboardRow
     from store.run_store import RunState, RunStore
@@ -49,7 +51,7 @@ def write_rows(uri: str, endpoint_url: str, runs: int, checkpoints: int, seeds: 
         for k in range(1, checkpoints + 1):
             nimg = k * 10_000
             ck = f"ckpt-{nimg:012d}"
-            for seed in range(seeds):
+            for seed in range(first_seed, first_seed + seeds):
                 store.write_row(LeaderboardRow(
                     run=name, run_uri=store.uri, config_summary="synthetic", method="sida", alpha=1.2,
                     lambda_sid=100.0, lambda_adv_theta=0.01, lambda_adv_psi=1.0, lr_theta=1e-4, lr_psi=1e-4,
@@ -110,6 +112,11 @@ def main(argv=None) -> dict:
         after_s, after = timed_cli("leaderboard", uri, "--by", "run", "--json", env=env)
         # a second compaction finds nothing to do
         again_s, _ = timed_cli("leaderboard", uri, "--compact", "--top", "1", "--json", env=env)
+        objects = sum(1 for _ in _keys(boto3.client("s3", endpoint_url=endpoint), bucket, "runs/"))
+        write_rows(uri, endpoint, 1, 1, 1, progress=False, first_seed=a.seeds)  # run-0000: one more score
+        dirty_s, dirty = timed_cli("leaderboard", uri, "--by", "run", "--json", env=env)
+        if len(json.loads(dirty)) != len(json.loads(after)):
+            raise SystemExit("the leaderboard after one new row lost or gained runs")
         shown, was = json.loads(after), json.loads(before)
         if was != shown:
             diff = next(((i, a, b) for i, (a, b) in enumerate(zip(was, shown)) if a != b), None)
@@ -118,13 +125,13 @@ def main(argv=None) -> dict:
                           f"{k}: {diff[1].get(k)!r} -> {diff[2].get(k)!r}" for k in sorted(set(diff[1]) | set(diff[2]))
                           if diff[1].get(k) != diff[2].get(k)))
             raise SystemExit(f"the leaderboard after compaction differs from the one before it ({detail})")
-        objects = sum(1 for _ in _keys(boto3.client("s3", endpoint_url=endpoint), bucket, "runs/"))
     finally:
         if server is not None:
             server.stop()
     out = {"runs": a.runs, "checkpoints": a.checkpoints, "seeds": a.seeds, "rows": rows, "runs_shown": len(shown),
            "write_s": round(write_s, 1), "before_s": round(before_s, 2), "compact_s": round(compact_s, 2),
            "after_s": round(after_s, 2), "second_compact_s": round(again_s, 2),
+           "dirty_after_s": round(dirty_s, 2),
            "speedup": round(before_s / after_s, 1), "objects_after": objects, "same_leaderboard": True,
            "target_after_s": 5.0, "cpus": os.cpu_count()}
     print(json.dumps(out))
