@@ -146,6 +146,9 @@ def cmd_evaluate(args) -> int:
                        endpoint_url=args.endpoint_url)
     print(f"{out['metric']} of {out['checkpoint']} ({out['kimg']:.1f} kimg, {out['num_images']} images, "
           f"{out['repeats']} seeds): {out['mean']:.4f} ± {out['std']:.4f}", file=sys.stderr)
+    for name, m in out["metrics"].items():
+        if name != out["metric"]:
+            print(f"  {name}: {m['mean']:.4f} ± {m['std']:.4f} ({m['repeats']} seeds)", file=sys.stderr)
     print(json.dumps(out))
     return 0
 
@@ -289,7 +292,7 @@ def cmd_fid_stats(args) -> int:
     print(json.dumps(run_fid_stats(args.dataset, args.out, metric=args.metric, kind=args.kind,
                                    resolution=args.resolution, channels=args.channels, max_images=args.max_images,
                                    endpoint_url=args.endpoint_url, device=args.device, progress=not args.quiet,
-                                   protocol=args.protocol)))
+                                   protocol=args.protocol, features=args.features, dinov2=args.dinov2)))
     return 0
 
 
@@ -408,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", choices=["checkpoint", "run"], default="checkpoint",
                    help="one row per scored checkpoint (default) or each run's best")
     p.add_argument("--top", type=_positive_int, default=None, metavar="K", help="show the best K rows")
-    p.add_argument("--metric", default=None, help="only this metric (fd_digits, fid_inception)")
+    p.add_argument("--metric", default=None, help="only this metric (fd_digits, fid_inception, kid_inception, ...)")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="also draw score vs kimg (log x), one curve per run")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     p.add_argument("--compact", action="store_true",
@@ -512,8 +515,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", metavar="DATASET",
                    help="'digits' (the built-in train split) or a path (image folder, zip, .npz, IDX)")
     p.add_argument("--out", required=True, metavar="URI", help="folder or s3://bucket/prefix for stats.npz + manifest.json")
-    p.add_argument("--metric", choices=["fd_digits", "fid_inception"], default=None,
+    p.add_argument("--metric", choices=["fd_digits", "fid_inception", "fd_dinov2"], default=None,
                    help="feature space (default: fd_digits for digits, fid_inception otherwise)")
+    p.add_argument("--features", action="store_true",
+                   help="also store the features (float16 shards): KID and precision / recall compare against them")
+    p.add_argument("--dinov2", default=None, metavar="PATH",
+                   help="--metric fd_dinov2: dinov2_vitl14_pretrain.pth, local or s3:// (never downloaded)")
     p.add_argument("--kind", choices=["digits", "folder", "zip", "npz", "idx", "prepared"], default=None,
                    help="data kind (default: from the path; a folder or s3:// URI of `sida dataset prepare` is prepared)")
     p.add_argument("--resolution", type=_positive_int, default=None,

@@ -105,8 +105,10 @@ def check_out(out: str, endpoint_url: Optional[str]) -> None:
 def run_fid_stats(dataset: str, out: str, *, metric: Optional[str] = None, kind: Optional[str] = None,
                   resolution: Optional[int] = None, channels: Optional[int] = None, max_images: Optional[int] = None,
                   endpoint_url: Optional[str] = None, device: str = "cpu", progress: bool = True,
-                  protocol: str = "clean") -> dict:
-    """Compute and store the reference statistics of ``dataset``; returns a one-line JSON-able summary."""
+                  protocol: str = "clean", features: bool = False, dinov2: Optional[str] = None) -> dict:
+    """Compute and store the reference statistics of ``dataset``; returns a one-line JSON-able summary.
+    ``features``: store the features too (float16 shards: KID and precision / recall need them); ``dinov2``: the
+    DINOv2 weights file of ``--metric fd_dinov2`` (local or s3://)."""
     import torch
 
     from sida_core.metrics import feature_space
@@ -117,18 +119,26 @@ def run_fid_stats(dataset: str, out: str, *, metric: Optional[str] = None, kind:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     check_out(out, endpoint_url)
+    if metric == "fd_dinov2" and not dinov2:
+        raise ReferenceStatsError("--metric fd_dinov2 needs --dinov2 PATH (dinov2_vitl14_pretrain.pth, local or s3://)")
+    weights = None
+    if dinov2:
+        from ray_jobs.datasets import stage_file
+
+        weights = str(stage_file(dinov2, endpoint_url=endpoint_url, what="--dinov2"))
     images, desc = load_reference_images(dataset, kind=kind, resolution=resolution, channels=channels,
                                          max_images=max_images, endpoint_url=endpoint_url)
     try:
-        space = feature_space(metric, device=device, protocol=protocol)
+        space = feature_space(metric, device=device, protocol=protocol, weights=weights)
     except ValueError as e:
-        raise ReferenceStatsError(f"--protocol: {e}") from None
-    ref = compute_reference(images, space, dataset_desc=desc, device=device, progress=progress)
+        raise ReferenceStatsError(f"--protocol: {e}" if "protocol" in str(e) else str(e)) from None
+    ref = compute_reference(images, space, dataset_desc=desc, device=device, progress=progress,
+                            keep_features=features)
     uri = write_reference(ref, out, endpoint_url=endpoint_url)
     m = ref.manifest
     return dict(out=uri, metric=metric, extractor_id=m["extractor_id"], mode=m["mode"], num_images=m["num_images"],
                 resolution=m["resolution"], channels=m["channels"], feature_dim=m["feature_dim"],
-                seconds=round(time.perf_counter() - t0, 1))
+                features=ref.features is not None, seconds=round(time.perf_counter() - t0, 1))
 
 
 def _implied_protocol(name: str, fmt: str) -> Optional[str]:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable, Collection, Optional
 
+from schemas.leaderboard import rank_value
 from schemas.loader import ConfigError
 from store.run_store import TRAINING, shown_state
 
@@ -150,7 +151,8 @@ def format_final(mean: Optional[float], std: Optional[float], n: int) -> str:
 
 
 def rank(rows: list[dict], by: str = "checkpoint", top: Optional[int] = None) -> list[dict]:
-    """Live rows, lowest value first: every checkpoint (``by="checkpoint"``) or each run's best (``"run"``).
+    """Live rows, best first (lowest for distances, highest for IS / precision / recall): every checkpoint
+    (``by="checkpoint"``) or each run's best (``"run"``).
 
     A run's final re-evaluation (``sida evaluate``), if any, is attached as ``final_mean``/``final_std``.
     """
@@ -161,7 +163,7 @@ def rank(rows: list[dict], by: str = "checkpoint", top: Optional[int] = None) ->
         best: dict[tuple, dict] = {}
         for r in live:
             k = (r["run_uri"], r["metric"])
-            if k not in best or r["value"] < best[k]["value"]:
+            if k not in best or rank_value(r["metric"], r["value"]) < rank_value(r["metric"], best[k]["value"]):
                 best[k] = r
         live = list(best.values())
     finals = final_values(rows)
@@ -171,7 +173,7 @@ def rank(rows: list[dict], by: str = "checkpoint", top: Optional[int] = None) ->
         mean, std = mean_std(vals) if vals else (None, None)
         out.append({**r, "final_mean": mean, "final_std": std,
                     "final_repeats": len(vals) if vals else 0})
-    out.sort(key=lambda r: (r["metric"], r["value"]))
+    out.sort(key=lambda r: (r["metric"], rank_value(r["metric"], r["value"])))
     return out[:top] if top else out
 
 
@@ -381,10 +383,19 @@ def run_evaluate(run_uri: str, *, checkpoint: Optional[str] = None, repeats: int
     final = [r for r in store.read_rows() if r["kind"] == "final" and r["checkpoint"] == checkpoint]
     ref_row = out_row or final[-1]
     mean, std = mean_std(values)
+    seeds = {FINAL_SEED0 + i for i in range(repeats)}
+    per_metric: dict[str, list[float]] = {}  # every metric the scorer computed (metric.names) over the same seeds
+    for r in sorted(final, key=lambda r: r["seed"]):
+        if r["seed"] in seeds and r["num_images"] == ref_row["num_images"]:
+            per_metric.setdefault(r["metric"], []).append(r["value"])
+    metrics = {}
+    for name, vals in per_metric.items():
+        m, sd = mean_std(vals)
+        metrics[name] = {"mean": m, "std": sd or 0.0, "repeats": len(vals)}
     return {"run_uri": store.uri, "checkpoint": checkpoint, "source": store.storage.uri_of(source),
             "kimg": ref_row["kimg"], "metric": ref_row["metric"], "num_images": ref_row["num_images"],
             "repeats": repeats, "values": [round(v, 6) for v in values], "mean": mean, "std": std or 0.0,
-            "live_value": next((r["value"] for r in live if r["checkpoint"] == checkpoint), None)}
+            "metrics": metrics, "live_value": next((r["value"] for r in live if r["checkpoint"] == checkpoint), None)}
 
 
 def _run_num_images(store) -> int:

@@ -294,6 +294,32 @@ def load_run_dataset(cfg: Any, log: Callable[[str], None] = lambda m: None):
     return load_dataset(local_data_config(cfg, log=log).data)
 
 
+def stage_file(uri: str, *, endpoint_url: Optional[str] = None, what: str = "files", parent: Optional[Storage] = None,
+               log: Callable[[str], None] = lambda m: None) -> Path:
+    """A local copy of a read-only file (a teacher pickle, DINOv2 weights): a local path as is (it must exist);
+    ``s3://`` fetched once per node into ``$SIDA_CACHE/<what>``, keyed by URI, size and modification time, under a
+    file lock (written under a temporary name, renamed when whole). ``parent``: the Storage of the file's folder
+    (its credentials), default built from ``endpoint_url`` and the environment."""
+    if not uri.startswith("s3://"):
+        path = Path(uri).expanduser()
+        if not path.is_file():
+            raise DataError(f"{uri!r}: no such file")
+        return path
+    head, _, name = uri.rstrip("/").rpartition("/")
+    store = parent or _storage(head, endpoint_url)
+    info = store.files().get(name)
+    if info is None:
+        raise DataError(f"{uri!r}: no such object")
+    root = _cache_root(None) / what
+    local = root / hashlib.sha256(f"{uri}|{info[0]}|{info[1]}".encode()).hexdigest()[:20] / name
+    with _Lock(root / f"{local.parent.name}.lock"):
+        if not local.is_file():
+            t0 = time.time()
+            store.download_file(name, local)
+            log(f"{what}: {uri} fetched to {local} ({info[0] / 1e6:.1f} MB in {time.time() - t0:.1f} s)")
+    return local
+
+
 def local_teacher_config(cfg: Any, log: Callable[[str], None] = lambda m: None):
     """RunConfig ``cfg`` with an ``s3://`` ``teacher.path`` (a published ``.pkl`` / ``.pt`` / ``.safetensors``, or a
     project checkpoint folder) replaced by its local copy, fetched once per node into ``$SIDA_CACHE/teachers`` (a
@@ -315,13 +341,7 @@ def local_teacher_config(cfg: Any, log: Callable[[str], None] = lambda m: None):
             raise ConfigError(f"teacher.path {uri}: no such object or folder in {store.uri}")
         local = stage_folder(uri, endpoint_url=cfg.storage.endpoint_url, what="teachers")
     else:
-        root = _cache_root(None) / "teachers"
-        local = root / hashlib.sha256(f"{uri}|{info[0]}|{info[1]}".encode()).hexdigest()[:20] / name
-        with _Lock(root / f"{local.parent.name}.lock"):
-            if not local.is_file():
-                t0 = time.time()
-                store.download_file(name, local)  # written under a temporary name, renamed when whole
-                log(f"teacher: {uri} fetched to {local} ({info[0] / 1e6:.1f} MB in {time.time() - t0:.1f} s)")
+        local = stage_file(uri, what="teachers", parent=store, log=log)
     teacher = cfg.teacher.model_copy(update={"path": str(local)})
     return cfg.model_copy(update={"teacher": teacher})
 

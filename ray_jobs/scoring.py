@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 from store.run_store import RunStore
 from store.storage import Storage
 from schemas.leaderboard import row_key
+from schemas.run import METRIC_SPACES
 
 ATTEMPTS = 3  # scorer deaths or errors tolerated per checkpoint before it is skipped
 NICE = 10  # scorer processes yield the CPU to training on shared cores
@@ -52,7 +53,7 @@ class CheckpointScorer:
         torch.set_num_threads(max(1, int(threads)))
         if nice:
             os.nice(nice)
-        self._spaces: dict[tuple[str, str], Any] = {}
+        self._spaces: dict[tuple, Any] = {}
         self._refs: dict[str, tuple] = {}
         self._decoders: dict[tuple, Any] = {}
         self._vae_folders: dict[tuple, Any] = {}
@@ -65,12 +66,21 @@ class CheckpointScorer:
 
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    def _space(self, name: str, protocol: str = "clean"):
+    def _space(self, key: str, metric=None):
+        """The feature space ``key`` (fd_digits, fid_inception, inception_probs, fd_dinov2) as ``metric`` (a
+        MetricConfig) asks for it: its protocol for the Inception spaces, its DINOv2 weights (staged to this node)."""
         from sida_core.metrics import feature_space
 
-        if (name, protocol) not in self._spaces:
-            self._spaces[(name, protocol)] = feature_space(name, device=self._device(), protocol=protocol)
-        return self._spaces[(name, protocol)]
+        protocol = metric.protocol if metric is not None and key in ("fid_inception", "inception_probs") else "clean"
+        weights = None
+        if key == "fd_dinov2":
+            from ray_jobs.datasets import stage_file
+
+            weights = str(stage_file(metric.dinov2, what="dinov2")) if metric is not None and metric.dinov2 else None
+        cache = (key, protocol, weights)
+        if cache not in self._spaces:
+            self._spaces[cache] = feature_space(key, device=self._device(), protocol=protocol, weights=weights)
+        return self._spaces[cache]
 
     def vae_folder(self, cfg, metric):
         """The local folder of ``metric.vae`` (staged to this node once; its config checked, no weights read)."""
@@ -94,36 +104,77 @@ class CheckpointScorer:
                                                 metric.vae_batch_size)
         return self._decoders[key]
 
-    def reference(self, cfg, metric, space) -> tuple[Any, str]:
-        """(GaussianReference, description) of the reference statistics ``metric`` names for run config ``cfg``."""
+    def reference(self, cfg, metric, space, *, features: bool = False) -> tuple[Any, Any, str]:
+        """(GaussianReference, reference features (N, D) or None, description) of the reference statistics of
+        ``space`` for run config ``cfg``: ``metric.reference`` for the ranking metric's space, ``metric.references``
+        for the others, the digits train split for fd_digits without one. ``features``: also the features (KID,
+        precision / recall), from the folder's ``sida fid-stats --features`` shards."""
         import json
 
         from sida_core.metrics.frechet import GaussianReference
 
-        key = json.dumps([metric.name, metric.protocol, metric.reference, cfg.data.model_dump(mode="json"),
+        uri = metric.reference if space.name == METRIC_SPACES[metric.name] else metric.references.get(space.name)
+        key = json.dumps([space.name, space.mode, uri, features, cfg.data.model_dump(mode="json"),
                           cfg.storage.endpoint_url], sort_keys=True)
         if key not in self._refs:
-            if metric.reference is None:  # FD-digits' default: the built-in train split, as the run sees it
+            if uri is None:  # FD-digits' default: the built-in train split, as the run sees it
                 from ray_jobs.datasets import load_run_dataset
 
                 train_set, _ = load_run_dataset(cfg)
                 desc = f"digits train split ({len(train_set)} images, {cfg.data.resolution}px)"
-                self._refs[key] = (GaussianReference.from_stats(*space.stats(train_set.images, self._device())), desc)
+                feats = space.features(train_set.images, self._device())
+                from sida_core.metrics.frechet import stats_from_features
+
+                self._refs[key] = (GaussianReference.from_stats(*stats_from_features(feats)),
+                                   feats if features else None, desc)
             else:
-                from store.reference import ReferenceStatsError, read_reference
+                from store.reference import ReferenceStatsError, read_reference, read_reference_features
                 from store.storage import StoredFileError
                 from sida_core.metrics.reference import check_compatible
 
+                where = "metric.reference" if uri == metric.reference else f"metric.references.{space.name}"
                 try:
-                    ref = read_reference(metric.reference, endpoint_url=cfg.storage.endpoint_url)
+                    ref = read_reference(uri, endpoint_url=cfg.storage.endpoint_url)
+                    feats = read_reference_features(uri, cfg.storage.endpoint_url) if features else None
                 except (ReferenceStatsError, StoredFileError) as exc:
-                    raise ReferenceStatsError(f"metric.reference: {exc}") from None
+                    raise ReferenceStatsError(f"{where}: {exc}") from None
                 from sida_core.vae import upsampling_factor
 
                 factor = upsampling_factor(self.vae_folder(cfg, metric)) if metric.vae else 1  # decoded images' size
                 check_compatible(ref.manifest, space, cfg.data.resolution * factor)
-                self._refs[key] = (GaussianReference.from_stats(ref.mu, ref.sigma), metric.reference)
+                self._refs[key] = (GaussianReference.from_stats(ref.mu, ref.sigma), feats, uri)
         return self._refs[key]
+
+    def score_values(self, cfg, m, generator, net: dict, seed: int) -> tuple[dict[str, float], dict[str, tuple]]:
+        """({metric: value}, {metric: (extractor_id, protocol, reference description)}) of every metric in
+        ``m.metric_names``, from one set of ``m.num_images`` generated images (features once per feature space)."""
+        from sida_core.metrics.catalog import compute_metrics, get_metric
+        from sida_core.metrics.inception import split_pool_probs
+        from sida_core.metrics.score import generator_features
+
+        by_space: dict[str, list[str]] = {}
+        for name in m.metric_names:
+            by_space.setdefault(get_metric(name).space, []).append(name)
+        spaces = {key: self._space(key, m) for key in by_space}
+        refs = {key: self.reference(cfg, m, spaces[key], features=any(get_metric(n).needs == "features" for n in names))
+                for key, names in by_space.items() if key != "inception_probs"}  # (IS has no reference)
+        feats = generator_features(generator, spaces, num_images=m.num_images, seed=seed,
+                                   sigma_init=cfg.loss.sigma_init,
+                                   img_shape=(net["img_channels"], net["img_resolution"], net["img_resolution"]),
+                                   label_dim=net["label_dim"], batch_size=m.batch_size, device=self._device(),
+                                   decode=self.decoder(cfg, m) if m.vae else None)
+        values: dict[str, float] = {}
+        about: dict[str, tuple] = {}
+        for key, names in by_space.items():
+            space = spaces[key]
+            if key == "inception_probs":
+                values |= compute_metrics(names, feats[key], probs=split_pool_probs(feats[key])[1], seed=seed)
+                about |= {n: (space.extractor_id, space.mode, "none (class probabilities)") for n in names}
+                continue
+            stats_ref, ref_feats, desc = refs[key]
+            values |= compute_metrics(names, feats[key], stats_ref=stats_ref, ref_features=ref_feats, seed=seed)
+            about |= {n: (space.extractor_id, space.mode, desc) for n in names}
+        return values, about
 
     def score(self, storage: Storage, name: str, *, metric: Optional[dict] = None, seed: Optional[int] = None,
               kind: str = "live", source: Optional[str] = None, trial: Optional[str] = None) -> dict:
@@ -134,7 +185,6 @@ class CheckpointScorer:
         """
         from schemas.leaderboard import LeaderboardRow
         from schemas.run import MetricConfig, RunConfig
-        from sida_core.metrics.score import score_generator
         from sida_core.sampling import gallery_png
         from sida_core.training_loop import load_network
 
@@ -147,39 +197,43 @@ class CheckpointScorer:
         cfg = RunConfig.model_validate(manifest["config"])
         m = MetricConfig.model_validate({**cfg.metric.model_dump(), **(metric or {})})
         seed = m.seed if seed is None else seed
-        space = self._space(m.name, m.protocol)
-        ref, ref_desc = self.reference(cfg, m, space)
-        net = manifest["network"]
-        value = score_generator(generator, space, ref, num_images=m.num_images, seed=seed,
-                                sigma_init=cfg.loss.sigma_init, img_shape=(net["img_channels"], net["img_resolution"],
-                                                                           net["img_resolution"]),
-                                label_dim=net["label_dim"], batch_size=m.batch_size, device=self._device(),
-                                decode=self.decoder(cfg, m) if m.vae else None)
+        values, about = self.score_values(cfg, m, generator, manifest["network"], seed)
         if kind == "live" and m.gallery:  # before the row: whoever sees the row finds the gallery
             store.write_gallery(name, gallery_png(generator, m.gallery, sigma_init=cfg.loss.sigma_init,
                                                   device=self._device(), decode=self.decoder(cfg, m) if m.vae else None))
         l, o = cfg.loss, cfg.optimizer
-        row = LeaderboardRow(
+        rows = [LeaderboardRow(
             run=store.name, run_uri=storage.uri, trial=trial,
             config_summary=config_summary(cfg), method=cfg.method, alpha=l.alpha, lambda_sid=l.lambda_sid,
             lambda_adv_theta=l.lambda_adv_theta, lambda_adv_psi=l.lambda_adv_psi, lr_theta=o.lr_theta, lr_psi=o.lr_psi,
             init_generator=cfg.init_generator, checkpoint=name, checkpoint_uri=storage.uri_of(source),
             checkpoint_hash=manifest["content_hash"], kimg=manifest["kimg"], cur_nimg=manifest["cur_nimg"],
-            metric=m.name, value=value, num_images=m.num_images, seed=seed, kind=kind, reference=ref_desc,
-            extractor_id=space.extractor_id, protocol=space.mode, scorer=self.ident(), seconds=round(time.time() - t0, 3),
-            time=time.time())
+            metric=metric_name, value=values[metric_name], num_images=m.num_images, seed=seed, kind=kind,
+            reference=about[metric_name][2], extractor_id=about[metric_name][0], protocol=about[metric_name][1],
+            scorer=self.ident(), seconds=round(time.time() - t0, 3), time=time.time()) for metric_name in m.metric_names]
+        for row in rows[1:]:  # the ranking metric's row last: the coordinator takes it as "this checkpoint is scored"
+            store.write_row(row)
+        row = rows[0]
         store.write_row(row)
-        return row.model_dump()
+        return {**row.model_dump(), "also": {r.metric: r.value for r in rows[1:]}}
 
 
 def check_reference(cfg) -> None:
     """Read ``metric.reference`` and check it against the metric's feature space the way the scorers will,
     so that unreadable or mismatched statistics stop ``sida train`` before training starts, not at the first
     checkpoint. Raises the readers' one-line errors (ReferenceStatsError, ReferenceMismatch, ...)."""
+    from sida_core.metrics.catalog import get_metric
+
     m = cfg.metric
-    if m.enabled and m.reference:  # (a latent run's VAE folder is staged and its config checked here too)
-        scorer = CheckpointScorer(threads=1)
-        scorer.reference(cfg, m, scorer._space(m.name, m.protocol))
+    if not m.enabled:
+        return
+    scorer = CheckpointScorer(threads=1)
+    for key in dict.fromkeys(get_metric(n).space for n in m.metric_names):  # each space once, in order
+        space = scorer._space(key, m)  # weights found and checked (Inception, DINOv2)
+        uri = m.reference if key == METRIC_SPACES[m.name] else m.references.get(key)
+        if uri:  # (a latent run's VAE folder is staged and its config checked here too)
+            scorer.reference(cfg, m, space, features=any(get_metric(n).needs == "features" and get_metric(n).space == key
+                                                         for n in m.metric_names))
 
 
 def make_scorers(metric, n: Optional[int] = None) -> list:
@@ -278,7 +332,8 @@ class ScoringCoordinator:
                 self._failed(name, "scorer process died" if died else _one_line(exc))
                 continue
             self.done.add(name)
-            self.log(f"scoring: {name} ({row['kimg']:.1f} kimg) {row['metric']} = {row['value']:.4f} "
+            also = "".join(f", {k} = {v:.4f}" for k, v in (row.get("also") or {}).items())
+            self.log(f"scoring: {name} ({row['kimg']:.1f} kimg) {row['metric']} = {row['value']:.4f}{also} "
                      f"[{row['num_images']} images, {row['seconds']:.1f} s]")
             if self.best is None or row["value"] < self.best["value"]:
                 self._pin(row)

@@ -12,6 +12,17 @@ from pydantic import BaseModel, ConfigDict
 RowKind = Literal["live", "final"]  # live: scored during training; final: `sida evaluate` re-scores
 
 
+# metrics whose larger values are better (the rest, distances, rank lowest first): the schema's copy of
+# sida_core.metrics.catalog's higher_is_better (tests/test_metrics.py checks the two agree)
+HIGHER_IS_BETTER = frozenset({"precision_digits", "recall_digits", "precision_inception", "recall_inception",
+                              "is_inception"})
+
+
+def rank_value(metric: str, value: float) -> float:
+    """A row's value as a sort key where lower is better, whichever way its metric points."""
+    return -value if metric in HIGHER_IS_BETTER else value
+
+
 def row_key(checkpoint: str, metric: str, kind: str, seed: int) -> str:
     """File stem of a row: one file per (checkpoint, metric, kind, seed), so a retried write replaces it."""
     return f"{checkpoint}-{metric}-{kind}-s{seed}"
@@ -37,7 +48,7 @@ class LeaderboardRow(BaseModel):
     checkpoint_hash: str          # the checkpoint manifest's content hash
     kimg: float
     cur_nimg: int
-    metric: str                   # fd_digits | fid_inception
+    metric: str                   # sida_core/metrics/catalog.py: fd_digits, fid_inception, kid_inception, ...
     value: float
     num_images: int
     seed: int

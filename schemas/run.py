@@ -217,6 +217,16 @@ class EMAConfig(Strict):
     rampup: Optional[float] = Field(0.05, ge=0)
 
 
+# every metric a scorer can report and its feature space: the schema's copy of sida_core.metrics.catalog.CATALOG
+# (schemas import no torch; tests/test_metrics.py checks the two agree)
+METRIC_SPACES: dict[str, str] = {
+    "fd_digits": "fd_digits", "kid_digits": "fd_digits", "precision_digits": "fd_digits", "recall_digits": "fd_digits",
+    "fid_inception": "fid_inception", "kid_inception": "fid_inception", "precision_inception": "fid_inception",
+    "recall_inception": "fid_inception", "is_inception": "inception_probs", "fd_dinov2": "fd_dinov2"}
+MetricName = Literal["fd_digits", "kid_digits", "precision_digits", "recall_digits", "fid_inception", "kid_inception",
+                     "precision_inception", "recall_inception", "is_inception", "fd_dinov2"]
+
+
 class MetricConfig(Strict):
     """How checkpoints are scored: FD-digits (built-in data) or Inception FID (clean-fid), by a pool of
     asynchronous scorer actors that never hold up training (``sida train``; see ray_jobs/scoring.py).
@@ -226,13 +236,21 @@ class MetricConfig(Strict):
     The run's final checkpoint is always scored.
     """
 
-    name: Literal["fd_digits", "fid_inception"] = "fd_digits"
+    name: Literal["fd_digits", "fid_inception", "fd_dinov2"] = "fd_digits"  # the metric that ranks and pins
+    # every metric computed from the same generated images, each its own leaderboard row (sida_core/metrics/
+    # catalog.py): <statistic>_<feature space>, e.g. [fid_inception, kid_inception, precision_inception,
+    # recall_inception, is_inception, fd_dinov2]; None: just `name`. `name` defaults to the first
+    names: Optional[list[MetricName]] = None
     # clean-fid's resizing mode: "clean" (PIL bicubic to 299 outside the network) or "legacy_tensorflow" (the TF
     # Inception's own resize after uint8 quantisation: EDM's and the SiD papers' FID protocol); the reference
     # statistics must have been taken in the same one (recorded in their manifest and in every row)
     protocol: Literal["clean", "legacy_tensorflow"] = "clean"
     num_images: PositiveInt = 1000  # images generated per score (the paper: 50,000)
     reference: Optional[str] = None  # `sida fid-stats` folder URI or a .npz of mu/sigma; None: digits train split
+    # reference folders of the other feature spaces in `names` ({fd_dinov2: URI}; fd_digits defaults to the digits
+    # train split); KID / precision / recall need one written with `sida fid-stats --features`
+    references: dict[Literal["fd_digits", "fid_inception", "fd_dinov2"], str] = Field(default_factory=dict)
+    dinov2: Optional[str] = None  # fd_dinov2: dinov2_vitl14_pretrain.pth (local or s3://; never downloaded)
     seed: int = 0                    # generation seed of the live scores (`sida evaluate` uses others)
     enabled: bool = True             # score checkpoints while `sida train` runs
     num_scorers: PositiveInt = 1
@@ -249,13 +267,42 @@ class MetricConfig(Strict):
     vae: Optional[str] = None
     vae_batch_size: PositiveInt = 8  # latents decoded at a time (the 512x512 decoder is memory-hungry)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _name_from_names(cls, data):
+        if isinstance(data, dict) and data.get("names") and "name" not in data:
+            return {**data, "name": data["names"][0]}
+        return data
+
+    @property
+    def metric_names(self) -> list[str]:
+        """Every metric scored, the ranking one (``name``) first."""
+        return [self.name, *[n for n in (self.names or []) if n != self.name]]
+
     @model_validator(mode="after")
     def _check(self):
+        if self.names is not None:
+            if len(set(self.names)) != len(self.names):
+                raise ValueError(f"metric.names: {self.names} names a metric twice")
+            if self.name not in self.names:
+                raise ValueError(f"metric.name {self.name!r} must be one of metric.names {self.names} (it ranks them)")
+        spaces = {METRIC_SPACES[n] for n in self.metric_names}
+        if "fd_dinov2" in spaces and not self.dinov2:
+            raise ValueError("metric.dinov2 is required for fd_dinov2: the path (local or s3://) of "
+                             "dinov2_vitl14_pretrain.pth (never downloaded at run time)")
+        if self.protocol != "clean" and not spaces & {"fid_inception", "inception_probs"}:
+            raise ValueError(f"metric.protocol {self.protocol!r} applies to Inception metrics; "
+                             f"{', '.join(self.metric_names)} are defined in 'clean' mode only")
+        primary = METRIC_SPACES[self.name]
+        for space in sorted(spaces - {primary, "inception_probs", "fd_digits"}):
+            if self.enabled and space not in self.references:
+                raise ValueError(f"metric.references.{space} is required: the reference statistics of the "
+                                 f"{space} metrics in metric.names (metric.reference is {primary}'s)")
         if self.name == "fd_digits" and self.protocol != "clean":
             raise ValueError(f"metric.protocol {self.protocol!r}: fd_digits is defined in 'clean' mode only "
                              "(legacy_tensorflow is an Inception FID protocol)")
-        if self.name == "fid_inception" and not self.reference and self.enabled:
-            raise ValueError("metric.reference is required for metric.name 'fid_inception' (reference statistics: "
+        if self.name in ("fid_inception", "fd_dinov2") and not self.reference and self.enabled:
+            raise ValueError(f"metric.reference is required for metric.name {self.name!r} (reference statistics: "
                              "a `sida fid-stats` output URI or a .npz with mu and sigma)")
         return self
 

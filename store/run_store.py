@@ -308,15 +308,18 @@ class RunStore:
         return f"pinned/{name}" if self.storage.exists(f"pins/{name}.json") else name
 
     # ----------------------------------------------------------------- leaderboard
-    def write_row(self, row) -> None:
-        """Write one :class:`LeaderboardRow` as its own Parquet file (atomic; same key -> same file)."""
+    def write_row(self, row, *, notify_index: bool = True) -> None:
+        """Write one :class:`LeaderboardRow` as its own Parquet file (atomic; same key -> same file), then mark the
+        run dirty in any root index holding it (one listing; ``notify_index=False`` only where no index can exist
+        yet, e.g. a benchmark filling a fresh bucket)."""
         from schemas.leaderboard import parquet_schema
 
         schema = parquet_schema()
         data = row.model_dump()
         self.storage.write_parquet(f"leaderboard/{row.key()}.parquet",
                                    pa.table({k: [data[k]] for k in schema.names}, schema=schema))
-        note_rows_written(self.storage)  # after the row: see store/leaderboard_index.py for why this order
+        if notify_index:
+            note_rows_written(self.storage)  # after the row: see store/leaderboard_index.py for why this order
 
     def _leaderboard(self, files: Optional[dict[str, tuple[int, int]]] = None) -> dict[str, dict]:
         """{row key: row}: the one reader of ``leaderboard/``. Compacted parts are read oldest first, then the
@@ -400,11 +403,24 @@ class RunStore:
             log(f"leaderboard: {out['rows']} row(s) compacted into leaderboard/{out['part']}")
 
     def best_live_row(self, metric: Optional[str] = None, rows: Optional[list[dict]] = None) -> Optional[dict]:
-        """The run's best checkpoint so far: its live leaderboard row of lowest finite value (of ``metric`` if
-        given), or None. ``rows``: the run's rows if already read. The one definition of "best" everything uses."""
-        live = [r for r in (self.read_rows() if rows is None else rows)
+        """The run's best checkpoint so far: its live leaderboard row of best finite value in ``metric`` (default: the
+        run's ranking metric, ``metric.name`` of its config; a run scoring several metrics writes a row for each), or
+        None. ``rows``: the run's rows if already read. The one definition of "best" everything uses."""
+        from schemas.leaderboard import rank_value
+
+        rows = self.read_rows() if rows is None else rows
+        if metric is None and len({r["metric"] for r in rows}) > 1:
+            metric = self.ranking_metric()
+        live = [r for r in rows
                 if r["kind"] == "live" and (metric is None or r["metric"] == metric) and math.isfinite(r["value"])]
-        return min(live, key=lambda r: r["value"], default=None)
+        return min(live, key=lambda r: rank_value(r["metric"], r["value"]), default=None)
+
+    def ranking_metric(self) -> Optional[str]:
+        """``metric.name`` of the run's config (the metric that ranks its checkpoints), or None without one."""
+        try:
+            return ((self.read_config().get("metric") or {}).get("name")) or None
+        except FileNotFoundError:
+            return None
 
     def write_gallery(self, name: str, png: bytes) -> None:
         """Checkpoint ``name``'s fixed-seed sample grid (``gallery/NAME.png``, written by its live scorer; kept when

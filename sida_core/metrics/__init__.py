@@ -23,6 +23,10 @@ def feature_space(name: str, device="cpu", protocol: str = "clean", weights: Opt
         from .inception import inception_feature_space
 
         return inception_feature_space(device=device, protocol=protocol)
+    if name == "inception_probs":  # (N, 2048 + 1008) rows: pool features, class probabilities (Inception Score)
+        from .inception import inception_feature_space
+
+        return inception_feature_space(device=device, protocol=protocol, with_probs=True)
     if name == "fd_dinov2":
         if protocol != "clean":
             raise ValueError(f"metric.protocol {protocol!r}: fd_dinov2 is defined in 'clean' mode only (EDM2's resize "

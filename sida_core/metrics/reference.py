@@ -37,6 +37,7 @@ class ReferenceStats:
     mu: np.ndarray
     sigma: np.ndarray
     manifest: dict[str, Any] = field(default_factory=dict)
+    features: Optional[np.ndarray] = None  # (N, D) float16, kept when asked (KID, precision / recall need them)
 
     def __post_init__(self):
         self.mu = np.asarray(self.mu, np.float64)
@@ -98,10 +99,11 @@ def dataset_sha256(images: torch.Tensor) -> str:
 
 
 def compute_reference(images: torch.Tensor, space: FeatureSpace, *, dataset_desc: dict, device="cpu",
-                      progress: bool = False) -> ReferenceStats:
+                      progress: bool = False, keep_features: bool = False) -> ReferenceStats:
     """Statistics of ``images`` (N, C, R, R) in [-1, 1] in ``space`` (its own clean-fid path), with a manifest.
 
-    ``progress``: a tqdm bar over images (on stderr), fed by the extractor as clean-fid calls it.
+    ``progress``: a tqdm bar over images (on stderr), fed by the extractor as clean-fid calls it;
+    ``keep_features``: also keep the (N, D) features, as float16 (what KID and precision / recall compare against).
     """
     import importlib.metadata as md
 
@@ -132,7 +134,7 @@ def compute_reference(images: torch.Tensor, space: FeatureSpace, *, dataset_desc
                     dataset_sha256=dataset_sha256(images), dataset=dict(dataset_desc),
                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     clean_fid_version=md.version("clean-fid"))
-    return ReferenceStats(mu, sigma, manifest)
+    return ReferenceStats(mu, sigma, manifest, feats.astype(np.float16) if keep_features else None)
 
 
 def check_compatible(manifest: dict, space: FeatureSpace, resolution: Optional[int] = None) -> None:

@@ -51,21 +51,32 @@ def generate_images(generator: torch.nn.Module, n: int, *, seed: int, sigma_init
         yield generate(generator, z.to(device), None if c is None else c.to(device), sigma_init).float().cpu()
 
 
-def score_generator(generator: torch.nn.Module, space: FeatureSpace, reference: Stats | GaussianReference, *,
-                    num_images: int,
-                    seed: int, sigma_init: float, img_shape: tuple[int, int, int], label_dim: int = 0,
-                    batch_size: int = CHUNK, device="cpu", decode: Optional[Callable] = None) -> float:
-    """Fréchet distance in ``space`` between ``num_images`` one-step samples and the ``reference`` (mu, sigma),
-    best given as a :class:`GaussianReference` when several generators are scored against it. ``decode`` maps
-    each generated batch to images first (latent-space generators: :class:`sida_core.vae.LatentDecoder`)."""
-    if not isinstance(reference, GaussianReference):
-        reference = GaussianReference.from_stats(*reference)
+def generator_features(generator: torch.nn.Module, spaces: dict[str, FeatureSpace], *, num_images: int, seed: int,
+                       sigma_init: float, img_shape: tuple[int, int, int], label_dim: int = 0,
+                       batch_size: int = CHUNK, device="cpu", decode: Optional[Callable] = None) -> dict[str, np.ndarray]:
+    """{key: (num_images, D) features in ``spaces[key]``} of ONE set of one-step samples (each batch generated once and
+    handed to every space). ``decode`` maps each generated batch to images first (latent-space generators:
+    :class:`sida_core.vae.LatentDecoder`)."""
     was_training = generator.training
     generator.eval()
+    feats: dict[str, list[np.ndarray]] = {key: [] for key in spaces}
     try:
-        feats = [space.features(decode(x) if decode is not None else x, device) for x in generate_images(
-            generator, num_images, seed=seed, sigma_init=sigma_init, img_shape=img_shape, label_dim=label_dim,
-            batch_size=batch_size, device=device)]
+        for x in generate_images(generator, num_images, seed=seed, sigma_init=sigma_init, img_shape=img_shape,
+                                 label_dim=label_dim, batch_size=batch_size, device=device):
+            images = decode(x) if decode is not None else x
+            for key, space in spaces.items():
+                feats[key].append(space.features(images, device))
     finally:
         generator.train(was_training)
-    return reference.fd(*stats_from_features(np.concatenate(feats)))
+    return {key: np.concatenate(f) for key, f in feats.items()}
+
+
+def score_generator(generator: torch.nn.Module, space: FeatureSpace, reference: Stats | GaussianReference, *,
+                    num_images: int, **kwargs) -> float:
+    """Fréchet distance in ``space`` between ``num_images`` one-step samples and the ``reference`` (mu, sigma),
+    best given as a :class:`GaussianReference` when several generators are scored against it; ``kwargs`` as for
+    :func:`generator_features`."""
+    if not isinstance(reference, GaussianReference):
+        reference = GaussianReference.from_stats(*reference)
+    feats = generator_features(generator, {space.name: space}, num_images=num_images, **kwargs)[space.name]
+    return reference.fd(*stats_from_features(feats))
