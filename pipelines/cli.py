@@ -143,7 +143,7 @@ def cmd_evaluate(args) -> int:
 
         raise ConfigError("say which checkpoint: --best (the lowest live score) or --checkpoint NAME")
     out = run_evaluate(args.run_uri, checkpoint=args.checkpoint, repeats=args.repeats, num_images=args.num_images,
-                       endpoint_url=args.endpoint_url)
+                       endpoint_url=args.endpoint_url, scorers=args.scorers, address=args.address)
     print(f"{out['metric']} of {out['checkpoint']} ({out['kimg']:.1f} kimg, {out['num_images']} images, "
           f"{out['repeats']} seeds): {out['mean']:.4f} ± {out['std']:.4f}", file=sys.stderr)
     for name, m in out["metrics"].items():
@@ -282,7 +282,7 @@ def cmd_reference_import(args) -> int:
     from pipelines.fid_stats import run_reference_import
 
     print(json.dumps(run_reference_import(args.src, args.out, resolution=args.resolution, protocol=args.protocol,
-                                          key=args.key, endpoint_url=args.endpoint_url)))
+                                          key=args.key, dinov2=args.dinov2, endpoint_url=args.endpoint_url)))
     return 0
 
 
@@ -434,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive_int, default=10, help="independent generation seeds (default 10, as the paper)")
     p.add_argument("--num-images", type=_int_at_least(2), default=None,
                    help="images per score (default: the run's metric.num_images)")
+    p.add_argument("--scorers", type=_positive_int, default=1,
+                   help="split each score's images over this many Ray scorer actors (default 1: in this process)")
+    p.add_argument("--address", default=None, help="with --scorers: a running Ray cluster (default: a local Ray)")
     p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for s3:// URIs (else from env)")
     p.set_defaults(func=cmd_evaluate)
 
@@ -569,7 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=["clean", "legacy_tensorflow"], default=None,
                    help="the protocol they were taken in (default: what the file implies: EDM / EDM2 legacy_tensorflow, "
                         "clean-fid files by their name)")
-    p.add_argument("--key", default="fid", help="EDM2 .pkl: which statistics (default fid)")
+    p.add_argument("--key", default="fid", choices=["fid", "fd_dinov2"],
+                   help="EDM2 .pkl: which statistics (default fid; fd_dinov2 needs --dinov2)")
+    p.add_argument("--dinov2", default=None, metavar="PATH",
+                   help="--key fd_dinov2: the dinov2_vitl14_pretrain.pth the statistics were taken with (local or s3://; "
+                        "its hash names the extractor in the manifest, so scoring with other weights is refused)")
     p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for s3:// paths (else from env)")
     p.set_defaults(func=cmd_reference_import)
 

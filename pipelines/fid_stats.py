@@ -151,7 +151,7 @@ def _implied_protocol(name: str, fmt: str) -> Optional[str]:
 
 
 def run_reference_import(src: str, out: str, *, resolution: int, protocol: Optional[str] = None, key: str = "fid",
-                         endpoint_url: Optional[str] = None) -> dict:
+                         dinov2: Optional[str] = None, endpoint_url: Optional[str] = None) -> dict:
     """``sida reference import``: published Inception statistics (EDM's ``.npz``, a clean-fid statistics ``.npz``,
     EDM2's reference ``.pkl`` ``{fid: {mu, sigma}, fd_dinov2: {...}}`` read by the safe unpickler: no code runs)
     stored as a reference folder whose manifest states the protocol (``mode``) they imply, so scoring in the other
@@ -173,6 +173,9 @@ def run_reference_import(src: str, out: str, *, resolution: int, protocol: Optio
     except ValueError as e:
         raise ReferenceStatsError(str(e)) from None
     check_out(out, endpoint_url)
+    if key == "fd_dinov2" and not dinov2:
+        raise ReferenceStatsError("--key fd_dinov2 needs --dinov2 PATH: the DINOv2 weights the statistics were taken "
+                                  "with (their hash names the extractor)")
     try:
         data = source.read_bytes(name)
     except (FileNotFoundError, IsADirectoryError):
@@ -202,15 +205,25 @@ def run_reference_import(src: str, out: str, *, resolution: int, protocol: Optio
         mu, sigma = np.asarray(entry["mu"]), np.asarray(entry["sigma"])
     else:
         raise ReferenceStatsError(f"SRC {src!r}: expected EDM's / clean-fid's .npz (mu, sigma) or EDM2's reference .pkl")
-    protocol = protocol or _implied_protocol(name, fmt)
-    if protocol not in PROTOCOLS:
-        raise ReferenceStatsError(f"SRC {src!r}: protocol {protocol!r} is not one this project scores in "
-                                  f"({', '.join(PROTOCOLS)}); pass --protocol if the file name misleads")
-    if np.ndim(mu) != 1 or np.shape(mu)[0] != FEATURE_DIM:
-        raise ReferenceStatsError(f"SRC {src!r}: mu has shape {np.shape(mu)}; Inception statistics have {FEATURE_DIM} "
-                                  f"features (--key {key!r}: EDM2's fd_dinov2 statistics are not scored here yet)")
-    manifest = dict(format=FORMAT, version=VERSION, metric="fid_inception", extractor_id=f"inception-v3-fid/sha256:{SHA256}",
-                    mode=protocol, feature_dim=FEATURE_DIM, num_images=None, resolution=int(resolution), channels=3,
+    if key == "fd_dinov2":
+        if fmt != "edm2-pkl":
+            raise ReferenceStatsError(f"SRC {src!r}: --key fd_dinov2 reads EDM2's reference .pkl, not a .npz")
+        from ray_jobs.datasets import stage_file
+        from sida_core.metrics.dinov2 import dinov2_feature_space
+
+        space = dinov2_feature_space(str(stage_file(str(dinov2), endpoint_url=endpoint_url, what="dinov2")))
+        metric, extractor_id, dim, protocol = "fd_dinov2", space.extractor_id, space.feature_dim, "clean"
+    else:
+        protocol = protocol or _implied_protocol(name, fmt)
+        if protocol not in PROTOCOLS:
+            raise ReferenceStatsError(f"SRC {src!r}: protocol {protocol!r} is not one this project scores in "
+                                      f"({', '.join(PROTOCOLS)}); pass --protocol if the file name misleads")
+        metric, extractor_id, dim = "fid_inception", f"inception-v3-fid/sha256:{SHA256}", FEATURE_DIM
+    if np.ndim(mu) != 1 or np.shape(mu)[0] != dim:
+        raise ReferenceStatsError(f"SRC {src!r}: mu has shape {np.shape(mu)}; {metric} statistics have {dim} features "
+                                  f"(--key {key!r})")
+    manifest = dict(format=FORMAT, version=VERSION, metric=metric, extractor_id=extractor_id,
+                    mode=protocol, feature_dim=dim, num_images=None, resolution=int(resolution), channels=3,
                     dataset=dict(imported_from=source.uri_of(name), format=fmt, key=key if fmt == "edm2-pkl" else None,
                                  sha256=hashlib.sha256(data).hexdigest()),
                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -219,5 +232,5 @@ def run_reference_import(src: str, out: str, *, resolution: int, protocol: Optio
     except ValueError as e:
         raise ReferenceStatsError(f"SRC {src!r}: {e}") from None
     uri = write_reference(ref, out, endpoint_url=endpoint_url)
-    return dict(out=uri, imported_from=manifest["dataset"]["imported_from"], format=fmt, mode=protocol,
-                resolution=int(resolution), feature_dim=FEATURE_DIM)
+    return dict(out=uri, imported_from=manifest["dataset"]["imported_from"], format=fmt, metric=metric, mode=protocol,
+                resolution=int(resolution), feature_dim=dim)

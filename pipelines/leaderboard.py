@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable, Collection, Optional
 
-from schemas.leaderboard import rank_value
+from schemas.leaderboard import HIGHER_IS_BETTER, rank_value
 from schemas.loader import ConfigError
 from store.run_store import TRAINING, shown_state
 
@@ -24,6 +24,8 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+METRIC_LABELS = {"fid_inception": "FID", "fd_digits": "FD-digits", "fd_dinov2": "FD-DINOv2", "is_inception": "IS",
+                 "kid_inception": "KID", "precision_inception": "precision", "recall_inception": "recall"}
 READ_THREADS = 16  # object-store requests in flight at once when listing and reading many runs
 
 
@@ -274,37 +276,39 @@ def plot_curves(rows: list[dict], path: Path, title: str = "", hlines: Optional[
     live = [r for r in rows if r["kind"] == "live"]
     if not live:
         raise ConfigError("nothing to plot yet: no scored checkpoint")
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    metrics = sorted({r["metric"] for r in live}, key=lambda m: (m in HIGHER_IS_BETTER, m))  # distances first
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(6, 4 + 2.5 * (len(metrics) - 1)), dpi=120, squeeze=False)
     curves: dict[tuple, list[dict]] = {}
     for r in live:
         curves.setdefault((r["run_uri"], r["metric"]), []).append(r)
-    for (run_uri, metric), pts in sorted(curves.items()):
-        pts.sort(key=lambda r: r["kimg"])
-        what = ", ".join(filter(None, (pts[0]["method"], alpha_label(pts[0]))))
-        line, = ax.plot([p["kimg"] for p in pts], [p["value"] for p in pts], "o-", ms=3,
-                        label=label(pts[0]) if label else f"{pts[0]['run']} ({what})")
-        finals = [r for r in rows if r["kind"] == "final" and r["run_uri"] == run_uri and r["metric"] == metric]
-        for ck in sorted({r["checkpoint"] for r in finals}):
-            vals = [r["value"] for r in finals if r["checkpoint"] == ck]
-            kimg = next(r["kimg"] for r in finals if r["checkpoint"] == ck)
-            mean, std = mean_std(vals)
-            ax.errorbar([kimg], [mean], yerr=[std or 0.0],
-                        fmt="s", color=line.get_color(), capsize=3, ms=5)
-    for (label, value), style in zip((hlines or {}).items(), ("--", ":", "-.")):
-        ax.axhline(value, color="gray", ls=style, label=label)
-    metrics = sorted({r["metric"] for r in live})
-    ax.set_xscale("log")
-    ax.set_yscale("log")
     from matplotlib.ticker import FormatStrFormatter
 
-    for axis in (ax.xaxis, ax.yaxis):  # plain numbers: these ranges span one or two decades
-        axis.set_major_formatter(FormatStrFormatter("%g"))
-        axis.set_minor_formatter(FormatStrFormatter("%g"))
-    ax.set_xlabel("kimg (training images seen / 1000)")
-    ax.set_ylabel(" / ".join(m.replace("fid_inception", "FID").replace("fd_digits", "FD-digits") for m in metrics))
-    ax.set_title(title or "score vs training images (squares: final re-evaluation, mean ± std)", fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    for i, (metric, ax) in enumerate(zip(metrics, axes[:, 0])):  # one panel per metric: each its own scale
+        for (run_uri, _), pts in sorted(item for item in curves.items() if item[0][1] == metric):
+            pts.sort(key=lambda r: r["kimg"])
+            what = ", ".join(filter(None, (pts[0]["method"], alpha_label(pts[0]))))
+            line, = ax.plot([p["kimg"] for p in pts], [p["value"] for p in pts], "o-", ms=3,
+                            label=label(pts[0]) if label else f"{pts[0]['run']} ({what})")
+            finals = [r for r in rows if r["kind"] == "final" and r["run_uri"] == run_uri and r["metric"] == metric]
+            for ck in sorted({r["checkpoint"] for r in finals}):
+                vals = [r["value"] for r in finals if r["checkpoint"] == ck]
+                kimg = next(r["kimg"] for r in finals if r["checkpoint"] == ck)
+                mean, std = mean_std(vals)
+                ax.errorbar([kimg], [mean], yerr=[std or 0.0], fmt="s", color=line.get_color(), capsize=3, ms=5)
+        if i == 0:  # labelled levels (the teacher's score, the real floor) belong to the first, ranking, metric
+            for (text, value), style in zip((hlines or {}).items(), ("--", ":", "-.")):
+                ax.axhline(value, color="gray", ls=style, label=text)
+        ax.set_xscale("log")
+        if metric not in HIGHER_IS_BETTER and all(r["value"] > 0 for r in live if r["metric"] == metric):
+            ax.set_yscale("log")  # distances span decades; IS and precision / recall stay linear
+        for axis in (ax.xaxis, ax.yaxis):  # plain numbers: these ranges span one or two decades
+            axis.set_major_formatter(FormatStrFormatter("%g"))
+            axis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.set_ylabel(METRIC_LABELS.get(metric, metric) + (" (higher is better)" if metric in HIGHER_IS_BETTER else ""))
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    axes[-1, 0].set_xlabel("kimg (training images seen / 1000)")
+    axes[0, 0].set_title(title or "score vs training images (squares: final re-evaluation, mean ± std)", fontsize=9)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -347,10 +351,12 @@ def checkpoint_source(store, name: str) -> str:
 
 def run_evaluate(run_uri: str, *, checkpoint: Optional[str] = None, repeats: int = 10,
                  num_images: Optional[int] = None, endpoint_url: Optional[str] = None,
-                 log: Callable[[str], None] = _log) -> dict:
+                 log: Callable[[str], None] = _log, scorers: int = 0, address: Optional[str] = None) -> dict:
     """Re-score the best live checkpoint (or ``checkpoint``) of one run with ``repeats`` fresh generation
     seeds; each score is a ``final`` leaderboard row. Seeds already scored are reused, so a re-run or an
-    interrupted evaluation continues instead of repeating work. Returns mean and sample std (ddof 1)."""
+    interrupted evaluation continues instead of repeating work. Returns mean and sample std (ddof 1).
+    ``scorers`` > 1: each score's images are split over that many Ray scorer actors (a local Ray, or the cluster
+    at ``address``), with the run's ``metric.cpus_per_scorer`` / ``gpus_per_scorer`` each."""
     from tqdm.auto import tqdm
 
     from ray_jobs.scoring import CheckpointScorer
@@ -368,6 +374,7 @@ def run_evaluate(run_uri: str, *, checkpoint: Optional[str] = None, repeats: int
     source = checkpoint_source(store, checkpoint)
     overrides = {k: v for k, v in (("name", metric_name), ("num_images", num_images)) if v is not None}
     scorer = CheckpointScorer(threads=1)
+    split = _split_scoring(store, scorers, address) if scorers > 1 else None
     done = {(r["seed"], r["num_images"]): r["value"] for r in rows
             if r["kind"] == "final" and r["checkpoint"] == checkpoint and (metric_name is None or r["metric"] == metric_name)}
     values, out_row = [], None
@@ -377,7 +384,10 @@ def run_evaluate(run_uri: str, *, checkpoint: Optional[str] = None, repeats: int
         if (seed, n) in done:
             values.append(done[(seed, n)])
             continue
-        out_row = scorer.score(store.storage, checkpoint, metric=overrides, seed=seed, kind="final", source=source)
+        if split is not None:
+            out_row = split(checkpoint, metric=overrides, seed=seed, kind="final", source=source)
+        else:
+            out_row = scorer.score(store.storage, checkpoint, metric=overrides, seed=seed, kind="final", source=source)
         values.append(out_row["value"])
         log(f"evaluate: {checkpoint} seed {seed}: {out_row['metric']} = {out_row['value']:.4f}")
     final = [r for r in store.read_rows() if r["kind"] == "final" and r["checkpoint"] == checkpoint]
@@ -396,6 +406,19 @@ def run_evaluate(run_uri: str, *, checkpoint: Optional[str] = None, repeats: int
             "kimg": ref_row["kimg"], "metric": ref_row["metric"], "num_images": ref_row["num_images"],
             "repeats": repeats, "values": [round(v, 6) for v in values], "mean": mean, "std": std or 0.0,
             "metrics": metrics, "live_value": next((r["value"] for r in live if r["checkpoint"] == checkpoint), None)}
+
+
+def _split_scoring(store, n: int, address: Optional[str]) -> Callable[..., dict]:
+    """``score(checkpoint, **kw)`` over ``n`` scorer actors (ray_jobs.scoring.score_split); Ray is started (or
+    joined) here and the actors end with this process."""
+    from ray_jobs.cluster import connect
+    from ray_jobs.scoring import make_scorers, score_split
+    from schemas.run import MetricConfig
+
+    metric = MetricConfig.model_validate(store.read_config().get("metric") or {})
+    connect(address, num_cpus=n * metric.cpus_per_scorer)
+    actors = make_scorers(metric, n)
+    return lambda name, **kw: score_split(store.storage, name, actors, **kw)
 
 
 def _run_num_images(store) -> int:

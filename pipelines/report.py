@@ -122,7 +122,7 @@ def _samples(ranked: list[dict], out_dir: Path) -> list[tuple[dict, str]]:
 def run_report(uri: str, out: str, *, endpoint_url: Optional[str] = None, upload: bool = True,
                log: Callable[[str], None] = _log) -> dict:
     """Write ``report.md`` and the plots for the runs at or below ``uri`` into ``out`` (and ``uri/report/``)."""
-    from pipelines.leaderboard import alpha_label, final_values, find_runs, plot_curves
+    from pipelines.leaderboard import METRIC_LABELS, alpha_label, final_values, find_runs, plot_curves
     from store.storage import Storage
 
     storage = Storage(uri, endpoint_url=endpoint_url)
@@ -134,7 +134,7 @@ def run_report(uri: str, out: str, *, endpoint_url: Optional[str] = None, upload
     if not rows:
         raise ConfigError(f"{storage.uri}: no scored checkpoint yet; nothing to report")
     metrics = sorted({r["metric"] for r in rows})
-    metric_label = " / ".join(m.replace("fid_inception", "FID").replace("fd_digits", "FD-digits") for m in metrics)
+    metric_label = " / ".join(METRIC_LABELS.get(m, m) for m in metrics)
     for t in trials:
         live = [r for r in rows_by_run[t["uri"]] if r["kind"] == "live" and math.isfinite(r["value"])]
         t["scored"] = len(live)

@@ -145,59 +145,86 @@ class CheckpointScorer:
                 self._refs[key] = (GaussianReference.from_stats(ref.mu, ref.sigma), feats, uri)
         return self._refs[key]
 
-    def score_values(self, cfg, m, generator, net: dict, seed: int) -> tuple[dict[str, float], dict[str, tuple]]:
-        """({metric: value}, {metric: (extractor_id, protocol, reference description)}) of every metric in
-        ``m.metric_names``, from one set of ``m.num_images`` generated images (features once per feature space)."""
-        from sida_core.metrics.catalog import compute_metrics, get_metric
-        from sida_core.metrics.inception import split_pool_probs
-        from sida_core.metrics.score import generator_features
+    def _by_space(self, m) -> dict[str, list[str]]:
+        from sida_core.metrics.catalog import get_metric
 
         by_space: dict[str, list[str]] = {}
         for name in m.metric_names:
             by_space.setdefault(get_metric(name).space, []).append(name)
-        spaces = {key: self._space(key, m) for key in by_space}
-        refs = {key: self.reference(cfg, m, spaces[key], features=any(get_metric(n).needs == "features" for n in names))
-                for key, names in by_space.items() if key != "inception_probs"}  # (IS has no reference)
-        feats = generator_features(generator, spaces, num_images=m.num_images, seed=seed,
-                                   sigma_init=cfg.loss.sigma_init,
-                                   img_shape=(net["img_channels"], net["img_resolution"], net["img_resolution"]),
-                                   label_dim=net["label_dim"], batch_size=m.batch_size, device=self._device(),
-                                   decode=self.decoder(cfg, m) if m.vae else None)
+        return by_space
+
+    def generated_features(self, cfg, m, generator, net: dict, seed: int, *, start: int = 0,
+                           count: Optional[int] = None) -> dict[str, Any]:
+        """{feature space: features} of images start..start+count-1 (default: all ``m.num_images``) of the
+        ``m.num_images``-image score of ``seed``, in every feature space ``m.metric_names`` needs."""
+        from sida_core.metrics.score import generator_features
+
+        spaces = {key: self._space(key, m) for key in self._by_space(m)}
+        return generator_features(generator, spaces, num_images=m.num_images if count is None else count, seed=seed,
+                                  sigma_init=cfg.loss.sigma_init,
+                                  img_shape=(net["img_channels"], net["img_resolution"], net["img_resolution"]),
+                                  label_dim=net["label_dim"], batch_size=m.batch_size, device=self._device(),
+                                  decode=self.decoder(cfg, m) if m.vae else None, start=start, total=m.num_images)
+
+    def metric_values(self, cfg, m, feats: dict[str, Any], seed: int) -> tuple[dict[str, float], dict[str, tuple]]:
+        """({metric: value}, {metric: (extractor_id, protocol, reference description)}) of every metric in
+        ``m.metric_names`` from the generated images' features (:meth:`generated_features`)."""
+        from sida_core.metrics.catalog import compute_metrics, get_metric
+        from sida_core.metrics.inception import split_pool_probs
+
         values: dict[str, float] = {}
         about: dict[str, tuple] = {}
-        for key, names in by_space.items():
-            space = spaces[key]
-            if key == "inception_probs":
+        for key, names in self._by_space(m).items():
+            space = self._space(key, m)
+            if key == "inception_probs":  # the Inception Score: no reference
                 values |= compute_metrics(names, feats[key], probs=split_pool_probs(feats[key])[1], seed=seed)
                 about |= {n: (space.extractor_id, space.mode, "none (class probabilities)") for n in names}
                 continue
-            stats_ref, ref_feats, desc = refs[key]
+            stats_ref, ref_feats, desc = self.reference(
+                cfg, m, space, features=any(get_metric(n).needs == "features" for n in names))
             values |= compute_metrics(names, feats[key], stats_ref=stats_ref, ref_features=ref_feats, seed=seed)
             about |= {n: (space.extractor_id, space.mode, desc) for n in names}
         return values, about
 
+    def _load(self, storage: Storage, source: str, metric: Optional[dict]):
+        """(EMA generator, checkpoint manifest, run config, metric config with ``metric`` applied) of ``source``."""
+        from schemas.run import MetricConfig, RunConfig
+        from sida_core.training_loop import load_network
+
+        with tempfile.TemporaryDirectory(prefix="sida-score-") as scratch:
+            generator, manifest = load_network(RunStore(storage).fetch_checkpoint(source, Path(scratch)),
+                                               "generator_ema", self._device())
+        cfg = RunConfig.model_validate(manifest["config"])
+        return generator, manifest, cfg, MetricConfig.model_validate({**cfg.metric.model_dump(), **(metric or {})})
+
+    def features(self, storage: Storage, name: str, *, seed: int, start: int, count: int,
+                 metric: Optional[dict] = None, source: Optional[str] = None) -> dict[str, Any]:
+        """One scorer's share of a score split over several (:func:`score_split`): the features of images
+        start..start+count-1 of checkpoint ``name``'s score with ``seed``."""
+        generator, manifest, cfg, m = self._load(storage, source or name, metric)
+        return self.generated_features(cfg, m, generator, manifest["network"], seed, start=start, count=count)
+
     def score(self, storage: Storage, name: str, *, metric: Optional[dict] = None, seed: Optional[int] = None,
-              kind: str = "live", source: Optional[str] = None, trial: Optional[str] = None) -> dict:
-        """Score checkpoint ``name`` of the run at ``storage``; write and return its leaderboard row.
+              kind: str = "live", source: Optional[str] = None, trial: Optional[str] = None,
+              features: Optional[dict[str, Any]] = None) -> dict:
+        """Score checkpoint ``name`` of the run at ``storage``; write its leaderboard rows (one per metric of
+        ``metric.names``, the ranking one last) and return the ranking one's, with ``also``: {other metric: value}.
 
         ``metric``: MetricConfig fields overriding the run's own (e.g. ``num_images``); ``source``: the folder
-        to read (default ``name``; ``sida evaluate`` reads pinned copies).
+        to read (default ``name``; ``sida evaluate`` reads pinned copies); ``features``: the generated images'
+        features already extracted (by several scorers, :func:`score_split`) instead of generating them here.
         """
         from schemas.leaderboard import LeaderboardRow
-        from schemas.run import MetricConfig, RunConfig
         from sida_core.sampling import gallery_png
-        from sida_core.training_loop import load_network
 
         store = RunStore(storage)
         t0 = time.time()
         source = source or name
-        with tempfile.TemporaryDirectory(prefix="sida-score-") as scratch:
-            generator, manifest = load_network(store.fetch_checkpoint(source, Path(scratch)), "generator_ema",
-                                               self._device())
-        cfg = RunConfig.model_validate(manifest["config"])
-        m = MetricConfig.model_validate({**cfg.metric.model_dump(), **(metric or {})})
+        generator, manifest, cfg, m = self._load(storage, source, metric)
         seed = m.seed if seed is None else seed
-        values, about = self.score_values(cfg, m, generator, manifest["network"], seed)
+        if features is None:
+            features = self.generated_features(cfg, m, generator, manifest["network"], seed)
+        values, about = self.metric_values(cfg, m, features, seed)
         if kind == "live" and m.gallery:  # before the row: whoever sees the row finds the gallery
             store.write_gallery(name, gallery_png(generator, m.gallery, sigma_init=cfg.loss.sigma_init,
                                                   device=self._device(), decode=self.decoder(cfg, m) if m.vae else None))
@@ -234,6 +261,28 @@ def check_reference(cfg) -> None:
         if uri:  # (a latent run's VAE folder is staged and its config checked here too)
             scorer.reference(cfg, m, space, features=any(get_metric(n).needs == "features" and get_metric(n).space == key
                                                          for n in m.metric_names))
+
+
+def score_split(storage: Storage, name: str, scorers: list, *, seed: int, metric: Optional[dict] = None,
+                kind: str = "final", source: Optional[str] = None, trial: Optional[str] = None) -> dict:
+    """Score checkpoint ``name`` with its ``num_images`` split into one contiguous range per scorer actor (each
+    generates and extracts only its range: the per-chunk seeding makes the ranges' features concatenate to exactly
+    one pass's), then compute the metrics and write the rows here, as :meth:`CheckpointScorer.score` would."""
+    import numpy as np
+    import ray
+
+    from schemas.run import MetricConfig
+
+    run_metric = RunStore(storage).read_config().get("metric") or {}
+    total = MetricConfig.model_validate({**run_metric, **(metric or {})}).num_images
+    k = max(1, min(len(scorers), total))
+    bounds = [total * i // k for i in range(k + 1)]
+    parts = ray.get([actor.features.remote(storage, name, seed=seed, start=lo, count=hi - lo, metric=metric,
+                                           source=source)
+                     for actor, lo, hi in zip(scorers, bounds[:-1], bounds[1:])])
+    merged = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    return CheckpointScorer(threads=1).score(storage, name, metric=metric, seed=seed, kind=kind, source=source,
+                                             trial=trial, features=merged)
 
 
 def make_scorers(metric, n: Optional[int] = None) -> list:

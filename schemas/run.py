@@ -286,6 +286,9 @@ class MetricConfig(Strict):
                 raise ValueError(f"metric.names: {self.names} names a metric twice")
             if self.name not in self.names:
                 raise ValueError(f"metric.name {self.name!r} must be one of metric.names {self.names} (it ranks them)")
+        if self.name == "fd_digits" and self.protocol != "clean":
+            raise ValueError(f"metric.protocol {self.protocol!r}: fd_digits is defined in 'clean' mode only "
+                             "(legacy_tensorflow is an Inception FID protocol)")
         spaces = {METRIC_SPACES[n] for n in self.metric_names}
         if "fd_dinov2" in spaces and not self.dinov2:
             raise ValueError("metric.dinov2 is required for fd_dinov2: the path (local or s3://) of "
@@ -298,9 +301,6 @@ class MetricConfig(Strict):
             if self.enabled and space not in self.references:
                 raise ValueError(f"metric.references.{space} is required: the reference statistics of the "
                                  f"{space} metrics in metric.names (metric.reference is {primary}'s)")
-        if self.name == "fd_digits" and self.protocol != "clean":
-            raise ValueError(f"metric.protocol {self.protocol!r}: fd_digits is defined in 'clean' mode only "
-                             "(legacy_tensorflow is an Inception FID protocol)")
         if self.name in ("fid_inception", "fd_dinov2") and not self.reference and self.enabled:
             raise ValueError(f"metric.reference is required for metric.name {self.name!r} (reference statistics: "
                              "a `sida fid-stats` output URI or a .npz with mu and sigma)")

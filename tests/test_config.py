@@ -188,7 +188,7 @@ BAD = [
     ("channels_2", "data:\n  channels: 2\n", [], ["data.channels", "1, 3 or 4", "2"]),
     ("channels_4_images", "data:\n  channels: 4\n", [], ["data.channels must be 4 exactly for data.kind 'latents'", "got 4 with data.kind 'digits'"]),  # noqa: E501
     ("cond_without_classes", "data:\n  cond: true\n  num_classes: 0\n", [], ["data.num_classes", ">= 2", "data.cond"]),
-    ("unknown_metric", "metric:\n  name: is50k\n", [], ["metric.name", "'fd_digits' or 'fid_inception'"]),
+    ("unknown_metric", "metric:\n  name: is50k\n", [], ["metric.name", "'fd_digits', 'fid_inception' or 'fd_dinov2'"]),
     ("unknown_arch", "teacher:\n  network:\n    arch: unet9\n", [], ["teacher.network.arch", "'songunet', 'adm', 'edm2' or 'mlp'"]),  # noqa: E501
     ("section_not_mapping", "loss: 3\n", [], ["loss", "mapping"]),
     ("two_errors", "loss:\n  alpha: abc\n  t_max: 2000\n", [], ["loss.alpha", "; loss.t_max"]),

@@ -39,7 +39,9 @@ def test_the_schema_knows_the_catalog():
     ({"name": "fd_digits", "names": ["kid_digits"]}, "must be one of metric.names"),
     ({"names": ["fid_inception", "fd_dinov2"], "reference": "r"}, "metric.dinov2 is required"),
     ({"names": ["fid_inception", "fd_dinov2"], "reference": "r", "dinov2": "w.pth"}, "metric.references.fd_dinov2"),
-    ({"names": ["fd_digits", "kid_digits"], "protocol": "legacy_tensorflow"}, "applies to Inception metrics"),
+    ({"names": ["fd_digits", "kid_digits"], "protocol": "legacy_tensorflow"}, "fd_digits is defined in 'clean' mode"),
+    ({"names": ["fd_dinov2"], "reference": "r", "dinov2": "w.pth", "protocol": "legacy_tensorflow"},
+     "applies to Inception metrics"),
     ({"names": ["fd_dinov2"], "dinov2": "w.pth"}, "metric.reference is required"),
     ({"names": ["precision_digits"]}, "Input should be 'fd_digits'"),  # ranking needs a distance
 ])
@@ -157,3 +159,38 @@ def test_evaluate_reports_mean_and_std_of_every_metric(scored, capsys):
     finals = [r for r in store.read_rows() if r["kind"] == "final" and r["metric"] == "kid_digits"]
     assert out["metrics"]["kid_digits"]["mean"] == pytest.approx(np.mean([r["value"] for r in finals]))
     assert "precision_digits:" in cap.err and "±" in cap.err
+
+
+def test_fd_dinov2_beside_fd_digits_end_to_end_with_a_tiny_vit(reference, tmp_path):
+    """FD-DINOv2 through the whole path (fid-stats --metric fd_dinov2 --dinov2, metric.references, the scorer) with
+    a tiny random ViT in the official key layout (tests/test_dinov2.py): its row equals FD of the same images'
+    features in that space, and the FD-digits row beside it equals a one-metric score of the same checkpoint."""
+    import torch
+
+    from sida_core.metrics.dinov2 import dinov2_feature_space
+    from tests.test_dinov2 import tiny_state_dict
+    from tests.test_scoring import make_run
+
+    weights = tmp_path / "tiny_dinov2.pth"
+    torch.save(tiny_state_dict(), weights)
+    ref_dino = tmp_path / "digits-8-dinov2"
+    assert main(["fid-stats", "digits", "--out", str(ref_dino), "--metric", "fd_dinov2", "--dinov2", str(weights),
+                 "--quiet", "--resolution", "8", "--max-images", "300"]) == 0
+    extra = ["metric.names=[fd_digits,fd_dinov2]", f"metric.reference={reference}", f"metric.dinov2={weights}",
+             f"metric.references.fd_dinov2={ref_dino}", "metric.gallery=0", "metric.num_images=64"]
+    store, cfg = make_run(Storage(str(tmp_path / "runs" / "dino")), [64], extra=extra)
+    row = CheckpointScorer().score(store.storage, "ckpt-000000000064", seed=1)
+    rows = {r["metric"]: r for r in store.read_rows()}
+    assert set(rows) == {"fd_digits", "fd_dinov2"} and row["also"]["fd_dinov2"] == rows["fd_dinov2"]["value"]
+    generator, manifest = load_network(store.fetch_checkpoint("ckpt-000000000064", tmp_path), "generator_ema")
+    net = manifest["network"]
+    space = dinov2_feature_space(str(weights))
+    feats = generator_features(generator, {"v": space}, num_images=64, seed=1, sigma_init=cfg.loss.sigma_init,
+                               label_dim=net["label_dim"],
+                               img_shape=(net["img_channels"], net["img_resolution"], net["img_resolution"]))["v"]
+    ref = read_reference(str(ref_dino))
+    assert rows["fd_dinov2"]["value"] == pytest.approx(
+        GaussianReference.from_stats(ref.mu, ref.sigma).fd(*stats_from_features(feats)), rel=1e-6)
+    assert rows["fd_dinov2"]["extractor_id"] == space.extractor_id and rows["fd_dinov2"]["reference"] == str(ref_dino)
+    one = CheckpointScorer().score(store.storage, "ckpt-000000000064", seed=1, metric={"names": None})
+    assert one["value"] == rows["fd_digits"]["value"] and one["also"] == {}

@@ -163,7 +163,7 @@ def test_checkpoint_scorer_reads_fid_stats_output(space, train_images, tmp_path)
     out = tmp_path / "ref"
     write_reference(compute_reference(train_images, space, dataset_desc={"name": "digits"}), str(out))
     cfg = load_run_config("configs/digits.yaml", [f"metric.reference={out}"])
-    ref, desc = CheckpointScorer().reference(cfg, cfg.metric, space)
+    ref, _, desc = CheckpointScorer().reference(cfg, cfg.metric, space)
     ref_mu, ref_sigma = space.stats(train_images)
     assert np.array_equal(ref.mu, ref_mu) and np.array_equal(ref.sigma, ref_sigma) and desc == str(out)
     cfg16 = load_run_config("configs/digits.yaml", [f"metric.reference={out}", "data.resolution=16"])
@@ -243,7 +243,15 @@ def test_reference_import_refuses_in_one_line_and_writes_nothing(tmp_path, capsy
     legacy_pt.write_bytes(edm_npz(mu, sigma))
     small = tmp_path / "small.npz"
     small.write_bytes(edm_npz(np.zeros(16), np.eye(16)))
-    cases = [(hostile, [], ".system, which"), (dinov2, [], "'fid'"), (dinov2, ["--key", "fd_dinov2"], "2048 features"),
+    import torch
+
+    from tests.test_dinov2 import tiny_state_dict
+
+    weights = tmp_path / "tiny.pth"
+    torch.save(tiny_state_dict(), weights)  # a 128-wide ViT: EDM2's 1024-d statistics do not fit it
+    cases = [(hostile, [], ".system, which"), (dinov2, [], "'fid'"), (dinov2, ["--key", "fd_dinov2"], "needs --dinov2"),
+             (dinov2, ["--key", "fd_dinov2", "--dinov2", str(weights)], "fd_dinov2 statistics have 128 features"),
+             (small, ["--key", "fd_dinov2", "--dinov2", str(weights)], "not a .npz"),
              (legacy_pt, [], "'legacy_pytorch'"), (small, [], "2048 features"), (tmp_path / "nope.npz", [], "no such file"),
              (tmp_path / "stats.txt", [], "expected EDM's")]
     (tmp_path / "stats.txt").write_text("mu sigma")
@@ -253,3 +261,34 @@ def test_reference_import_refuses_in_one_line_and_writes_nothing(tmp_path, capsy
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], (src, err)
         assert not out.exists()
+
+
+def test_reference_import_of_edm2_fd_dinov2_statistics_names_the_weights(tmp_path, capsys):
+    """EDM2's {fd_dinov2: {mu, sigma}} with --dinov2: the manifest's extractor is that weights file (a tiny ViT in
+    the official layout here), so the fd_dinov2 space of those weights accepts it and other weights are refused."""
+    import pickle
+
+    import torch
+
+    from sida_core.metrics.dinov2 import dinov2_feature_space
+    from tests.test_dinov2 import tiny_state_dict
+
+    weights, other = tmp_path / "tiny.pth", tmp_path / "other.pth"
+    torch.save(tiny_state_dict(0), weights)
+    torch.save(tiny_state_dict(1), other)
+    d = dinov2_feature_space(str(weights)).feature_dim
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(d, d))
+    mu, sigma = rng.normal(size=d), a @ a.T / d
+    src = tmp_path / "img64.pkl"
+    src.write_bytes(pickle.dumps({"fid": {"mu": np.zeros(2048), "sigma": np.eye(2048)}, "fd_dinov2": {"mu": mu, "sigma": sigma}}))
+    out = tmp_path / "ref"
+    assert main(["reference", "import", str(src), "--out", str(out), "--resolution", "64", "--key", "fd_dinov2",
+                 "--dinov2", str(weights)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["metric"], summary["mode"], summary["feature_dim"]) == ("fd_dinov2", "clean", d)
+    ref = read_reference(str(out))
+    assert np.array_equal(ref.mu, mu) and np.array_equal(ref.sigma, sigma)
+    check_compatible(ref.manifest, dinov2_feature_space(str(weights)), 64)
+    with pytest.raises(ReferenceMismatch, match="extractor"):
+        check_compatible(ref.manifest, dinov2_feature_space(str(other)), 64)

@@ -320,3 +320,33 @@ def test_leaderboard_and_evaluate_errors(tmp_path, capsys):
     assert "not a run folder" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path)]) == 2
     assert "--best" in capsys.readouterr().err
+
+
+def test_a_score_split_over_scorers_equals_one_pass(ray_cluster, tmp_path):
+    """50k-image scores on CPU clusters: each actor generates and extracts only its range of the images; the merged
+    features are one pass's exactly (per-chunk seeding, the last chunk drawn at its one-pass size), so every metric
+    equals the in-process score, and `sida evaluate --scorers` writes the same final rows."""
+    import ray
+
+    from pipelines.leaderboard import run_evaluate
+    from ray_jobs.scoring import score_split
+
+    store, cfg = make_run(Storage(str(tmp_path / "split")), [64], extra=["metric.names=[fd_digits,kid_digits]",
+                                                                         "metric.num_images=300", "metric.gallery=0"])
+    one = CheckpointScorer().score(store.storage, "ckpt-000000000064", seed=9, kind="final")
+    actors = make_scorers(cfg.metric, n=3)
+    split = score_split(store.storage, "ckpt-000000000064", actors, seed=9)  # ranges 0-99, 100-199, 200-299
+    assert split["value"] == one["value"] and split["also"] == one["also"] and split["num_images"] == 300
+    for a in actors:
+        ray.kill(a)
+    out = run_evaluate(store.uri, checkpoint="ckpt-000000000064", repeats=1, scorers=2, log=lambda m: None)
+    alone = CheckpointScorer().score(store.storage, "ckpt-000000000064", seed=out_seed(out), kind="final")
+    assert out["values"] == [round(alone["value"], 6)]
+    assert out["metrics"]["kid_digits"]["mean"] == alone["also"]["kid_digits"]
+
+
+def out_seed(out: dict) -> int:
+    from pipelines.leaderboard import FINAL_SEED0
+
+    assert out["repeats"] == 1
+    return FINAL_SEED0
