@@ -16,7 +16,7 @@ from typing import Any, Callable, Literal, Optional, Union
 from pydantic import BaseModel, Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from schemas.loader import ConfigError, apply_overrides, is_remote, read_yaml, validate
-from schemas.run import Strict
+from schemas.run import Strict, check_num_workers
 
 JobKind = Literal["train", "sweep", "pipeline", "evaluate"]
 KINDS: tuple[str, ...] = ("train", "sweep", "pipeline", "evaluate")
@@ -26,10 +26,21 @@ class JobResources(Strict):
     """What the job needs from the cluster. For ``train`` these override the run config's ``scaling`` section
     (unset: the config's own values); for other kinds they are what the submission check compares."""
 
-    num_workers: Optional[PositiveInt] = None
+    num_workers: Union[PositiveInt, tuple[PositiveInt, PositiveInt], None] = None  # [min, max]: elastic (train)
     use_gpu: Optional[bool] = None                   # one GPU per worker, as Ray Train's ScalingConfig
     cpus_per_worker: Optional[PositiveFloat] = None
     driver_cpus: NonNegativeFloat = 0.0               # reserved for the job's driver (the sida process itself)
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        return None if v is None else check_num_workers(v)
+
+    @property
+    def min_workers(self) -> int:
+        """Workers the job needs to start (the lower end of an elastic range)."""
+        w = self.num_workers
+        return (w[0] if isinstance(w, tuple) else w) or 0
 
 
 # Secrets never travel in a runtime_env: Ray writes it in plain text to every node's runtime_env_agent.log, and
@@ -202,7 +213,8 @@ def _check_train(job: CheckedJob) -> None:
     from schemas.run import RunConfig
 
     s, r = job.spec, job.spec.resources
-    derived = [f"scaling.{k}={v}" for k, v in (("num_workers", r.num_workers), ("use_gpu", r.use_gpu),
+    workers = f"[{r.num_workers[0]},{r.num_workers[1]}]" if isinstance(r.num_workers, tuple) else r.num_workers
+    derived = [f"scaling.{k}={v}" for k, v in (("num_workers", workers), ("use_gpu", r.use_gpu),
                                                ("cpus_per_worker", r.cpus_per_worker)) if v is not None]
     if s.storage is not None:
         derived += [f"storage.{k}={v}" for k, v in s.storage.model_dump().items() if v is not None]
@@ -312,7 +324,7 @@ def load_job_spec(path: Union[str, os.PathLike]) -> JobSpec:
 def check_job(spec: JobSpec) -> CheckedJob:
     """Validate what the job references (its config, by kind) and derive what it asks of the cluster."""
     r = spec.resources
-    request = Request(r.num_workers or 0, r.cpus_per_worker or (1.0 if r.num_workers else 0.0),
+    request = Request(r.min_workers, r.cpus_per_worker or (1.0 if r.num_workers else 0.0),
                       1.0 if r.use_gpu else 0.0, r.driver_cpus)
     job = CheckedJob(spec, Path(spec.config) if spec.config else None, list(spec.overrides), request, name=spec.name)
     if job.config_path is not None:

@@ -164,6 +164,21 @@ class BatchConfig(Strict):
     per_worker: PositiveInt = 32
 
 
+def check_num_workers(v: Any) -> Any:
+    """A worker count: a whole number >= 1, or ``[min, max]`` (Ray Train's elastic mode; equal ends are a number).
+    Checked here, in one line each: pydantic would report the union's two branches separately."""
+    whole = lambda x: isinstance(x, int) and not isinstance(x, bool)  # noqa: E731
+    if isinstance(v, (list, tuple)):
+        if len(v) != 2 or not all(map(whole, v)):
+            raise ValueError(f"must be a whole number or [min, max] of two whole numbers, got {list(v)!r}")
+        if not 1 <= v[0] <= v[1]:
+            raise ValueError(f"[min, max] needs 1 <= min <= max, got {list(v)!r}")
+        return v[0] if v[0] == v[1] else tuple(v)
+    if not whole(v) or v < 1:
+        raise ValueError(f"must be a whole number >= 1 or [min, max] (elastic), got {v!r}")
+    return v
+
+
 class ScalingConfig(Strict):
     """How many data-parallel workers (GPUs) share the batch; used by the Ray path.
 
@@ -181,17 +196,7 @@ class ScalingConfig(Strict):
     @field_validator("num_workers", mode="before")
     @classmethod
     def _workers(cls, v: Any) -> Any:
-        # checked here, in one line each: pydantic would report the union's two branches separately
-        whole = lambda x: isinstance(x, int) and not isinstance(x, bool)  # noqa: E731
-        if isinstance(v, (list, tuple)):
-            if len(v) != 2 or not all(map(whole, v)):
-                raise ValueError(f"must be a whole number or [min, max] of two whole numbers, got {list(v)!r}")
-            if not 1 <= v[0] <= v[1]:
-                raise ValueError(f"[min, max] needs 1 <= min <= max, got {list(v)!r}")
-            return v[0] if v[0] == v[1] else tuple(v)
-        if not whole(v) or v < 1:
-            raise ValueError(f"must be a whole number >= 1 or [min, max] (elastic), got {v!r}")
-        return v
+        return check_num_workers(v)
 
     @property
     def elastic(self) -> bool:

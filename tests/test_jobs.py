@@ -269,6 +269,12 @@ def test_entrypoints_of_every_kind(tmp_path):
                          resources={"num_workers": 1, "use_gpu": True}))
     assert ev.entrypoint() == "sida evaluate s3://b/runs/r1 --best --repeats 3"
     assert ev.request == Request(1, 1.0, 1.0, 0.0)
+    # an elastic train job: [min, max] reaches the run config as a list; the cluster check needs min workers
+    elastic = check_job(_spec(name="r2", storage={"uri": "s3://b/runs"}, resources={"num_workers": [1, 2]}))
+    assert "--set 'scaling.num_workers=[1,2]'" in elastic.entrypoint()  # shell-quoted
+    assert elastic.config.scaling.num_workers == (1, 2) and elastic.request.workers == 1
+    with pytest.raises(ConfigError, match=r"resources.num_workers.*1 <= min <= max"):
+        _spec(resources={"num_workers": [2, 1]})
     # a sweep / pipeline file is validated like `sida sweep` does it and travels with its base run config
     sw = check_job(_spec(kind="sweep", config=str(sweep)))
     assert sorted(sw.staged) == ["digits.yaml", "sweep.yaml"] and sw.storage_uri == "s3://b/sweeps"
