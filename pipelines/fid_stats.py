@@ -119,6 +119,9 @@ def run_fid_stats(dataset: str, out: str, *, metric: Optional[str] = None, kind:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     check_out(out, endpoint_url)
+    if metric != "fid_inception" and protocol != "clean":  # before any image is read
+        raise ReferenceStatsError(f"--protocol {protocol}: {metric} is defined in 'clean' mode only "
+                                  "(legacy_tensorflow is an Inception FID protocol)")
     if metric == "fd_dinov2" and not dinov2:
         raise ReferenceStatsError("--metric fd_dinov2 needs --dinov2 PATH (dinov2_vitl14_pretrain.pth, local or s3://)")
     weights = None
@@ -158,14 +161,13 @@ def run_reference_import(src: str, out: str, *, resolution: int, protocol: Optio
     protocol refuses them instead of warning. ``resolution``: the ``data.resolution`` of the runs to score."""
     import hashlib
     import tempfile
-    from datetime import datetime, timezone
 
     import numpy as np
 
     from store.storage import Storage
     from sida_core.importer import ImportError_, read_pickle
     from sida_core.metrics.inception import FEATURE_DIM, PROTOCOLS, SHA256
-    from sida_core.metrics.reference import FORMAT, VERSION, ReferenceStats
+    from sida_core.metrics.reference import ReferenceStats, reference_manifest
 
     head, _, name = src.rstrip("/").rpartition("/")
     try:
@@ -222,11 +224,11 @@ def run_reference_import(src: str, out: str, *, resolution: int, protocol: Optio
     if np.ndim(mu) != 1 or np.shape(mu)[0] != dim:
         raise ReferenceStatsError(f"SRC {src!r}: mu has shape {np.shape(mu)}; {metric} statistics have {dim} features "
                                   f"(--key {key!r})")
-    manifest = dict(format=FORMAT, version=VERSION, metric=metric, extractor_id=extractor_id,
-                    mode=protocol, feature_dim=dim, num_images=None, resolution=int(resolution), channels=3,
-                    dataset=dict(imported_from=source.uri_of(name), format=fmt, key=key if fmt == "edm2-pkl" else None,
-                                 sha256=hashlib.sha256(data).hexdigest()),
-                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    manifest = reference_manifest(metric=metric, extractor_id=extractor_id, mode=protocol, feature_dim=dim,
+                                  num_images=None, resolution=resolution, channels=3,
+                                  dataset=dict(imported_from=source.uri_of(name), format=fmt,
+                                               key=key if fmt == "edm2-pkl" else None,
+                                               sha256=hashlib.sha256(data).hexdigest()))
     try:
         ref = ReferenceStats(mu, sigma, manifest)
     except ValueError as e:

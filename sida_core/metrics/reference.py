@@ -98,6 +98,15 @@ def dataset_sha256(images: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def reference_manifest(*, metric: str, extractor_id: str, mode: str, feature_dim: int, num_images: Optional[int],
+                       resolution: int, channels: int, dataset: dict, **extra) -> dict:
+    """The manifest of reference statistics (what :func:`check_compatible` reads): the one place its fields are
+    named, for statistics computed here and for published ones imported (``sida reference import``)."""
+    return dict(format=FORMAT, version=VERSION, metric=metric, extractor_id=extractor_id, mode=mode,
+                feature_dim=int(feature_dim), num_images=num_images, resolution=int(resolution), channels=int(channels),
+                dataset=dataset, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra)
+
+
 def compute_reference(images: torch.Tensor, space: FeatureSpace, *, dataset_desc: dict, device="cpu",
                       progress: bool = False, keep_features: bool = False) -> ReferenceStats:
     """Statistics of ``images`` (N, C, R, R) in [-1, 1] in ``space`` (its own clean-fid path), with a manifest.
@@ -128,12 +137,10 @@ def compute_reference(images: torch.Tensor, space: FeatureSpace, *, dataset_desc
         if bar is not None:
             bar.close()
     mu, sigma = np.mean(feats.astype(np.float64), axis=0), np.cov(feats.astype(np.float64), rowvar=False)
-    manifest = dict(format=FORMAT, version=VERSION, metric=space.name, extractor_id=space.extractor_id,
-                    mode=space.mode, feature_dim=int(feats.shape[1]), num_images=n,
-                    resolution=int(images.shape[-1]), channels=int(images.shape[1]),
-                    dataset_sha256=dataset_sha256(images), dataset=dict(dataset_desc),
-                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    clean_fid_version=md.version("clean-fid"))
+    manifest = reference_manifest(metric=space.name, extractor_id=space.extractor_id, mode=space.mode,
+                                  feature_dim=int(feats.shape[1]), num_images=n, resolution=int(images.shape[-1]),
+                                  channels=int(images.shape[1]), dataset=dict(dataset_desc),
+                                  dataset_sha256=dataset_sha256(images), clean_fid_version=md.version("clean-fid"))
     return ReferenceStats(mu, sigma, manifest, feats.astype(np.float16) if keep_features else None)
 
 
