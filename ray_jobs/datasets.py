@@ -253,10 +253,12 @@ def stage_dataset(uri: "str | Storage", *, endpoint_url: Optional[str] = None, c
 
 
 def stage_folder(uri: str, *, endpoint_url: Optional[str] = None, what: str = "inputs",
-                 cache_root: Optional[Path] = None) -> Path:
+                 cache_root: Optional[Path] = None, storage: Optional[Storage] = None) -> Path:
     """A local copy of a read-only folder (e.g. the SD-VAE weights): a local path as is; ``s3://`` copied once per
-    node into ``cache_root/<what>/<hash of uri>`` under a file lock (a ``.complete`` marker written last)."""
-    store = _storage(uri, endpoint_url)
+    node into ``cache_root/<what>/<hash of uri>`` under a file lock (a ``.complete`` marker written last).
+    ``storage``: the folder's Storage with its credentials (default: built from ``endpoint_url`` and the
+    environment)."""
+    store = storage or _storage(uri, endpoint_url)
     if not store.is_s3:
         if not Path(store.root).is_dir():
             raise DataError(f"{uri!r}: no such folder")
@@ -339,7 +341,7 @@ def local_teacher_config(cfg: Any, log: Callable[[str], None] = lambda m: None):
     if info is None:  # a checkpoint folder, or nothing
         if not store.child(name).listdir():
             raise ConfigError(f"teacher.path {uri}: no such object or folder in {store.uri}")
-        local = stage_folder(uri, endpoint_url=cfg.storage.endpoint_url, what="teachers")
+        local = stage_folder(uri, what="teachers", storage=store.child(name))  # the run's keys, as for a file
     else:
         local = stage_file(uri, what="teachers", parent=store, log=log)
     teacher = cfg.teacher.model_copy(update={"path": str(local)})
