@@ -145,12 +145,15 @@ class CheckpointScorer:
                 self._refs[key] = (GaussianReference.from_stats(ref.mu, ref.sigma), feats, uri)
         return self._refs[key]
 
-    def score_values(self, cfg, m, generator, net: dict, seed: int) -> tuple[dict[str, float], dict[str, tuple]]:
+    def score_values(self, cfg, m, network, net: dict, seed: int, *,
+                     heun_steps: Optional[int] = None) -> tuple[dict[str, float], dict[str, tuple]]:
         """({metric: value}, {metric: (extractor_id, protocol, reference description)}) of every metric in
-        ``m.metric_names``, from one set of ``m.num_images`` generated images (features once per feature space)."""
+        ``m.metric_names``, from one set of ``m.num_images`` images (features once per feature space): one-step
+        samples of the generator ``network``, or with ``heun_steps`` the Heun samples of the teacher ``network``
+        (the same latents and labels, the same spaces, references and decoder: ``sida evaluate --protocol-check``)."""
         from sida_core.metrics.catalog import compute_metrics, get_metric
         from sida_core.metrics.inception import split_pool_probs
-        from sida_core.metrics.score import generator_features
+        from sida_core.metrics.score import generator_features, teacher_features
 
         by_space: dict[str, list[str]] = {}
         for name in m.metric_names:
@@ -158,11 +161,14 @@ class CheckpointScorer:
         spaces = {key: self._space(key, m) for key in by_space}
         refs = {key: self.reference(cfg, m, spaces[key], features=any(get_metric(n).needs == "features" for n in names))
                 for key, names in by_space.items() if key != "inception_probs"}  # (IS has no reference)
-        feats = generator_features(generator, spaces, num_images=m.num_images, seed=seed,
-                                   sigma_init=cfg.loss.sigma_init,
-                                   img_shape=(net["img_channels"], net["img_resolution"], net["img_resolution"]),
-                                   label_dim=net["label_dim"], batch_size=m.batch_size, device=self._device(),
-                                   decode=self.decoder(cfg, m) if m.vae else None)
+        common: dict[str, Any] = dict(num_images=m.num_images, seed=seed, batch_size=m.batch_size,
+                                      img_shape=(net["img_channels"], net["img_resolution"], net["img_resolution"]),
+                                      label_dim=net["label_dim"], device=self._device(),
+                                      decode=self.decoder(cfg, m) if m.vae else None)
+        if heun_steps is None:
+            feats = generator_features(network, spaces, sigma_init=cfg.loss.sigma_init, **common)
+        else:
+            feats = teacher_features(network, spaces, num_steps=heun_steps, **common)
         values: dict[str, float] = {}
         about: dict[str, tuple] = {}
         for key, names in by_space.items():
@@ -216,6 +222,49 @@ class CheckpointScorer:
         row = rows[0]
         store.write_row(row)
         return {**row.model_dump(), "also": {r.metric: r.value for r in rows[1:]}}
+
+    def score_teacher(self, storage: Storage, source: str, *, steps: int, seed: int,
+                      metric: Optional[dict] = None, reuse: bool = True) -> dict:
+        """The run's frozen teacher (``RUN/teacher``) scored under checkpoint ``source``'s protocol: its Heun samples
+        (``steps`` steps, 2 steps - 1 NFE) of the latents and labels the generator gets for ``seed``, every metric in
+        ``metric.names`` against the same references in the same feature spaces (``metric``: MetricConfig overrides,
+        as for :meth:`score`). One seed set: the teacher costs 2 steps - 1 generator scores. Stored as
+        ``RUN/evaluate/teacher-<protocol>-<nfe>-<num_images>.json`` and, with ``reuse``, read back instead of
+        recomputed while everything it depends on (seed, metrics, references, teacher weights, data) is unchanged.
+        Returns {nfe, steps, num_images, seed, metrics: {name: value}, ..., stored, reused}."""
+        from schemas.run import MetricConfig, RunConfig
+        from sida_core.edm import heun_nfe
+        from sida_core.training_loop import load_network
+
+        store = RunStore(storage)
+        t0 = time.time()
+        if steps < 1:
+            raise ValueError(f"teacher steps must be >= 1, got {steps}")
+        cfg = RunConfig.model_validate(storage.read_json(f"{source}/manifest.json")["config"])
+        m = MetricConfig.model_validate({**cfg.metric.model_dump(), **(metric or {})})
+        teacher_manifest = storage.read_json("teacher/manifest.json")
+        nfe = heun_nfe(steps)
+        inputs = {"seed": int(seed), "steps": int(steps), "num_images": m.num_images, "metrics": m.metric_names,
+                  "protocol": m.protocol, "reference": m.reference, "references": dict(m.references),
+                  "dinov2": m.dinov2, "vae": m.vae, "teacher_hash": teacher_manifest["content_hash"],
+                  "data": cfg.data.model_dump(mode="json")}
+        ref = store.teacher_score_ref(m.protocol, nfe, m.num_images)
+        if reuse:
+            stored = store.read_teacher_score(ref)
+            if stored is not None and stored.get("inputs") == inputs:
+                return {**stored, "stored": storage.uri_of(ref), "reused": True}
+        with tempfile.TemporaryDirectory(prefix="sida-teacher-") as scratch:
+            teacher, _ = load_network(store.fetch_checkpoint("teacher", Path(scratch)), "net", self._device())
+        values, about = self.score_values(cfg, m, teacher, teacher_manifest["network"], seed, heun_steps=steps)
+        result = {"nfe": nfe, "steps": steps, "num_images": m.num_images, "seed": int(seed),
+                  "metrics": {n: float(values[n]) for n in m.metric_names},
+                  "extractors": {n: about[n][0] for n in m.metric_names},
+                  "protocols": {n: about[n][1] for n in m.metric_names},
+                  "references": {n: about[n][2] for n in m.metric_names},
+                  "teacher_hash": teacher_manifest["content_hash"], "inputs": inputs, "scorer": self.ident(),
+                  "seconds": round(time.time() - t0, 3), "time": time.time()}
+        store.write_teacher_score(ref, result)
+        return {**result, "stored": storage.uri_of(ref), "reused": False}
 
 
 def check_reference(cfg) -> None:
