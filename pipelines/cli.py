@@ -143,12 +143,24 @@ def cmd_evaluate(args) -> int:
 
         raise ConfigError("say which checkpoint: --best (the lowest live score) or --checkpoint NAME")
     out = run_evaluate(args.run_uri, checkpoint=args.checkpoint, repeats=args.repeats, num_images=args.num_images,
-                       endpoint_url=args.endpoint_url, scorers=args.scorers, address=args.address)
+                       endpoint_url=args.endpoint_url, protocol_check=args.protocol_check,
+                       teacher_steps=args.teacher_steps, scorers=args.scorers, address=args.address)
     print(f"{out['metric']} of {out['checkpoint']} ({out['kimg']:.1f} kimg, {out['num_images']} images, "
           f"{out['repeats']} seeds): {out['mean']:.4f} ± {out['std']:.4f}", file=sys.stderr)
-    for name, m in out["metrics"].items():
-        if name != out["metric"]:
-            print(f"  {name}: {m['mean']:.4f} ± {m['std']:.4f} ({m['repeats']} seeds)", file=sys.stderr)
+    teacher = out.get("teacher")
+    if teacher is None:
+        for name, m in out["metrics"].items():
+            if name != out["metric"]:
+                print(f"  {name}: {m['mean']:.4f} ± {m['std']:.4f} ({m['repeats']} seeds)", file=sys.stderr)
+    else:  # one line per metric: the generator's mean ± std beside the teacher's one value
+        print(f"protocol check: generator (1 NFE, {out['repeats']} seeds) vs teacher (Heun {teacher['steps']} steps = "
+              f"{teacher['nfe']} NFE, one seed set: {teacher['seed']}), {teacher['num_images']} images each",
+              file=sys.stderr)
+        width = max(len(n) for n in out["metrics"])
+        for name, m in out["metrics"].items():
+            t = teacher["metrics"].get(name)
+            print(f"  {name:<{width}}  generator {m['mean']:.4f} ± {m['std']:.4f}   teacher "
+                  f"{'—' if t is None else f'{t:.4f}'}", file=sys.stderr)
     print(json.dumps(out))
     return 0
 
@@ -437,6 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scorers", type=_positive_int, default=1,
                    help="split each score's images over this many Ray scorer actors (default 1: in this process)")
     p.add_argument("--address", default=None, help="with --scorers: a running Ray cluster (default: a local Ray)")
+    p.add_argument("--protocol-check", action="store_true",
+                   help="also score the run's teacher (Heun sampler, one seed set) under the same metrics, protocol "
+                        "and reference, side by side with the generator; stored in RUN/evaluate/ and reused")
+    p.add_argument("--teacher-steps", type=_positive_int, default=None, metavar="N",
+                   help="--protocol-check: the teacher's Heun steps (default 18 = 35 NFE)")
     p.add_argument("--endpoint-url", default=None, help="S3-API endpoint for s3:// URIs (else from env)")
     p.set_defaults(func=cmd_evaluate)
 

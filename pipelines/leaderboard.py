@@ -18,6 +18,7 @@ from store.run_store import TRAINING, shown_state
 
 from store.leaderboard_index import INDEX_FILE, MAX_DEPTH
 FINAL_SEED0 = 1_000_000  # `sida evaluate` seeds: disjoint from the live scores' metric.seed
+TEACHER_STEPS = 18  # `sida evaluate --protocol-check`: EDM's Heun sampler, 18 steps = 35 NFE
 
 
 def _log(msg: str) -> None:
@@ -351,10 +352,15 @@ def checkpoint_source(store, name: str) -> str:
 
 def run_evaluate(run_uri: str, *, checkpoint: Optional[str] = None, repeats: int = 10,
                  num_images: Optional[int] = None, endpoint_url: Optional[str] = None,
+                 protocol_check: bool = False, teacher_steps: Optional[int] = None,
                  log: Callable[[str], None] = _log, scorers: int = 0, address: Optional[str] = None) -> dict:
     """Re-score the best live checkpoint (or ``checkpoint``) of one run with ``repeats`` fresh generation
     seeds; each score is a ``final`` leaderboard row. Seeds already scored are reused, so a re-run or an
     interrupted evaluation continues instead of repeating work. Returns mean and sample std (ddof 1).
+
+    ``protocol_check``: also score the run's frozen teacher (its Heun sampler, ``teacher_steps`` steps, default
+    TEACHER_STEPS) under exactly the generator's metrics, protocol, references and feature spaces, on the latents
+    of the first evaluation seed (one seed set), as ``teacher`` in the result; stored in the run and reused.
     ``scorers`` > 1: each score's images are split over that many Ray scorer actors (a local Ray, or the cluster
     at ``address``), with the run's ``metric.cpus_per_scorer`` / ``gpus_per_scorer`` each."""
     from tqdm.auto import tqdm
@@ -363,7 +369,15 @@ def run_evaluate(run_uri: str, *, checkpoint: Optional[str] = None, repeats: int
 
     if repeats < 1:
         raise ConfigError(f"--repeats must be >= 1, got {repeats}")
+    if teacher_steps is not None and not protocol_check:
+        raise ConfigError("--teacher-steps sets the teacher's sampler for --protocol-check; give both or neither")
+    steps = TEACHER_STEPS if teacher_steps is None else teacher_steps
+    if steps < 1:
+        raise ConfigError(f"--teacher-steps must be >= 1 (Heun steps; 18 = 35 NFE), got {steps}")
     store = open_run(run_uri, endpoint_url)
+    if protocol_check and not store.storage.exists("teacher/manifest.json"):
+        raise ConfigError(f"{store.uri}: no teacher checkpoint (teacher/manifest.json): --protocol-check scores the "
+                          f"run's frozen teacher, which `sida train` and `sida distill` copy into the run folder")
     rows = store.read_rows()
     live = [r for r in rows if r["kind"] == "live"]
     if checkpoint is None:
@@ -402,10 +416,18 @@ def run_evaluate(run_uri: str, *, checkpoint: Optional[str] = None, repeats: int
     for name, vals in per_metric.items():
         m, sd = mean_std(vals)
         metrics[name] = {"mean": m, "std": sd or 0.0, "repeats": len(vals)}
-    return {"run_uri": store.uri, "checkpoint": checkpoint, "source": store.storage.uri_of(source),
-            "kimg": ref_row["kimg"], "metric": ref_row["metric"], "num_images": ref_row["num_images"],
-            "repeats": repeats, "values": [round(v, 6) for v in values], "mean": mean, "std": std or 0.0,
-            "metrics": metrics, "live_value": next((r["value"] for r in live if r["checkpoint"] == checkpoint), None)}
+    out = {"run_uri": store.uri, "checkpoint": checkpoint, "source": store.storage.uri_of(source),
+           "kimg": ref_row["kimg"], "metric": ref_row["metric"], "num_images": ref_row["num_images"],
+           "repeats": repeats, "values": [round(v, 6) for v in values], "mean": mean, "std": std or 0.0,
+           "metrics": metrics, "live_value": next((r["value"] for r in live if r["checkpoint"] == checkpoint), None)}
+    if protocol_check:
+        overrides["num_images"] = ref_row["num_images"]  # (the same number of images as the generator's scores)
+        t = scorer.score_teacher(store.storage, source, steps=steps, seed=FINAL_SEED0, metric=overrides)
+        scores = ", ".join(f"{k} = {v:.4f}" for k, v in t["metrics"].items())
+        log(f"evaluate: teacher ({t['nfe']} NFE, {t['num_images']} images, seed {t['seed']}): {scores}"
+            + (f" (stored: {t['stored']})" if t["reused"] else ""))
+        out["teacher"] = {k: t[k] for k in ("nfe", "steps", "num_images", "seed", "metrics", "stored", "reused")}
+    return out
 
 
 def _split_scoring(store, n: int, address: Optional[str]) -> Callable[..., dict]:

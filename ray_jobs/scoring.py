@@ -153,18 +153,25 @@ class CheckpointScorer:
             by_space.setdefault(get_metric(name).space, []).append(name)
         return by_space
 
-    def generated_features(self, cfg, m, generator, net: dict, seed: int, *, start: int = 0,
-                           count: Optional[int] = None) -> dict[str, Any]:
+    def generated_features(self, cfg, m, network, net: dict, seed: int, *, start: int = 0,
+                           count: Optional[int] = None, heun_steps: Optional[int] = None) -> dict[str, Any]:
         """{feature space: features} of images start..start+count-1 (default: all ``m.num_images``) of the
-        ``m.num_images``-image score of ``seed``, in every feature space ``m.metric_names`` needs."""
-        from sida_core.metrics.score import generator_features
+        ``m.num_images``-image score of ``seed``, in every feature space ``m.metric_names`` needs: one-step samples
+        of the generator ``network``, or with ``heun_steps`` the Heun samples of the teacher ``network`` (the same
+        latents and labels, spaces and decoder: ``sida evaluate --protocol-check``)."""
+        from sida_core.metrics.score import generator_features, teacher_features
 
         spaces = {key: self._space(key, m) for key in self._by_space(m)}
-        return generator_features(generator, spaces, num_images=m.num_images if count is None else count, seed=seed,
-                                  sigma_init=cfg.loss.sigma_init,
-                                  img_shape=(net["img_channels"], net["img_resolution"], net["img_resolution"]),
-                                  label_dim=net["label_dim"], batch_size=m.batch_size, device=self._device(),
-                                  decode=self.decoder(cfg, m) if m.vae else None, start=start, total=m.num_images)
+        common: dict[str, Any] = dict(num_images=m.num_images if count is None else count, seed=seed,
+                                      batch_size=m.batch_size, label_dim=net["label_dim"], device=self._device(),
+                                      img_shape=(net["img_channels"], net["img_resolution"], net["img_resolution"]),
+                                      decode=self.decoder(cfg, m) if m.vae else None)
+        if heun_steps is None:
+            return generator_features(network, spaces, sigma_init=cfg.loss.sigma_init, start=start,
+                                      total=m.num_images, **common)
+        if start or count not in (None, m.num_images):
+            raise ValueError("teacher samples are scored in one pass")
+        return teacher_features(network, spaces, num_steps=heun_steps, **common)
 
     def metric_values(self, cfg, m, feats: dict[str, Any], seed: int) -> tuple[dict[str, float], dict[str, tuple]]:
         """({metric: value}, {metric: (extractor_id, protocol, reference description)}) of every metric in
@@ -243,6 +250,50 @@ class CheckpointScorer:
         row = rows[0]
         store.write_row(row)
         return {**row.model_dump(), "also": {r.metric: r.value for r in rows[1:]}}
+
+    def score_teacher(self, storage: Storage, source: str, *, steps: int, seed: int,
+                      metric: Optional[dict] = None, reuse: bool = True) -> dict:
+        """The run's frozen teacher (``RUN/teacher``) scored under checkpoint ``source``'s protocol: its Heun samples
+        (``steps`` steps, 2 steps - 1 NFE) of the latents and labels the generator gets for ``seed``, every metric in
+        ``metric.names`` against the same references in the same feature spaces (``metric``: MetricConfig overrides,
+        as for :meth:`score`). One seed set: the teacher costs 2 steps - 1 generator scores. Stored as
+        ``RUN/evaluate/teacher-<protocol>-<nfe>-<num_images>.json`` and, with ``reuse``, read back instead of
+        recomputed while everything it depends on (seed, metrics, references, teacher weights, data) is unchanged.
+        Returns {nfe, steps, num_images, seed, metrics: {name: value}, ..., stored, reused}."""
+        from schemas.run import MetricConfig, RunConfig
+        from sida_core.edm import heun_nfe
+        from sida_core.training_loop import load_network
+
+        store = RunStore(storage)
+        t0 = time.time()
+        if steps < 1:
+            raise ValueError(f"teacher steps must be >= 1, got {steps}")
+        cfg = RunConfig.model_validate(storage.read_json(f"{source}/manifest.json")["config"])
+        m = MetricConfig.model_validate({**cfg.metric.model_dump(), **(metric or {})})
+        teacher_manifest = storage.read_json("teacher/manifest.json")
+        nfe = heun_nfe(steps)
+        inputs = {"seed": int(seed), "steps": int(steps), "num_images": m.num_images, "metrics": m.metric_names,
+                  "protocol": m.protocol, "reference": m.reference, "references": dict(m.references),
+                  "dinov2": m.dinov2, "vae": m.vae, "teacher_hash": teacher_manifest["content_hash"],
+                  "data": cfg.data.model_dump(mode="json")}
+        ref = store.teacher_score_ref(m.protocol, nfe, m.num_images)
+        if reuse:
+            stored = store.read_teacher_score(ref)
+            if stored is not None and stored.get("inputs") == inputs:
+                return {**stored, "stored": storage.uri_of(ref), "reused": True}
+        with tempfile.TemporaryDirectory(prefix="sida-teacher-") as scratch:
+            teacher, _ = load_network(store.fetch_checkpoint("teacher", Path(scratch)), "net", self._device())
+        feats = self.generated_features(cfg, m, teacher, teacher_manifest["network"], seed, heun_steps=steps)
+        values, about = self.metric_values(cfg, m, feats, seed)
+        result = {"nfe": nfe, "steps": steps, "num_images": m.num_images, "seed": int(seed),
+                  "metrics": {n: float(values[n]) for n in m.metric_names},
+                  "extractors": {n: about[n][0] for n in m.metric_names},
+                  "protocols": {n: about[n][1] for n in m.metric_names},
+                  "references": {n: about[n][2] for n in m.metric_names},
+                  "teacher_hash": teacher_manifest["content_hash"], "inputs": inputs, "scorer": self.ident(),
+                  "seconds": round(time.time() - t0, 3), "time": time.time()}
+        store.write_teacher_score(ref, result)
+        return {**result, "stored": storage.uri_of(ref), "reused": False}
 
 
 def check_reference(cfg) -> None:

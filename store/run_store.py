@@ -20,6 +20,8 @@
       scoring/skipped/<ckpt>.json checkpoints the scorers skipped (behind, deleted by rotation, failing), and why
       gallery/<ckpt>.png          each live-scored checkpoint's samples of seeds 0..metric.gallery-1 (same seeds
                                   for every checkpoint: compare them by eye), kept after rotation
+      evaluate/teacher-<protocol>-<nfe>-<images>.json  ``sida evaluate --protocol-check``: the teacher's own Heun
+                                  samples scored like the generator (one seed set), reused while its inputs hold
       status.json                 how the run ended: finished / diverged / stopped (with the reason)
       init_generator/             SiD²A: a verified copy of the generator checkpoint theta starts from
       lineage.json                SiD²A: where that copy came from (source run, checkpoint, URI, content hash)
@@ -468,6 +470,23 @@ class RunStore:
                 pass
         self.storage.delete("teacher")
         self.upload_checkpoint(Path(local_teacher), "teacher")
+
+    @staticmethod
+    def teacher_score_ref(protocol: str, nfe: int, num_images: int) -> str:
+        """Where ``sida evaluate --protocol-check`` keeps the teacher's scores for one protocol, NFE and image count."""
+        return f"evaluate/teacher-{protocol}-{int(nfe)}-{int(num_images)}.json"
+
+    def read_teacher_score(self, ref: str) -> Optional[dict]:
+        """The stored teacher scores at ``ref`` (:meth:`teacher_score_ref`), or None if absent or unreadable (then
+        they are computed again and the file replaced)."""
+        try:
+            out = self.storage.read_json(ref)
+        except (FileNotFoundError, ValueError):  # (StoredFileError: damaged JSON)
+            return None
+        return out if isinstance(out, dict) else None
+
+    def write_teacher_score(self, ref: str, result: dict) -> None:
+        self.storage.write_json(ref, result)
 
     # ----------------------------------------------------------------- SiD²A: the generator theta starts from
     def ensure_init_generator(self, source_uri: str, *, endpoint_url: Optional[str] = None,

@@ -54,6 +54,7 @@ def fx(tmp_path_factory) -> dict[str, str]:
                                                                    if k not in ("loss", "storage")}))
     (runs / "not-a-run").mkdir()
     shutil.copytree(run, runs / "exists")
+    shutil.copytree(run, runs / "no-teacher", ignore=shutil.ignore_patterns("teacher"))  # for --protocol-check
     damaged = root / "damaged-run"  # every committed checkpoint fails its hash
     shutil.copytree(run, damaged)
     for ck in damaged.glob("ckpt-*"):
@@ -186,6 +187,12 @@ CASES = [
     ("evaluate-which-checkpoint", ["evaluate", "{run}"], ["--best", "--checkpoint"], None),
     ("evaluate-no-scores", ["evaluate", "{run}", "--best"], ["no scored checkpoint"], None),
     ("evaluate-s3-no-bucket", ["evaluate", "s3://", "--best"], ["bucket"], None),
+    ("evaluate-teacher-steps-0", ["evaluate", "{run}", "--best", "--protocol-check", "--teacher-steps", "0"],
+     ["--teacher-steps", "integer >= 1"], None),
+    ("evaluate-teacher-steps-alone", ["evaluate", "{run}", "--best", "--teacher-steps", "2"],
+     ["--teacher-steps", "--protocol-check"], None),
+    ("evaluate-protocol-check-no-teacher", ["evaluate", "{runs}/no-teacher", "--best", "--protocol-check"],
+     ["no-teacher", "no teacher checkpoint", "--protocol-check"], None),
     ("leaderboard-gs", ["leaderboard", "gs://b/x"], ["gs://"], None),
     ("leaderboard-top-0", ["leaderboard", "{run}", "--top", "0"], ["--top"], None),
     ("leaderboard-watch-json", ["leaderboard", "{run}", "--watch", "1", "--json"], ["--watch"], None),

@@ -1,4 +1,5 @@
-"""Scoring a one-step generator: N images from fixed seeds, features batch by batch, Fréchet distance.
+"""Scoring a one-step generator (or the teacher's own samples): N images from fixed seeds, features batch by batch,
+Fréchet distance and the other metrics. What produces the images is an :data:`ImageSource`.
 
 Randomness: image ``i`` belongs to chunk ``i // CHUNK``; chunk ``k`` draws its latents (and labels) from a
 generator seeded with ``(seed << 20) + k``. So the images for a seed do not depend on the batch size or
@@ -6,6 +7,7 @@ the device, and two processes (a scorer actor and ``sida evaluate``) generate th
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
 import numpy as np
@@ -54,36 +56,91 @@ def generator_inputs(n: int, seed: int, img_shape: tuple[int, int, int], label_d
         yield z_buf, (c_buf if label_dim else None)
 
 
+ImageSource = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+"""What a score samples: (z ~ N(0, I) on the device, one-hot labels or None) -> a batch of images (or latents,
+mapped to images by ``decode``). :func:`one_step_source` is the generator's, :func:`heun_source` the teacher's."""
+
+
+def one_step_source(generator: torch.nn.Module, sigma_init: float) -> ImageSource:
+    """One-step samples x_g = G(sigma_init z, c)."""
+    return lambda z, c: generate(generator, z, c, sigma_init)
+
+
+def heun_source(teacher: torch.nn.Module, num_steps: int) -> ImageSource:
+    """The teacher's own samples: EDM's deterministic Heun sampler from x_0 = sigma_max z (2 num_steps - 1 NFE)."""
+    from ..teacher import heun_sample
+
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    return lambda z, c: heun_sample(teacher, z, c, num_steps=num_steps)
+
+
 @torch.no_grad()
+def source_images(source: ImageSource, n: int, *, seed: int, img_shape: tuple[int, int, int], label_dim: int = 0,
+                  batch_size: int = CHUNK, device="cpu", start: int = 0,
+                  total: Optional[int] = None) -> Iterator[torch.Tensor]:
+    """``source``'s images start..start+n-1 of a ``total``-image score of ``seed`` (default: images 0..n-1 of an
+    n-image score; latents and labels of :func:`generator_inputs`), batch by batch, as float32 on the CPU."""
+    for z, c in generator_inputs(n, seed, img_shape, label_dim, batch_size, start, total):
+        yield source(z.to(device), None if c is None else c.to(device)).float().cpu()
+
+
 def generate_images(generator: torch.nn.Module, n: int, *, seed: int, sigma_init: float,
                     img_shape: tuple[int, int, int], label_dim: int = 0, batch_size: int = CHUNK,
                     device="cpu", start: int = 0, total: Optional[int] = None) -> Iterator[torch.Tensor]:
     """One-step samples x_g = G(sigma_init z, c) in [-1, 1]-ish of images start..start+n-1, batch by batch, on the
     CPU."""
-    for z, c in generator_inputs(n, seed, img_shape, label_dim, batch_size, start, total):
-        yield generate(generator, z.to(device), None if c is None else c.to(device), sigma_init).float().cpu()
+    return source_images(one_step_source(generator, sigma_init), n, seed=seed, img_shape=img_shape,
+                         label_dim=label_dim, batch_size=batch_size, device=device, start=start, total=total)
+
+
+def image_features(source: ImageSource, spaces: dict[str, FeatureSpace], *, num_images: int, seed: int,
+                   img_shape: tuple[int, int, int], label_dim: int = 0, batch_size: int = CHUNK, device="cpu",
+                   decode: Optional[Callable] = None, start: int = 0,
+                   total: Optional[int] = None) -> dict[str, np.ndarray]:
+    """{key: (num_images, D) features in ``spaces[key]``} of ONE set of ``source``'s samples (each batch sampled
+    once and handed to every space): images start..start+num_images-1 of a ``total``-image score of ``seed``
+    (several scorers split a large score by ranges; their features concatenate to one pass's). ``decode`` maps each
+    batch to images first (latent-space networks: :class:`sida_core.vae.LatentDecoder`)."""
+    feats: dict[str, list[np.ndarray]] = {key: [] for key in spaces}
+    for x in source_images(source, num_images, seed=seed, img_shape=img_shape, label_dim=label_dim,
+                           batch_size=batch_size, device=device, start=start, total=total):
+        images = decode(x) if decode is not None else x
+        for key, space in spaces.items():
+            feats[key].append(space.features(images, device))
+    return {key: np.concatenate(f) for key, f in feats.items()}
+
+
+@contextmanager
+def _eval_mode(net: torch.nn.Module):
+    was_training = net.training
+    net.eval()
+    try:
+        yield net
+    finally:
+        net.train(was_training)
 
 
 def generator_features(generator: torch.nn.Module, spaces: dict[str, FeatureSpace], *, num_images: int, seed: int,
                        sigma_init: float, img_shape: tuple[int, int, int], label_dim: int = 0,
                        batch_size: int = CHUNK, device="cpu", decode: Optional[Callable] = None,
                        start: int = 0, total: Optional[int] = None) -> dict[str, np.ndarray]:
-    """{key: (num_images, D) features in ``spaces[key]``} of ONE set of one-step samples (each batch generated once and
-    handed to every space): images start..start+num_images-1 of a ``total``-image score of ``seed`` (several scorers
-    split a large score by ranges; their features concatenate to one pass's). ``decode`` maps each generated batch to images first
-    (latent-space generators: :class:`sida_core.vae.LatentDecoder`)."""
-    was_training = generator.training
-    generator.eval()
-    feats: dict[str, list[np.ndarray]] = {key: [] for key in spaces}
-    try:
-        for x in generate_images(generator, num_images, seed=seed, sigma_init=sigma_init, img_shape=img_shape,
-                                 label_dim=label_dim, batch_size=batch_size, device=device, start=start, total=total):
-            images = decode(x) if decode is not None else x
-            for key, space in spaces.items():
-                feats[key].append(space.features(images, device))
-    finally:
-        generator.train(was_training)
-    return {key: np.concatenate(f) for key, f in feats.items()}
+    """:func:`image_features` of the one-step generator's samples."""
+    with _eval_mode(generator):
+        return image_features(one_step_source(generator, sigma_init), spaces, num_images=num_images, seed=seed,
+                              img_shape=img_shape, label_dim=label_dim, batch_size=batch_size, device=device,
+                              decode=decode, start=start, total=total)
+
+
+def teacher_features(teacher: torch.nn.Module, spaces: dict[str, FeatureSpace], *, num_images: int, seed: int,
+                     num_steps: int, img_shape: tuple[int, int, int], label_dim: int = 0, batch_size: int = CHUNK,
+                     device="cpu", decode: Optional[Callable] = None) -> dict[str, np.ndarray]:
+    """:func:`image_features` of the teacher's Heun samples (``num_steps`` steps) from the same latents and labels
+    as the generator's images of ``seed``: the teacher's score under the generator's protocol."""
+    with _eval_mode(teacher):
+        return image_features(heun_source(teacher, num_steps), spaces, num_images=num_images, seed=seed,
+                              img_shape=img_shape, label_dim=label_dim, batch_size=batch_size, device=device,
+                              decode=decode)
 
 
 def score_generator(generator: torch.nn.Module, space: FeatureSpace, reference: Stats | GaussianReference, *,
