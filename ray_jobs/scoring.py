@@ -341,7 +341,8 @@ def make_scorers(metric, n: Optional[int] = None) -> list:
     import ray
 
     actor = ray.remote(CheckpointScorer).options(
-        num_cpus=metric.cpus_per_scorer, num_gpus=metric.gpus_per_scorer, max_restarts=-1, max_task_retries=0)
+        num_cpus=metric.cpus_per_scorer, num_gpus=metric.gpus_per_scorer, resources=dict(metric.scorer_resources) or None,
+        max_restarts=-1, max_task_retries=0)
     nice = NICE if not metric.gpus_per_scorer else 0
     return [actor.remote(threads=max(1, int(metric.cpus_per_scorer)), nice=nice)
             for _ in range(n or metric.num_scorers)]

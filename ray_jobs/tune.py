@@ -177,7 +177,8 @@ def trial_resources(cfg, trial_cpus: float) -> dict:
     m, s = cfg.metric, cfg.scaling
     bundles = [{"CPU": trial_cpus}]
     if m.enabled:
-        scorer = {"CPU": m.cpus_per_scorer, **({"GPU": m.gpus_per_scorer} if m.gpus_per_scorer else {})}
+        scorer = {"CPU": m.cpus_per_scorer, **({"GPU": m.gpus_per_scorer} if m.gpus_per_scorer else {}),
+                  **m.scorer_resources}
         bundles += [dict(scorer) for _ in range(m.num_scorers)]
     cpus = sum(b["CPU"] for b in bundles) + s.max_workers * s.cpus_per_worker  # elastic: its full size
     gpus = sum(b.get("GPU", 0) for b in bundles) + (s.max_workers if s.use_gpu else 0)

@@ -259,8 +259,11 @@ class MetricConfig(Strict):
     seed: int = 0                    # generation seed of the live scores (`sida evaluate` uses others)
     enabled: bool = True             # score checkpoints while `sida train` runs
     num_scorers: PositiveInt = 1
-    cpus_per_scorer: PositiveFloat = 1.0
+    cpus_per_scorer: float = Field(1.0, ge=0)  # 0: only with a GPU share or scorer_resources that place it
     gpus_per_scorer: float = Field(0.0, ge=0)  # e.g. 0.25: four scorers share one GPU
+    # custom Ray resources each scorer actor needs, e.g. {scoring: 1} to keep scorers on nodes started with
+    # `ray start --resources '{"scoring": 4}'` (scoring nodes, or off the training nodes)
+    scorer_resources: dict[str, PositiveFloat] = Field(default_factory=dict)
     max_backlog: PositiveInt = 2
     batch_size: PositiveInt = 500    # images per generator/extractor batch
     pin_best: bool = True            # copy the lowest-value checkpoint to pinned/ (outside keep-last-K)
@@ -286,6 +289,11 @@ class MetricConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self):
+        if not (self.cpus_per_scorer or self.gpus_per_scorer or self.scorer_resources):
+            raise ValueError("metric.cpus_per_scorer 0 needs gpus_per_scorer or scorer_resources: a scorer actor must "
+                             "hold some resource, or Ray places any number of them anywhere")
+        if {"CPU", "GPU"} & set(self.scorer_resources):
+            raise ValueError("metric.scorer_resources: CPU and GPU are cpus_per_scorer / gpus_per_scorer")
         if self.names is not None:
             if len(set(self.names)) != len(self.names):
                 raise ValueError(f"metric.names: {self.names} names a metric twice")
