@@ -78,3 +78,27 @@ def test_leaderboard_scale_runs_small_on_a_real_s3_server():
     assert out["objects_after"] == 5 * 5 + 1
     assert out["dirty_after_s"] > 0
     assert out["before_s"] > 0 and out["after_s"] > 0
+
+
+def test_scoring_throughput_runs_small_on_cpu():
+    """benchmarks/scoring_throughput.py, small: a real run folder scored by CheckpointScorer.score, its time split
+    into checkpoint load, generation, features and metrics, each metric group timed alone (no Inception, no Ray:
+    the Inception path and the slow-down are the full benchmark's)."""
+    out = run_json(sys.executable, "benchmarks/scoring_throughput.py", "--size", "digits", "--num-images", "64",
+                   "--batch-size", "32", "--skip-inception", "--no-slowdown", timeout=300)
+    assert {"device", "device_name", "torch_threads", "size", "network", "scores", "training_slowdown"} <= set(out)
+    assert out["size"] == "digits" and out["torch_threads"] >= 1 and out["network"]["parameters"] > 0
+    assert out["scores"]["fid_inception"] == {"skipped": "--skip-inception"}
+    assert out["training_slowdown"] == {"skipped": "--no-slowdown"}
+    s = out["scores"]["fd_digits"]
+    assert s["metrics"] == ["fd_digits", "kid_digits", "precision_digits", "recall_digits"] and s["num_images"] == 64
+    assert s["reference"]["images"] == 64 and s["reference"]["seconds"] > 0
+    for key in ("first_score_s", "score_s", "images_per_s_end_to_end", "generation_img_s"):
+        assert s[key] > 0, key
+    assert set(s["features_img_s"]) == {"fd_digits"} and s["features_img_s"]["fd_digits"] > 0
+    parts = s["seconds"]
+    assert set(parts) == {"load_checkpoint", "generation", "features_fd_digits", "metrics", "other"}
+    assert all(parts[k] > 0 for k in parts if k != "other")
+    assert sum(parts.values()) == pytest.approx(s["score_s"], abs=0.01)  # the parts add up to the whole score
+    assert set(s["metric_seconds"]) == {"fd_digits", "kid_digits", "precision_digits+recall_digits"}
+    assert all(v > 0 for v in s["metric_seconds"].values())
