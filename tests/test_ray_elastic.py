@@ -126,6 +126,23 @@ def two_nodes():
                 os.environ[k] = v
 
 
+def train_in_thread(sets: list[str], name: str) -> tuple[threading.Thread, dict]:
+    """``sida train`` (run_train) of the test config with ``sets`` in a thread, started: the test's main thread must
+    stay free for ``Cluster.add_node`` (signal handlers). ``seen`` gets "out" (its result) or "error" (a traceback)."""
+    seen: dict = {}
+
+    def train() -> None:
+        try:
+            seen["out"] = run_train(str(CONFIG), sets, name=name, log=lambda m: None)
+        except BaseException:  # noqa: BLE001 -- reported by the test's main thread
+            import traceback
+            seen["error"] = traceback.format_exc()
+
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    return thread, seen
+
+
 def _wait(cond, what: str, deadline: float, every: float = 0.1):
     while time.monotonic() < deadline:
         got = cond()
@@ -145,17 +162,7 @@ def test_node_lost_training_goes_on_with_fewer_workers_and_grows_back(two_nodes,
                    f"total_kimg={steps * batch / 1000}", f"checkpoint_every_kimg={8 * batch / 1000}",
                    "keep_checkpoints=20", "max_failures=3"]
     store = RunStore(Storage(str(runs)).child("el"))
-    seen: dict = {}
-
-    def train() -> None:  # the driver in a thread: Cluster.add_node must run in the main thread (signal handlers)
-        try:
-            seen["out"] = run_train(str(CONFIG), sets, name="el", log=lambda m: None)
-        except BaseException:  # noqa: BLE001 -- reported by the test's main thread
-            import traceback
-            seen["error"] = traceback.format_exc()
-
-    thread = threading.Thread(target=train, daemon=True)
-    thread.start()
+    thread, seen = train_in_thread(sets, "el")
     deadline = time.monotonic() + 300
     finished = lambda: "out" in seen or "error" in seen  # noqa: E731
 

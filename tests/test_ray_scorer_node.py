@@ -9,18 +9,17 @@ coordinator's drain waits for it, up to metric.drain_timeout_s.)"""
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import pytest
 
-from pipelines.train import run_train
 from store.run_store import RunStore
 from store.storage import Storage
 
 from tests.ray_head import free_port
-from tests.recipes import CONFIG, TINY_RAY as TINY
-from tests.test_ray_elastic import FAST_NODE_DEATH, RAY_ENV, _alive, _committed, _descendants, _kill_node, _wait
+from tests.recipes import TINY_RAY as TINY
+from tests.test_ray_elastic import (FAST_NODE_DEATH, RAY_ENV, _alive, _committed, _descendants, _kill_node, _wait,
+                                    train_in_thread)
 
 pytestmark = pytest.mark.slow
 
@@ -66,17 +65,7 @@ def test_scorer_node_lost_scoring_resumes_when_it_returns(head_and_scoring_node,
                    "metric.num_images=64", "metric.batch_size=64", "metric.gallery=0", "metric.cpus_per_scorer=0",
                    "metric.scorer_resources={scoring: 1}", "metric.max_backlog=20", "metric.drain_timeout_s=240"]
     store = RunStore(Storage(str(runs)).child("sn"))
-    seen: dict = {}
-
-    def train() -> None:  # the driver in a thread: Cluster.add_node must run in the main thread (signal handlers)
-        try:
-            seen["out"] = run_train(str(CONFIG), sets, name="sn", log=lambda m: None)
-        except BaseException:  # noqa: BLE001 -- reported by the test's main thread
-            import traceback
-            seen["error"] = traceback.format_exc()
-
-    thread = threading.Thread(target=train, daemon=True)
-    thread.start()
+    thread, seen = train_in_thread(sets, "sn")
     deadline = time.monotonic() + 360
     finished = lambda: "out" in seen or "error" in seen  # noqa: E731
     live = lambda: [k for k in (store.row_keys() if store.storage.exists("leaderboard") else ()) if "-live-" in k]  # noqa: E731
