@@ -230,7 +230,8 @@ def timing(clock: Clock):
     import sida_core.metrics.score as score_mod
     import sida_core.training_loop as training_loop
 
-    real = (training_loop.load_network, score_mod.generate_images, catalog.compute_metrics)
+    real = (training_loop.load_network, score_mod.source_images, catalog.compute_metrics)  # source_images: what
+    #                                                     image_features draws every sampled batch from
 
     def load_network(*args, **kw):
         t0 = clock.now()
@@ -239,7 +240,7 @@ def timing(clock: Clock):
         finally:
             clock.add("load_checkpoint", clock.now() - t0)
 
-    def generate_images(*args, **kw) -> Iterator:
+    def source_images(*args, **kw) -> Iterator:
         it = real[1](*args, **kw)
         while True:
             t0 = clock.now()
@@ -259,12 +260,12 @@ def timing(clock: Clock):
             clock.add("metrics", clock.now() - t0)
             clock.metric_calls.append((list(names), features, kw))
 
-    training_loop.load_network, score_mod.generate_images, catalog.compute_metrics = (
-        load_network, generate_images, compute_metrics)
+    training_loop.load_network, score_mod.source_images, catalog.compute_metrics = (
+        load_network, source_images, compute_metrics)
     try:
         yield
     finally:
-        training_loop.load_network, score_mod.generate_images, catalog.compute_metrics = real
+        training_loop.load_network, score_mod.source_images, catalog.compute_metrics = real
 
 
 def metric_groups(names: list[str]) -> list[list[str]]:
