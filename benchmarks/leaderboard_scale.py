@@ -34,11 +34,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def write_rows(uri: str, endpoint_url: str, runs: int, checkpoints: int, seeds: int, *, threads: int = 16,
-               progress: bool = True, first_seed: int = 0, notify_index: bool = False) -> int:
+               progress: bool = True, first_seed: int = 0, notify_index: bool = False, parts: bool = False) -> int:
     """``runs`` ended runs under ``uri``, each with ``checkpoints`` x ``seeds`` live scores; returns rows written.
     ``notify_index``: the per-row check for a root index (a listing of the run's leaderboard/.indexed/), skipped
     while filling the fresh bucket, where no index exists yet: moto scans the whole bucket per listing, which would
-    make the setup quadratic. The one-new-row step does it, as scorers do."""
+    make the setup quadratic. The one-new-row step does it, as scorers do. ``parts``: each run's rows written as the
+    one compacted part a compaction leaves (one object per run: a fast setup for the after-compaction read)."""
     from schemas.leaderboard import LeaderboardRow
     from store.run_store import RunState, RunStore
     from store.storage import Storage
@@ -51,17 +52,29 @@ def write_rows(uri: str, endpoint_url: str, runs: int, checkpoints: int, seeds: 
         store = RunStore(root.child(name))
         store.write_config({"name": name, "method": "sida", "synthetic": True})
         level = rng.uniform(2.0, 8.0)
+        rows = []
         for k in range(1, checkpoints + 1):
             nimg = k * 10_000
             ck = f"ckpt-{nimg:012d}"
             for seed in range(first_seed, first_seed + seeds):
-                store.write_row(LeaderboardRow(
+                rows.append(LeaderboardRow(
                     run=name, run_uri=store.uri, config_summary="synthetic", method="sida", alpha=1.2,
                     lambda_sid=100.0, lambda_adv_theta=0.01, lambda_adv_psi=1.0, lr_theta=1e-4, lr_psi=1e-4,
                     checkpoint=ck, checkpoint_uri=store.storage.uri_of(ck), checkpoint_hash=f"{i:04d}{k:04d}",
                     kimg=nimg / 1000, cur_nimg=nimg, metric="fd_digits", value=level * (1 + 20 / k) * rng.uniform(0.9, 1.1),
-                    num_images=5000, seed=seed, reference="synthetic", extractor_id="synthetic", time=1.0e9 + i),
-                    notify_index=notify_index)
+                    num_images=5000, seed=seed, reference="synthetic", extractor_id="synthetic", time=1.0e9 + i))
+        if parts:
+            import pyarrow as pa
+
+            from schemas.leaderboard import parquet_schema
+            from store.run_store import COMPACTED_PREFIX
+
+            schema, dumped = parquet_schema(), [r.model_dump() for r in rows]
+            store.storage.write_parquet(f"leaderboard/{COMPACTED_PREFIX}{time.time_ns():020d}-bench.parquet",
+                                        pa.table({k: [r[k] for r in dumped] for k in schema.names}, schema=schema))
+        else:
+            for row in rows:
+                store.write_row(row, notify_index=notify_index)
         store.record_end(RunState.FINISHED, cur_nimg=checkpoints * 10_000)
         return checkpoints * seeds
 
@@ -92,6 +105,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--threads", type=int, default=16, help="writers of the synthetic rows")
     ap.add_argument("--endpoint-url", default=None, help="an S3-API server to use (default: start moto_server here)")
+    ap.add_argument("--parts", action="store_true",
+                    help="write each run's rows as one compacted part (the layout --compact leaves) instead of one object "
+                         "per row: minutes instead of an hour; before_s is then a read of compacted parts without the "
+                         "root index, and compact_s mostly the index")
     a = ap.parse_args(argv)
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -108,7 +125,7 @@ def main(argv=None) -> dict:
                      ).create_bucket(Bucket=bucket)
         uri = f"s3://{bucket}/runs"
         t0 = time.perf_counter()
-        rows = write_rows(uri, endpoint, a.runs, a.checkpoints, a.seeds, threads=a.threads)
+        rows = write_rows(uri, endpoint, a.runs, a.checkpoints, a.seeds, threads=a.threads, parts=a.parts)
         write_s = time.perf_counter() - t0
         env = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "PYTHONPATH": str(ROOT)}
         before_s, before = timed_cli("leaderboard", uri, "--by", "run", "--json", env=env)
@@ -133,6 +150,7 @@ def main(argv=None) -> dict:
         if server is not None:
             server.stop()
     out = {"runs": a.runs, "checkpoints": a.checkpoints, "seeds": a.seeds, "rows": rows, "runs_shown": len(shown),
+           "layout": "compacted parts" if a.parts else "one object per row",
            "write_s": round(write_s, 1), "before_s": round(before_s, 2), "compact_s": round(compact_s, 2),
            "after_s": round(after_s, 2), "second_compact_s": round(again_s, 2),
            "dirty_after_s": round(dirty_s, 2),
