@@ -97,7 +97,11 @@ def note_new_run(run: Storage) -> None:
     parts = run.root.split("/")
     for levels in range(MAX_DEPTH + 1):
         root = ancestor(run, levels)
-        if root is not None and root.exists(INDEX_FILE):
+        try:
+            indexed = root is not None and root.exists(INDEX_FILE)
+        except (OSError, RuntimeError):  # a folder above the run this identity may not read (a prefix-scoped S3
+            continue                     # policy): no index of ours can be there either
+        if indexed:
             _mark_dirty(run, "/".join(parts[len(parts) - levels:]))
 
 

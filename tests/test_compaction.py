@@ -282,3 +282,20 @@ def test_the_cli_reads_a_large_compacted_root_in_a_few_requests(s3_bucket, capsy
     assert main(["leaderboard", s3_bucket.uri, "--by", "run", "--json", *ep]) == 0
     assert json.loads(capsys.readouterr().out) == before and len(before) == 12
     assert len(calls) <= 5, calls  # .leaderboard/, dirty/, the index, ROOT/config.json, ROOT/
+
+
+def test_a_run_under_folders_it_may_not_read_still_starts(tmp_path, monkeypatch):
+    """`prepare` looks for root indexes up to MAX_DEPTH folders above the run; where the identity may not read there
+    (a prefix-scoped S3 policy answers AccessDenied) that is no index, not a failed start."""
+    from store.storage import StorageError
+
+    run = RunStore(Storage(str(tmp_path / "team" / "runs")).child("r"))
+    exists = Storage.exists
+
+    def scoped(self, rel=""):
+        if not self.root.startswith(str(tmp_path / "team" / "runs")):
+            raise StorageError(f"{self.root}: AccessDenied")
+        return exists(self, rel)
+    monkeypatch.setattr(Storage, "exists", scoped)
+    run.prepare({"name": "r"}, teacher=None)
+    assert run.read_config() == {"name": "r"}
