@@ -311,7 +311,7 @@ BAD_SPECS = [
     ({"config": None}, ["config is required", "train"]),
     ({"kind": "sweep", "name": "x"}, ["name is only used by kind 'train'"]),
     ({"overrides": ["loss.alpha"]}, ["overrides", "'loss.alpha'", "KEY=VALUE"]),
-    ({"resources": {"num_workers": 0}}, ["resources.num_workers", "greater than 0"]),
+    ({"resources": {"num_workers": 0}}, ["resources.num_workers", "whole number >= 1 or [min, max]"]),
     ({"name": "a/b"}, ["name", "without slashes"]),
     ({"runtime_env": {"working_dir": "."}}, ["runtime_env", "working_dir", "unknown key"]),
 ]
