@@ -100,18 +100,18 @@ def _starts(store: RunStore) -> list[dict]:
     return [e for e in store.events() if e["kind"] in ("start", "resume")]
 
 
-@pytest.fixture(scope="module")
-def two_nodes():
-    """A head node and a second node, one CPU each, on loopback; the driver (this process) joins the head."""
+def two_node_cluster(head_cpus: float, **second_node):
+    """A head node (``head_cpus`` CPUs, fast node-death detection) and a second node (``second_node``: Cluster.add_node
+    arguments) on this machine, the driver (this process) joined to the head; a generator for a fixture's yield."""
     import ray
     from ray.cluster_utils import Cluster
 
     saved = {k: os.environ.get(k) for k in RAY_ENV}
     os.environ.update(RAY_ENV)  # the nodes' processes inherit this process's environment (and its PYTHONPATH)
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "_system_config": FAST_NODE_DEATH,
+        "num_cpus": head_cpus, "_system_config": FAST_NODE_DEATH,
         "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port()})
-    cluster.add_node(num_cpus=1)
+    cluster.add_node(**second_node)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     try:
@@ -124,6 +124,12 @@ def two_nodes():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """A head node and a second node, one CPU each, on loopback; the driver (this process) joins the head."""
+    yield from two_node_cluster(1, num_cpus=1)
 
 
 def train_in_thread(sets: list[str], name: str) -> tuple[threading.Thread, dict]:

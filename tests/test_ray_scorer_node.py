@@ -8,7 +8,6 @@ skipped with its reason, and the final one scored. (Training on the head may end
 coordinator's drain waits for it, up to metric.drain_timeout_s.)"""
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -16,37 +15,16 @@ import pytest
 from store.run_store import RunStore
 from store.storage import Storage
 
-from tests.ray_head import free_port
 from tests.recipes import TINY_RAY as TINY
-from tests.test_ray_elastic import (FAST_NODE_DEATH, RAY_ENV, _alive, _committed, _descendants, _kill_node, _wait,
-                                    train_in_thread)
+from tests.test_ray_elastic import _alive, _committed, _descendants, _kill_node, _wait, train_in_thread, two_node_cluster
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def head_and_scoring_node():
-    import ray
-    from ray.cluster_utils import Cluster
-
-    saved = {k: os.environ.get(k) for k in RAY_ENV}
-    os.environ.update(RAY_ENV)
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "_system_config": FAST_NODE_DEATH,
-        "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port()})
-    cluster.add_node(num_cpus=0, resources={"scoring": 1})
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    try:
-        yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    """A head with 2 CPUs (training) and a second node with no CPU and the custom resource ``scoring`` (the scorer)."""
+    yield from two_node_cluster(2, num_cpus=0, resources={"scoring": 1})
 
 
 def _scorer_pids(node) -> list[int]:
