@@ -111,7 +111,7 @@ def run_fid_stats(dataset: str, out: str, *, metric: Optional[str] = None, kind:
     DINOv2 weights file of ``--metric fd_dinov2`` (local or s3://)."""
     import torch
 
-    from sida_core.metrics import feature_space
+    from sida_core.metrics import check_protocol, feature_space
     from sida_core.metrics.reference import compute_reference
 
     t0 = time.perf_counter()
@@ -119,9 +119,10 @@ def run_fid_stats(dataset: str, out: str, *, metric: Optional[str] = None, kind:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     check_out(out, endpoint_url)
-    if metric != "fid_inception" and protocol != "clean":  # before any image is read
-        raise ReferenceStatsError(f"--protocol {protocol}: {metric} is defined in 'clean' mode only "
-                                  "(legacy_tensorflow is an Inception FID protocol)")
+    try:
+        check_protocol(metric, protocol)  # before any image is read
+    except ValueError as e:
+        raise ReferenceStatsError(f"--protocol {protocol}: {e}") from None
     if metric == "fd_dinov2" and not dinov2:
         raise ReferenceStatsError("--metric fd_dinov2 needs --dinov2 PATH (dinov2_vitl14_pretrain.pth, local or s3://)")
     weights = None

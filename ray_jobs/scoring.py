@@ -327,7 +327,7 @@ def score_split(storage: Storage, name: str, scorers: list, *, seed: int, metric
 
     from schemas.run import MetricConfig
 
-    run_metric = RunStore(storage).read_config().get("metric") or {}
+    run_metric = storage.read_json(f"{source or name}/manifest.json")["config"]["metric"]  # what each scorer reads
     total = MetricConfig.model_validate({**run_metric, **(metric or {})}).num_images
     k = max(1, min(len(scorers), total))
     bounds = [total * i // k for i in range(k + 1)]

@@ -57,30 +57,13 @@ def _rel(name: str) -> str:
     return "" if name == "%2E" else unquote(name)
 
 
-def ancestor(storage: Storage, levels: int) -> Optional[Storage]:
-    """The storage ``levels`` folders above ``storage`` (same filesystem and credentials), or None above the bucket
-    (S3) or the filesystem root."""
-    if levels == 0:
-        return storage
-    parts = storage.root.split("/")
-    keep = len(parts) - levels
-    if keep < 1:
-        return None
-    import copy
-
-    new = copy.copy(storage)
-    new.root = "/".join(parts[:keep]) or "/"
-    new.uri = ("s3://" if storage.is_s3 else "") + new.root
-    return new
-
-
 def mark_indexed(run: Storage, rel: str) -> None:
     """Tell the run's row writers that the index at ``rel``'s root holds it (before its rows are read for it)."""
     run.write_json(f"{MARKER_DIR}/{_name(rel)}", {"root_levels": len(rel.split("/")) if rel else 0})
 
 
 def _mark_dirty(run: Storage, rel: str) -> None:
-    root = ancestor(run, len(rel.split("/")) if rel else 0)
+    root = run.ancestor(len(rel.split("/")) if rel else 0)
     if root is not None:
         root.write_json(f"{DIRTY_DIR}/{_name(rel)}", {"run": rel, "time": time.time()})
 
@@ -96,7 +79,7 @@ def note_new_run(run: Storage) -> None:
     trained afresh under its old name lost its ``.indexed`` markers with its files)."""
     parts = run.root.split("/")
     for levels in range(MAX_DEPTH + 1):
-        root = ancestor(run, levels)
+        root = run.ancestor(levels)
         try:
             indexed = root is not None and root.exists(INDEX_FILE)
         except (OSError, RuntimeError):  # a folder above the run this identity may not read (a prefix-scoped S3

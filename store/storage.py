@@ -173,6 +173,18 @@ class Storage:
         new.uri = self.uri_of("/".join(parts))
         return new
 
+    def ancestor(self, levels: int) -> Storage | None:
+        """The storage ``levels`` folders above this one (same filesystem and credentials, as :meth:`child`), or
+        None above the bucket (S3) or the filesystem root."""
+        parts = self.root.split("/")
+        keep = len(parts) - levels
+        if levels < 0 or keep < 1:
+            return None
+        new = copy.copy(self)
+        new.root = "/".join(parts[:keep]) or "/"
+        new.uri = ("s3://" if self.is_s3 else "") + new.root
+        return new
+
     def ray_storage(self) -> tuple[str, pafs.FileSystem | None]:
         """``(storage_path, storage_filesystem)`` for ``ray.train.RunConfig`` (no ``s3://`` with a filesystem).
         Ray's own I/O bypasses ``_retry``, so this filesystem lets the AWS SDK retry (in the driver; the

@@ -11,13 +11,22 @@ from .frechet import (FeatureSpace, extract_features, fd_from_features, frechet_
 METRICS = ("fd_digits", "fid_inception", "fd_dinov2")
 
 
+CLEAN_ONLY = {"fd_digits": "", "fd_dinov2": " (EDM2's resize happens inside the extractor)"}
+
+
+def check_protocol(name: str, protocol: str) -> None:
+    """Raise ValueError unless feature space ``name`` is defined in ``protocol`` (only the Inception spaces have a
+    ``legacy_tensorflow`` mode): callers check before any image is read."""
+    if name in CLEAN_ONLY and protocol != "clean":
+        raise ValueError(f"metric.protocol {protocol!r}: {name} is defined in 'clean' mode only{CLEAN_ONLY[name]}")
+
+
 def feature_space(name: str, device="cpu", protocol: str = "clean", weights: Optional[str] = None) -> FeatureSpace:
     """The feature space of metric ``name`` (one of :data:`METRICS`) in ``protocol`` (clean-fid's resizing mode:
     ``clean``, or ``legacy_tensorflow`` for ``fid_inception``): the one place a metric name is resolved.
     ``weights``: for ``fd_dinov2``, the local path of ``dinov2_vitl14_pretrain.pth`` (``metric.dinov2``)."""
+    check_protocol(name, protocol)
     if name == "fd_digits":
-        if protocol != "clean":
-            raise ValueError(f"metric.protocol {protocol!r}: fd_digits is defined in 'clean' mode only")
         return digits_feature_space()
     if name == "fid_inception":
         from .inception import inception_feature_space
@@ -28,9 +37,6 @@ def feature_space(name: str, device="cpu", protocol: str = "clean", weights: Opt
 
         return inception_feature_space(device=device, protocol=protocol, with_probs=True)
     if name == "fd_dinov2":
-        if protocol != "clean":
-            raise ValueError(f"metric.protocol {protocol!r}: fd_dinov2 is defined in 'clean' mode only (EDM2's resize "
-                             f"happens inside the extractor)")
         from .dinov2 import dinov2_feature_space
 
         return dinov2_feature_space(weights, device=device)
