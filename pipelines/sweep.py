@@ -118,17 +118,22 @@ def run_experiment(plans, search, exp_root, *, trial_cpus: float, lineage: Optio
 
 
 def score_leftovers(plans, exp_root, log: Callable[[str], None] = _log) -> None:
-    """A trial the stopper ended took its scorers with it: score its committed, still unscored checkpoints now
-    (same coordinator and backlog policy), so its rows and pinned best are complete."""
+    """Score the committed, still unscored checkpoints of every trial that ended (same coordinator and backlog
+    policy), so its rows and pinned best are complete: a trial the stopper ended took its scorers with it, and a
+    driver killed after a trial finished training but before its scorers drained left that trial finished and
+    partly scored (a sweep run again does not run an ended trial again). Trials with nothing owed start no scorer."""
     from store.run_store import RunStore
-    from ray_jobs.scoring import ScoringCoordinator, make_scorers
+    from ray_jobs.scoring import ScoringCoordinator, make_scorers, unscored
 
     for plan in plans:
         m = plan.cfg.metric
         store = RunStore(exp_root.child(plan.name))
-        status = store.read_status() or {}
-        if status.get("state") != RunState.STOPPED or not m.enabled:
+        if not m.enabled or (store.read_status() or {}).get("state") not in TERMINAL_STATES:
+            continue  # a trial still to run scores its own checkpoints when it resumes
+        owed = unscored(store, m)
+        if not owed:
             continue
+        log(f"[{plan.name}] scoring {len(owed)} checkpoint(s) its trial left unscored")
         coord = ScoringCoordinator(store, make_scorers(m, n=1), m, trial=plan.name, poll_s=0.5,
                                    log=lambda s, n=plan.name: log(f"[{n}] {s}"))
         try:

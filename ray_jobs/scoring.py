@@ -351,6 +351,19 @@ def make_scorers(metric, n: Optional[int] = None) -> list:
             for _ in range(n or metric.num_scorers)]
 
 
+def live_row_key(metric, name: str) -> str:
+    """The leaderboard key of checkpoint ``name``'s live score in the run's ranking metric: present = scored."""
+    return row_key(name, metric.name, "live", metric.seed)
+
+
+def unscored(store: RunStore, metric) -> list[str]:
+    """The run's committed checkpoints with neither a live score nor a skip record: what its scoring still owes it
+    (a driver killed after training ended, before its scorers drained, leaves some). Storage reads only, no Ray."""
+    keys, skipped = store.row_keys(), set(store.skipped())
+    return [n for n in store.checkpoint_names()
+            if live_row_key(metric, n) not in keys and n not in skipped and store.storage.exists(f"{n}/manifest.json")]
+
+
 class ScoringCoordinator:
     """Feeds one run's new checkpoints to the scorers; see the module docstring for the policy."""
 
@@ -443,7 +456,7 @@ class ScoringCoordinator:
                 self._pin(row)
 
     def _row_key(self, name: str) -> str:
-        return row_key(name, self.metric.name, "live", self.metric.seed)
+        return live_row_key(self.metric, name)
 
     def _failed(self, name: str, why: str) -> None:
         if self._row_key(name) in self.store.row_keys():  # the scorer wrote its row before it died: nothing to redo

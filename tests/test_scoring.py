@@ -188,6 +188,33 @@ def test_scorer_killed_mid_run_loses_and_duplicates_nothing(ray_cluster, tmp_pat
     coord.close()
 
 
+def test_a_sweep_run_again_scores_what_its_ended_trials_left_unscored(ray_cluster, tmp_path):
+    """A sweep driver killed after a trial finished training but before its scorers drained leaves that trial
+    finished and partly scored; the sweep run again does not re-run an ended trial, so it scores the rest (and pins
+    the best), and starts no scorer for trials that owe nothing or are still to run (they score their own)."""
+    from types import SimpleNamespace
+
+    from pipelines.sweep import score_leftovers
+    from ray_jobs.scoring import unscored
+    from store.run_store import RunState
+
+    exp = Storage(str(tmp_path / "sweep"))
+    ended, cfg = make_run(exp.child("t00"), [64, 128, 192], bad={128})  # two different values: one best
+    ended.record_skip("ckpt-000000000064", "scoring fell behind (test)")
+    ended.record_end(RunState.FINISHED, cur_nimg=192)
+    running, _ = make_run(exp.child("t01"), [64])  # no status: its trial resumes with its own scorers
+    assert unscored(ended, cfg.metric) == ["ckpt-000000000128", "ckpt-000000000192"]
+    plans = [SimpleNamespace(name=n, cfg=cfg) for n in ("t00", "t01")]
+    logs: list[str] = []
+    score_leftovers(plans, exp, log=logs.append)
+    assert live_keys(ended) == [f"ckpt-{n:012d}-fd_digits-live-s0" for n in (128, 192)]  # the skipped one stays so
+    assert unscored(ended, cfg.metric) == [] and ended.pinned() == [ended.best_live_row()["checkpoint"]]
+    assert running.read_rows() == [] and logs[0] == "[t00] scoring 2 checkpoint(s) its trial left unscored"
+    logs.clear()
+    score_leftovers(plans, exp, log=logs.append)  # nothing owed now: no scorer, not a word
+    assert logs == []
+
+
 # ---------------------------------------------------------------------------------------------- live, end to end
 MLFLOW: dict[str, str] = {}  # live_run's MLflow file stores, by storage kind
 
