@@ -1,6 +1,7 @@
 """Ray Tune sweeps and staged pipelines on a real local Ray: a grid of 3 tiny digits trials (one forced to diverge
-by a huge learning rate) on local storage and on the loopback S3-API server (moto), SiD -> SiD²A with lineage
-and resume after a stop between stages, the report, and the one-line errors of bad sweep / pipeline files.
+by a huge learning rate) on the loopback S3-API server (moto), SiD -> SiD²A on local storage with lineage and
+resume after a stop between stages and after a SIGKILL of the driver mid-stage, a sweep driver killed mid-trial,
+the report, and the one-line errors of bad sweep / pipeline files.
 
 Trials are tiny (MLP teacher trained for 1 kimg, 6 steps of 32 images, 3 checkpoints each scored on 400 images);
 most of the time is Ray starting processes. The test Ray has 6 logical CPUs so that 3 trials of 2 CPUs each
@@ -90,11 +91,10 @@ GRID = {"name": "grid", "base": str(CONFIG), "axes": {"alpha": [0.5, 1.0]},
         "max_concurrent_trials": 3}
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_grid_sweep_stops_the_diverging_trial_and_finishes_the_others(where, ray_cluster, tmp_path, s3_bucket, capsys):
-    uri, endpoint = (str(tmp_path / "sweeps"), None) if where == "local" else (s3_bucket.uri + "/sweeps",
-                                                                                 s3_bucket.endpoint_url)
-    extra = [f"storage.uri={uri}", "logging.tensorboard=true"] + ([f"storage.endpoint_url={endpoint}"] if endpoint else [])
+def test_grid_sweep_stops_the_diverging_trial_and_finishes_the_others(ray_cluster, tmp_path, s3_bucket, capsys):
+    """On the loopback S3 server (the staged pipelines below run the same Tune code on local storage)."""
+    uri, endpoint = s3_bucket.uri + "/sweeps", s3_bucket.endpoint_url
+    extra = [f"storage.uri={uri}", "logging.tensorboard=true", f"storage.endpoint_url={endpoint}"]
     out = run_cli(capsys, ["sweep", write_yaml(tmp_path / "grid.yaml", GRID), *sets(TINY_TUNE + extra)])
     sweep = Storage(uri, endpoint_url=endpoint).child("grid")
     assert out["sweep_uri"] == sweep.uri
@@ -131,12 +131,12 @@ def test_grid_sweep_stops_the_diverging_trial_and_finishes_the_others(where, ray
     assert {t["name"] for t in sweep.read_json("sweep.json")["outcomes"]} == {*trials, bad["name"]}
 
     # the trials are ordinary runs: the leaderboard reads the sweep folder as it reads any folder of runs
-    assert main(["leaderboard", sweep.uri, "--by", "run", "--json", *(["--endpoint-url", endpoint] if endpoint else [])]) == 0
+    ep = ["--endpoint-url", endpoint]
+    assert main(["leaderboard", sweep.uri, "--by", "run", "--json", *ep]) == 0
     ranked = json.loads(capsys.readouterr().out)
     assert {r["run"] for r in ranked} >= set(trials)
 
     # the report: markdown + plots locally, and a copy in storage next to the trials
-    ep = ["--endpoint-url", endpoint] if endpoint else []
     rep = run_cli(capsys, ["report", sweep.uri, "--out", str(tmp_path / "report"), *ep])
     assert rep["kind"] == "sweep" and rep["runs"] == 3 and rep["best"]["value"] == pytest.approx(out["best"]["value"])
     md = (tmp_path / "report" / "report.md").read_text()
@@ -199,31 +199,45 @@ STAGED = {"name": "staged", "base": str(CONFIG), "stages": [
 
 @pytest.fixture(scope="module")
 def staged(ray_cluster, tmp_path_factory):
-    """SiD -> SiD²A on local storage, stopped after stage 1 (where a kill between stages leaves it: pipeline.json
-    records stage 1 done), then the same command again; returns (pipeline Storage, pipeline.json after the stop,
-    stage 1's event files after the stop, the temp folder)."""
+    """SiD -> SiD²A on local storage, as three commands: with `--stop-after sid` (pipeline.json records stage 1 done);
+    the same command without it, as its own process joined to this module's Ray, SIGKILLed as soon as a stage-2
+    trial has committed its first checkpoint (a real kill of the driver mid-stage); the same command again. Returns
+    (pipeline Storage, pipeline.json after the stop, stage 1's event files after the stop, pipeline.json after the
+    kill, the temp folder)."""
     tmp = tmp_path_factory.mktemp("staged")
     argv = ["pipeline", write_yaml(tmp / "staged.yaml", STAGED), *sets(TINY_TUNE + [f"storage.uri={tmp / 'pipes'}"])]
     pipe = Storage(str(tmp / "pipes")).child("staged")
     assert main(argv + ["--stop-after", "sid"]) == 0
     events_before = sorted(pipe.child("sid", "t00_alpha=1").listdir("events"))
     state_before = pipe.read_json("pipeline.json")
+    first = pipe.child("sid2a", "t00_alpha=1")
+    sigkill_cli_when(argv, lambda: first.exists("ckpt-000000000032/manifest.json"), tmp / "pipeline.log")
+    killed = pipe.read_json("pipeline.json")
     assert main(argv) == 0
-    return pipe, state_before, events_before, tmp
+    return pipe, state_before, events_before, killed, tmp
 
 
-def test_pipeline_stops_between_stages_and_resumes_at_the_next(staged):
-    pipe, state_before, events_before, _ = staged
+def test_pipeline_stopped_then_killed_mid_stage_resumes_where_it_was(staged):
+    pipe, state_before, events_before, killed, _ = staged
     assert state_before["stages"]["sid"]["state"] == "done" and "sid2a" not in state_before["stages"]
+    assert killed["current"] == "sid2a" and killed["stages"]["sid"] == state_before["stages"]["sid"]
+    assert "sid2a" not in killed["stages"]  # the kill landed inside stage 2
     state = pipe.read_json("pipeline.json")
     assert state["current"] is None and [state["stages"][s]["state"] for s in ("sid", "sid2a")] == ["done", "done"]
-    assert state["stages"]["sid"] == state_before["stages"]["sid"]  # stage 1 was not re-run ...
+    assert state["stages"]["sid"] == state_before["stages"]["sid"]  # stage 1 was not re-run, by either command ...
     assert sorted(pipe.child("sid", "t00_alpha=1").listdir("events")) == events_before  # ... no new start, no new end
     assert [t["state"] for t in state["stages"]["sid2a"]["outcomes"]] == ["finished", "finished"]
+    # the stage-2 trial the kill interrupted went on from its checkpoint, every metric row once
+    run = RunStore(pipe.child("sid2a", "t00_alpha=1"))
+    kinds = [(e["kind"], e.get("checkpoint")) for e in run.events()]
+    assert kinds[0] == ("start", None) and kinds[-1][0] == "finished", kinds
+    resumed = [c for k, c in kinds if k == "resume"]
+    assert resumed and all(c.startswith("ckpt-") for c in resumed), kinds  # from its checkpoint, not from 0
+    assert run.read_metrics().column("cur_nimg").to_pylist() == list(range(32, 193, 32))
 
 
 def test_pipeline_report_compares_the_methods(staged, capsys):
-    pipe, _, _, tmp = staged
+    pipe, _, _, _, tmp = staged
     ev = run_cli(capsys, ["evaluate", pipe.child("sid", "t00_alpha=1").uri, "--best", "--repeats", "2"])
     rep = run_cli(capsys, ["report", pipe.uri, "--out", str(tmp / "report")])
     assert rep["kind"] == "pipeline" and rep["runs"] == 3 and "methods.png" in rep["files"]
@@ -239,7 +253,7 @@ def test_pipeline_report_compares_the_methods(staged, capsys):
 def test_sid2a_starts_from_the_best_sid_checkpoint(staged):
     import torch
 
-    pipe, state_before, _, _ = staged
+    pipe, state_before, _, _, _ = staged
     best = state_before["stages"]["sid"]["best"]
     sid_run = RunStore(pipe.child("sid").child("t00_alpha=1"))
     live = [r for r in sid_run.read_rows() if r["kind"] == "live"]
@@ -278,36 +292,6 @@ def test_sid2a_starts_from_the_best_sid_checkpoint(staged):
 def test_bad_pipeline_files_get_one_line_errors(tmp_path, capsys, stages, expected):
     err = bad_file_error(tmp_path, capsys, "pipeline", {**STAGED, "stages": stages})
     assert err.startswith("error: invalid pipeline") and all(e in err for e in expected), err
-
-
-def test_pipeline_killed_between_stages_resumes_at_the_stage_it_was_in(ray_cluster, tmp_path):
-    """A real kill: `sida pipeline` runs as its own process (joined to this module's Ray), is SIGKILLed as soon as
-    pipeline.json records stage 1 done (so while stage 2 starts), and the same command run again finishes stage 2
-    without re-running stage 1."""
-    argv = ["pipeline", write_yaml(tmp_path / "staged.yaml", STAGED), *sets(TINY_TUNE + [f"storage.uri={tmp_path / 'p'}"])]
-    pipe = Storage(str(tmp_path / "p")).child("staged")
-
-    def stage_1_done() -> bool:
-        try:
-            state = pipe.read_json("pipeline.json")
-        except FileNotFoundError:
-            return False
-        return state["stages"].get("sid", {}).get("state") == "done"
-
-    sigkill_cli_when(argv, stage_1_done, tmp_path / "pipeline.log")
-    killed = pipe.read_json("pipeline.json")
-    assert killed["stages"]["sid"]["state"] == "done" and "sid2a" not in killed["stages"]
-    events_before = sorted(pipe.child("sid", "t00_alpha=1").listdir("events"))
-
-    assert main(argv) == 0  # the same command again
-    state = pipe.read_json("pipeline.json")
-    assert state["current"] is None and [state["stages"][s]["state"] for s in ("sid", "sid2a")] == ["done", "done"]
-    assert state["stages"]["sid"] == killed["stages"]["sid"]  # stage 1 was not re-run ...
-    assert sorted(pipe.child("sid", "t00_alpha=1").listdir("events")) == events_before  # ... nothing new in it
-    assert [t["state"] for t in state["stages"]["sid2a"]["outcomes"]] == ["finished", "finished"]
-    for trial in ("t00_alpha=1", "t01_alpha=1.2"):
-        assert RunStore(pipe.child("sid2a").child(trial)).lineage()["content_hash"] == \
-            killed["stages"]["sid"]["best"]["checkpoint_hash"]
 
 
 KILLED = {"name": "killed", "base": str(CONFIG), "axes": {"lr": [1000.0, 1e-3]}, "max_concurrent_trials": 1}
