@@ -377,7 +377,7 @@ class ScoringCoordinator:
         self.recovering: dict[Any, Any] = {}  # actor whose process died -> ping ObjectRef (no work until it answers)
         self.seen: set[str] = set()
         keys = store.row_keys()
-        self.done = {n for n in store.checkpoint_names() if self._row_key(n) in keys}
+        self.done = {n for n in store.checkpoint_names() if live_row_key(metric, n) in keys}
         self.skipped = set(store.skipped())
         self.best = self._best_row()
         self.errors: list[str] = []
@@ -455,11 +455,8 @@ class ScoringCoordinator:
             if self.best is None or row["value"] < self.best["value"]:
                 self._pin(row)
 
-    def _row_key(self, name: str) -> str:
-        return live_row_key(self.metric, name)
-
     def _failed(self, name: str, why: str) -> None:
-        if self._row_key(name) in self.store.row_keys():  # the scorer wrote its row before it died: nothing to redo
+        if live_row_key(self.metric, name) in self.store.row_keys():  # the scorer wrote its row before it died: nothing to redo
             self.done.add(name)
             return
         self.attempts[name] = self.attempts.get(name, 0) + 1
